@@ -1,0 +1,3 @@
+from featurepipe.cli import main
+
+main()

@@ -1,0 +1,240 @@
+"""Every --data source becomes a Catalog: ids, labels, a fixed class list and a way to read each image.
+
+Sources: `demo` (scikit-learn's digits), a MedMNIST-style `.npz`, a CSV manifest `path,label[,split]`,
+a folder with train/[val/]test subfolders of class folders, or a folder of class folders.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from featurepipe.data.images import IMAGE_EXTENSIONS, decode, is_gray, read_file
+from featurepipe.errors import FeaturepipeError
+
+SPLITS = ("train", "val", "test")
+_SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+                  "dev": "val", "test": "test", "testing": "test"}
+
+
+class ArrayStore:
+    """Images already in memory as one (N, H, W[, C]) uint8 array."""
+
+    in_memory = True
+
+    def __init__(self, images: np.ndarray, name: str) -> None:
+        if images.ndim == 3:
+            images = images[..., None]
+        if images.ndim != 4 or images.shape[-1] not in (1, 3, 4):
+            raise FeaturepipeError(f"{name}: images must be (N, H, W) or (N, H, W, C) arrays, got {images.shape}")
+        self.images = images if images.dtype == np.uint8 else _to_uint8(images)
+        self.name = name
+
+    def read(self, i: int, size: int | None, channels: int) -> np.ndarray:
+        arr = self.images[i]
+        if (size is None or arr.shape[:2] == (size, size)) and arr.shape[-1] == channels:
+            return arr
+        mode = "L" if arr.shape[-1] == 1 else "RGBA" if arr.shape[-1] == 4 else "RGB"
+        return decode(Image.fromarray(arr[..., 0] if mode == "L" else arr, mode=mode), size, channels)
+
+    def describe(self, i: int) -> str:
+        return f"{self.name}[{i}]"
+
+    def peek(self, i: int) -> tuple[tuple[int, int], bool]:
+        """(width, height) and whether the image is grey, without decoding more than needed."""
+        h, w, c = self.images[i].shape
+        return (w, h), c == 1
+
+
+class FileStore:
+    """Images as files on disk, decoded on demand."""
+
+    in_memory = False
+
+    def __init__(self, paths: list[Path]) -> None:
+        self.paths = [str(p) for p in paths]
+
+    def read(self, i: int, size: int | None, channels: int) -> np.ndarray:
+        try:
+            return read_file(self.paths[i], size, channels)
+        except (OSError, ValueError, SyntaxError) as e:
+            raise FeaturepipeError(f"{self.paths[i]}: cannot read image ({e}); fix or remove the file") from None
+
+    def describe(self, i: int) -> str:
+        return self.paths[i]
+
+    def peek(self, i: int) -> tuple[tuple[int, int], bool]:
+        try:
+            with Image.open(self.paths[i]) as img:
+                return img.size, is_gray(img)
+        except (OSError, ValueError, SyntaxError) as e:
+            raise FeaturepipeError(f"{self.paths[i]}: cannot read image ({e}); fix or remove the file") from None
+
+
+@dataclass
+class Catalog:
+    """All images of a source. `given_split` holds the split each image came with, if any."""
+
+    source: str
+    kind: str
+    ids: list[str]
+    labels: np.ndarray
+    class_names: list[str]
+    store: ArrayStore | FileStore
+    given_split: list[str] | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def scan(source: str) -> Catalog:
+    """Read a source's index (not its pixels)."""
+    if source == "demo":
+        return _demo()
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise FeaturepipeError(f"--data {source}: no such file or folder; give an image folder, a CSV, an .npz or 'demo'")
+    if path.is_file() and path.suffix.lower() == ".npz":
+        return _npz(path)
+    if path.is_file() and path.suffix.lower() == ".csv":
+        return _csv(path)
+    if path.is_dir():
+        return _folder(path)
+    raise FeaturepipeError(f"--data {source}: unknown data source; give an image folder, a .csv manifest, an .npz or 'demo'")
+
+
+def _demo() -> Catalog:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    return Catalog(
+        source="demo",
+        kind="demo",
+        ids=[f"digits/{i:04d}" for i in range(len(images))],
+        labels=digits.target.astype(np.int64),
+        class_names=[str(c) for c in digits.target_names],
+        store=ArrayStore(images, "sklearn digits"),
+    )
+
+
+def _npz(path: Path) -> Catalog:
+    try:
+        data = np.load(path)
+    except (OSError, ValueError) as e:
+        raise FeaturepipeError(f"{path}: cannot read .npz ({e})") from None
+    present = [s for s in SPLITS if f"{s}_images" in data and f"{s}_labels" in data]
+    if not present:
+        raise FeaturepipeError(f"{path}: no 'train_images'/'train_labels' keys; expected a MedMNIST-style .npz")
+    images, labels, ids, split = [], [], [], []
+    for s in present:
+        x, y = data[f"{s}_images"], np.asarray(data[f"{s}_labels"]).reshape(-1)
+        if len(x) != len(y):
+            raise FeaturepipeError(f"{path}: {s}_images has {len(x)} rows but {s}_labels has {len(y)}")
+        images.append(x)
+        labels.append(y.astype(np.int64))
+        ids += [f"{s}/{i:06d}" for i in range(len(x))]
+        split += [s] * len(x)
+    y = np.concatenate(labels)
+    names = [str(c) for c in range(int(y.max()) + 1)]
+    if "class_names" in data:
+        names = [str(c) for c in data["class_names"]]
+    return Catalog(str(path), "npz", ids, y, names, ArrayStore(np.concatenate(images), path.name), split)
+
+
+def _csv(path: Path) -> Catalog:
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        cols = {c.strip().lower(): c for c in reader.fieldnames or []}
+        missing = [c for c in ("path", "label") if c not in cols]
+        if missing:
+            raise FeaturepipeError(f"{path}: missing column(s) {', '.join(missing)}; a manifest needs path,label[,split]")
+        rows = list(reader)
+    if not rows:
+        raise FeaturepipeError(f"{path}: the manifest has no rows")
+    paths, labels, split = [], [], []
+    for n, row in enumerate(rows, start=2):
+        p, label = (row[cols["path"]] or "").strip(), (row[cols["label"]] or "").strip()
+        if not p or not label:
+            raise FeaturepipeError(f"{path}:{n}: empty path or label")
+        paths.append(p)
+        labels.append(label)
+        if "split" in cols:
+            s = _SPLIT_ALIASES.get((row[cols["split"]] or "").strip().lower())
+            if s is None:
+                raise FeaturepipeError(f"{path}:{n}: split {row[cols['split']]!r} is not train, val or test")
+            split.append(s)
+    names = sorted(set(labels))
+    index = {c: i for i, c in enumerate(names)}
+    return Catalog(
+        source=str(path),
+        kind="csv",
+        ids=paths,
+        labels=np.array([index[c] for c in labels], dtype=np.int64),
+        class_names=names,
+        store=FileStore([path.parent / p for p in paths]),
+        given_split=split or None,
+    )
+
+
+def _subdirs(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _images_under(folder: Path) -> list[Path]:
+    return sorted(
+        p for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+
+
+def _folder(root: Path) -> Catalog:
+    dirs = {_SPLIT_ALIASES.get(d.name.lower()): d for d in _subdirs(root)}
+    dirs.pop(None, None)
+    if "train" in dirs and "test" in dirs:
+        layout = {s: dirs[s] for s in SPLITS if s in dirs}
+    elif dirs:
+        raise FeaturepipeError(
+            f"{root}: has {', '.join(d.name for d in dirs.values())}/ but not both train/ and test/; "
+            "use train/[val/]test/ folders of class folders, or class folders only"
+        )
+    else:
+        layout = {None: root}
+    per_split: dict[str | None, dict[str, list[Path]]] = {}
+    for s, folder in layout.items():
+        classes = {d.name: _images_under(d) for d in _subdirs(folder)}
+        if not classes:
+            raise FeaturepipeError(f"{folder}: no class folders found; put each class's images in its own folder")
+        per_split[s] = classes
+    names = sorted({c for classes in per_split.values() for c in classes})
+    index = {c: i for i, c in enumerate(names)}
+    paths, labels, split = [], [], []
+    for s, classes in per_split.items():
+        for c, files in classes.items():
+            paths += files
+            labels += [index[c]] * len(files)
+            split += [s] * len(files)
+    counts = np.bincount(labels, minlength=len(names)) if labels else np.zeros(len(names), int)
+    for c, n in zip(names, counts):
+        if n == 0:
+            raise FeaturepipeError(f"{root}: class folder '{c}' has no images; add images or remove the folder")
+    return Catalog(
+        source=str(root),
+        kind="folders" if None in layout else "split-folders",
+        ids=[p.relative_to(root).as_posix() for p in paths],
+        labels=np.array(labels, dtype=np.int64),
+        class_names=names,
+        store=FileStore(paths),
+        given_split=None if None in layout else split,
+    )
+
+
+def _to_uint8(images: np.ndarray) -> np.ndarray:
+    images = images.astype(np.float32)
+    lo, hi = float(images.min()), float(images.max())
+    return np.round((images - lo) * (255.0 / max(hi - lo, 1e-12))).astype(np.uint8)

@@ -1,0 +1,113 @@
+"""One registry that turns an architecture name into a `Net`, and the checkpoint format.
+
+Every `Net` takes uint8 images (N, C, S, S) and normalises them itself, so a checkpoint is
+self-contained: `net.forward_features(x)` is the embedding, `net(x)` the logits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from featurepipe.errors import FeaturepipeError
+from featurepipe.models.backbones import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    TORCHVISION_ARCHS,
+    imagenet_weights_file,
+    load_state_dict_file,
+    load_weights,
+    torchvision_backbone,
+)
+from featurepipe.models.sixblock import SixBlock
+
+ARCHS: dict[str, Callable[[int], tuple[nn.Module, int]]] = {
+    "sixblock": lambda in_channels: (m := SixBlock(in_channels), m.out_dim),
+    **{name: (lambda in_channels, name=name: torchvision_backbone(name)) for name in TORCHVISION_ARCHS},
+}
+
+
+class Net(nn.Module):
+    def __init__(self, features: nn.Module, dim: int, num_classes: int, mean: list[float], std: list[float],
+                 dropout: float = 0.3) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        self.features = features
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(dim, num_classes))
+        self.embedding_dim = dim
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.uint8:
+            x = x.float().div_(255.0)
+        return (x - self.mean) / self.std
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(self.normalize(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(x))
+
+
+def in_channels_for(arch: str, grey: bool) -> int:
+    # torchvision backbones are built for RGB; grey images are replicated to 3 channels on decode.
+    return 1 if arch == "sixblock" and grey else 3
+
+
+def uses_imagenet_stats(weights: str | None) -> bool:
+    return weights is not None
+
+
+def create_model(arch: str, num_classes: int, in_channels: int, mean: list[float], std: list[float],
+                 weights: str | None = None) -> Net:
+    if arch not in ARCHS:
+        raise FeaturepipeError(f"--arch {arch}: unknown architecture; choose one of {', '.join(ARCHS)}")
+    features, dim = ARCHS[arch](in_channels)
+    if weights is not None:
+        path = imagenet_weights_file(arch) if weights == "imagenet" else Path(weights)
+        state = load_state_dict_file(path)
+        prefix = "features."
+        if any(k.startswith(prefix) for k in state):  # a featurepipe checkpoint: take its backbone only
+            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        load_weights(features, state, str(path))
+    return Net(features, dim, num_classes, mean, std)
+
+
+def save_checkpoint(path: Path, net: Net, meta: dict[str, Any], **extra: Any) -> None:
+    """meta: arch, num_classes, in_channels, mean, std, img_size, class_names (all JSON-able)."""
+    from featurepipe.runs import atomic_path
+
+    with atomic_path(path) as tmp:
+        torch.save({"meta": meta, "state_dict": net.state_dict(), **extra}, tmp)
+
+
+def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[Net, dict[str, Any]]:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        meta = ckpt["meta"]
+    except FileNotFoundError:
+        raise FeaturepipeError(f"{path}: no checkpoint; run featurepipe train-cnn first") from None
+    except Exception as e:
+        raise FeaturepipeError(f"{path}: not a featurepipe checkpoint ({type(e).__name__}); re-run train-cnn") from None
+    net = create_model(meta["arch"], meta["num_classes"], meta["in_channels"], meta["mean"], meta["std"])
+    net.load_state_dict(ckpt["state_dict"])
+    return net.to(device).eval(), meta
+
+
+def fingerprint(path: Path) -> str:
+    """A short content hash of a checkpoint, stored with everything derived from it."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+__all__ = [
+    "ARCHS", "IMAGENET_MEAN", "IMAGENET_STD", "Net", "create_model", "fingerprint", "in_channels_for",
+    "load_checkpoint", "save_checkpoint", "uses_imagenet_stats",
+]

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The whole pipeline on the built-in demo data (scikit-learn's digits), ending with the accuracy chart.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+run=artifacts/demo
+fp=.venv/bin/featurepipe
+$fp train-cnn --data demo --out "$run" --overwrite
+$fp extract --run "$run"
+$fp fit-heads --run "$run" --heads svm,rf,logreg
+$fp compare --run "$run"
+echo "chart: $run/compare/accuracy.png"

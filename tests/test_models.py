@@ -1,0 +1,57 @@
+import pytest
+import torch
+import torchvision
+
+from featurepipe.errors import FeaturepipeError
+from featurepipe.models import ARCHS, create_model, load_checkpoint, save_checkpoint
+
+
+@pytest.mark.parametrize("size", [28, 64, 224])
+def test_sixblock_works_from_28_to_224_px(size):
+    net = create_model("sixblock", 3, 1, [0.5], [0.25]).eval()
+    x = torch.randint(0, 256, (2, 1, size, size), dtype=torch.uint8)
+    with torch.no_grad():
+        assert net(x).shape == (2, 3)
+        assert net.forward_features(x).shape == (2, net.embedding_dim)
+
+
+def test_registry_has_the_promised_backbones():
+    assert {"sixblock", "resnet18", "resnet50", "densenet121"} <= set(ARCHS)
+    with pytest.raises(FeaturepipeError, match="unknown architecture"):
+        create_model("vgg99", 2, 3, [0.5] * 3, [0.25] * 3)
+
+
+def test_backbone_weights_load_from_a_local_state_dict(tmp_path):
+    torch.manual_seed(1)
+    source = torchvision.models.resnet18(num_classes=1000)
+    path = tmp_path / "resnet18.pth"
+    torch.save(source.state_dict(), path)
+    net = create_model("resnet18", 4, 3, [0.5] * 3, [0.25] * 3, weights=str(path))
+    assert torch.equal(net.features.conv1.weight, source.conv1.weight)
+    assert torch.equal(net.features.layer4[1].bn2.running_var, source.layer4[1].bn2.running_var)
+    assert net.embedding_dim == 512 and net.head[-1].out_features == 4
+
+
+def test_weights_of_another_architecture_are_refused(tmp_path):
+    path = tmp_path / "densenet.pth"
+    torch.save(torchvision.models.densenet121().state_dict(), path)
+    with pytest.raises(FeaturepipeError, match="fit this architecture"):
+        create_model("resnet18", 2, 3, [0.5] * 3, [0.25] * 3, weights=str(path))
+
+
+def test_imagenet_weights_missing_from_cache_names_the_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with pytest.raises(FeaturepipeError, match=r"checkpoints/resnet18-.*\.pth is missing"):
+        create_model("resnet18", 2, 3, [0.5] * 3, [0.25] * 3, weights="imagenet")
+
+
+def test_checkpoint_round_trip_gives_the_same_outputs(tmp_path):
+    net = create_model("sixblock", 2, 1, [0.4], [0.2]).eval()
+    meta = {"arch": "sixblock", "num_classes": 2, "in_channels": 1, "mean": [0.4], "std": [0.2],
+            "img_size": 28, "class_names": ["a", "b"]}
+    save_checkpoint(tmp_path / "m.pt", net, meta)
+    loaded, meta2 = load_checkpoint(tmp_path / "m.pt")
+    x = torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.uint8)
+    with torch.no_grad():
+        assert torch.allclose(net(x), loaded(x))
+    assert meta2 == meta

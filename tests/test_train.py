@@ -1,0 +1,92 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from featurepipe import train as train_mod
+from featurepipe.train import TrainConfig, auto_epochs, auto_img_size, train
+
+from conftest import cli
+
+
+@pytest.mark.parametrize("source", ["class_folders", "split_folders", "train_test_folders", "csv_manifest"])
+def test_every_source_trains_end_to_end(request, tmp_path, source):
+    data = request.getfixturevalue(source)
+    run = tmp_path / "run"
+    cli("train-cnn", "--data", data, "--out", run, "--epochs", "1")
+    cli("extract", "--run", run)
+    cli("fit-heads", "--run", run, "--heads", "logreg")
+    cli("compare", "--run", run)
+    summary = json.loads((run / "compare" / "summary.json").read_text())
+    assert set(summary["models"]) == {"cnn", "logreg"}
+    assert summary["class_names"] == ["bar", "column", "dot"]
+
+
+def test_options_adapt_to_the_data(train_test_folders, tmp_path):
+    run = tmp_path / "run"
+    cli("train-cnn", "--data", train_test_folders, "--out", run, "--epochs", "1")
+    resolved = json.loads((run / "config.json").read_text())["train"]["resolved"]
+    # 40-px grey scans stored as RGB JPEGs: native size, one channel, grey augmentation.
+    assert resolved["img_size"] == 40 and resolved["in_channels"] == 1 and resolved["augment"] == "light"
+
+
+def test_auto_defaults():
+    assert auto_img_size("sixblock", 8) == 28
+    assert auto_img_size("sixblock", 28) == 28
+    assert auto_img_size("sixblock", 1500) == 128
+    assert auto_img_size("resnet18", 1500) == 224
+    assert auto_epochs(300) == 60 and auto_epochs(4708) == 10 and auto_epochs(200_000) == 10
+    assert auto_epochs(300) > auto_epochs(2000) > auto_epochs(8000)
+
+
+def _weights(run):
+    return torch.load(run / "cnn" / "model.pt", weights_only=True)["state_dict"]
+
+
+def test_same_seed_same_weights_and_metrics(npz_file, tmp_path):
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for run in runs:
+        cli("train-cnn", "--data", npz_file, "--out", run, "--epochs", "2", "--seed", "3")
+    a, b = (_weights(r) for r in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (runs[0] / "cnn" / "history.csv").read_text().split("seconds")[0] == \
+        (runs[1] / "cnn" / "history.csv").read_text().split("seconds")[0]
+    metrics = [json.loads((r / "cnn" / "metrics.json").read_text())["test"] for r in runs]
+    assert metrics[0] == metrics[1]
+
+
+def test_resume_after_interruption_reaches_the_same_result(npz_file, tmp_path, monkeypatch):
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    cfg = dict(epochs=4, seed=1, augment="light")
+    train(str(npz_file), whole, TrainConfig(**cfg))
+
+    real_epoch = train_mod._train_epoch
+    calls = {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "_train_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(str(npz_file), broken, TrainConfig(**cfg))
+    monkeypatch.setattr(train_mod, "_train_epoch", real_epoch)
+    assert len((broken / "cnn" / "history.csv").read_text().splitlines()) == 1 + 2
+    train(str(npz_file), broken, TrainConfig(**cfg, resume=True))
+
+    a, b = _weights(whole), _weights(broken)
+    assert all(torch.allclose(a[k].float(), b[k].float()) for k in a)
+    ha = np.genfromtxt(whole / "cnn" / "history.csv", delimiter=",", names=True)
+    hb = np.genfromtxt(broken / "cnn" / "history.csv", delimiter=",", names=True)
+    np.testing.assert_allclose(ha["val_loss"], hb["val_loss"])
+
+
+def test_best_checkpoint_is_the_best_validation_epoch(tiny_run):
+    hist = np.genfromtxt(tiny_run / "cnn" / "history.csv", delimiter=",", names=True)
+    best = json.loads((tiny_run / "cnn" / "metrics.json").read_text())["best_epoch"]
+    f1 = hist["val_macro_f1"]
+    assert f1[best - 1] == f1.max()
+    assert torch.load(tiny_run / "cnn" / "model.pt", weights_only=True)["epoch"] == best
