@@ -55,9 +55,9 @@ class RunPaths:
     def compare(self) -> Path:
         return self.root / "compare"
 
-    def predictions(self, model: str) -> Path:
-        """Test-set predictions of `model` ("cnn" or a head name)."""
-        return self._model_dir(model) / f"{_prefix(model)}test_predictions.csv"
+    def predictions(self, model: str, split: str = "test") -> Path:
+        """Predictions of `model` ("cnn" or a head name) on one split."""
+        return self._model_dir(model) / f"{_prefix(model)}{split}_predictions.csv"
 
     def report(self, model: str) -> Path:
         return self._model_dir(model) / f"{_prefix(model)}classification_report.txt"

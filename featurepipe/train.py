@@ -22,7 +22,7 @@ from torch import nn
 from featurepipe import data as fdata
 from featurepipe.device import autocast, needs_grad_scaler, resolve_device, to_device
 from featurepipe.errors import FeaturepipeError
-from featurepipe.evaluate import Predictions, save_evaluation
+from featurepipe.evaluate import Predictions, save_evaluation, save_predictions
 from featurepipe.models import (
     ARCHS,
     IMAGENET_MEAN,
@@ -190,17 +190,21 @@ def train(data: str, out: str | Path, cfg: TrainConfig) -> dict[str, Any]:
             break
     train_seconds = time.perf_counter() - started
 
-    # Test: the best checkpoint, never the last epoch's weights.
+    # Test: the best checkpoint, never the last epoch's weights. Val predictions are kept for stacking.
     best = torch.load(run.checkpoint, map_location="cpu", weights_only=True)
     net.load_state_dict(best["state_dict"])
-    test_ds = dataset("test")
-    test = predict(net, fdata.make_loader(test_ds, 256, pin_memory=pin), device, cfg.amp,
+    val = predict(net, val_loader, device, cfg.amp, ids=[catalog.ids[i] for i in splits["val"]],
+                  class_names=catalog.class_names)
+    save_predictions(run.predictions("cnn", "val"), val)
+    t0 = time.perf_counter()
+    test = predict(net, fdata.make_loader(dataset("test"), 256, pin_memory=pin), device, cfg.amp,
                    ids=[catalog.ids[i] for i in splits["test"]], class_names=catalog.class_names)
+    predict_seconds = time.perf_counter() - t0
     test_scores = save_evaluation(run.predictions("cnn"), run.report("cnn"), test)
     result = {
         "best_epoch": best["epoch"], "epochs_run": state["epoch"], "monitor": cfg.monitor,
-        "train_seconds": round(train_seconds, 1), "seed": cfg.seed, "test": test_scores,
-        "val_best": state["history"][best["epoch"] - 1],
+        "train_seconds": round(train_seconds, 1), "predict_seconds_per_image": predict_seconds / len(test.ids),
+        "seed": cfg.seed, "test": test_scores, "val_best": state["history"][best["epoch"] - 1],
     }
     write_json(run.cnn / "metrics.json", result)
     from featurepipe.plots import training_curves

@@ -17,7 +17,7 @@ from conftest import cli
 
 
 def test_run_directory_layout(tiny_run):
-    for rel in ["config.json", "splits.json", "cnn/model.pt", "cnn/history.csv", "cnn/test_predictions.csv",
+    for rel in ["config.json", "splits.json", "cnn/model.pt", "cnn/history.csv", "cnn/test_predictions.csv", "cnn/val_predictions.csv",
                 "cnn/classification_report.txt", "features.h5", "compare/summary.json", "compare/summary.md",
                 "compare/accuracy.png"]:
         assert (tiny_run / rel).is_file(), rel
