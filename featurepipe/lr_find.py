@@ -1,0 +1,98 @@
+"""Learning-rate range test (Smith 2015, fastai's lr_find): raise the rate exponentially over a few
+hundred batches and watch where the loss falls fastest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from featurepipe import data as fdata
+from featurepipe.device import autocast, to_device
+from featurepipe.models import create_model
+from featurepipe.progress import log, progress_bar
+from featurepipe.runs import atomic_path, environment, write_json
+from featurepipe.train import TrainConfig, prepare
+
+
+def lr_find(data: str, out: str | Path, cfg: TrainConfig, start: float = 1e-6, end: float = 1.0,
+            steps: int = 100) -> dict[str, Any]:
+    """Writes OUT/lr_find.png and OUT/lr_find.json; returns the suggestion and the curve."""
+    prep = prepare(data, cfg)
+    r = prep.cfg.resolved
+    n_classes = len(prep.catalog.class_names)
+    train_ds = prep.dataset(prep.splits["train"], fdata.augmentation(r["augment"], r["img_size"]))
+    loader = fdata.make_loader(train_ds, cfg.batch_size, shuffle=True, seed=cfg.seed,
+                               drop_last=len(train_ds) > cfg.batch_size)
+    net = create_model(cfg.arch, n_classes, r["in_channels"], r["mean"], r["std"], cfg.weights)
+    net = net.to(prep.device, memory_format=torch.channels_last).train()
+    counts = np.bincount(train_ds.labels, minlength=n_classes)
+    weights = torch.tensor(len(train_ds) / (n_classes * np.maximum(counts, 1)), dtype=torch.float32)
+    criterion = nn.CrossEntropyLoss(weight=weights.to(prep.device))
+    optimizer = torch.optim.AdamW(net.parameters(), lr=start, weight_decay=cfg.weight_decay)
+    factor = (end / start) ** (1 / (steps - 1))
+
+    lrs, losses, smooth, best = [], [], 0.0, float("inf")
+    batches = iter(loader)
+    with progress_bar("batch") as bar:
+        task = bar.add_task("lr-find", total=steps, info="")
+        for step in range(steps):
+            try:
+                x, y, _ = next(batches)
+            except StopIteration:
+                batches = iter(loader)
+                x, y, _ = next(batches)
+            lr = start * factor**step
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with autocast(prep.device, cfg.amp):
+                loss = criterion(net(to_device(x, prep.device)).float(), y.to(prep.device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            # Exponentially smoothed, bias-corrected: raw batch losses are too noisy to differentiate.
+            smooth = 0.9 * smooth + 0.1 * loss.item()
+            value = smooth / (1 - 0.9 ** (step + 1))
+            lrs.append(lr)
+            losses.append(value)
+            best = min(best, value)
+            bar.update(task, advance=1, info=f"lr {lr:.2e} loss {value:.4f}")
+            if step > 10 and (value > 4 * best or not np.isfinite(value)):
+                break
+    suggestion = suggest(np.array(lrs), np.array(losses))
+    out = Path(out)
+    result = {"suggestion": suggestion, "lrs": lrs, "losses": losses, "arch": cfg.arch, "data": str(data),
+              "seed": cfg.seed, "environment": environment()}
+    write_json(out / "lr_find.json", result)
+    _plot(lrs, losses, suggestion, out / "lr_find.png")
+    log(f"suggested learning rate {suggestion:.2e} (steepest fall of the loss) → {out / 'lr_find.png'}")
+    return result
+
+
+def suggest(lrs: np.ndarray, losses: np.ndarray) -> float:
+    """The rate where the smoothed loss falls fastest per log-step, before it reaches its minimum."""
+    stop = int(np.argmin(losses)) + 1
+    if stop < 3:
+        return float(lrs[0])
+    slope = np.gradient(losses[:stop], np.log(lrs[:stop]))
+    return float(lrs[int(np.argmin(slope))])
+
+
+def _plot(lrs, losses, suggestion, path: Path) -> None:
+    from featurepipe.plots import plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(lrs, losses)
+    ax.axvline(suggestion, color="#d62728", linestyle="--", label=f"suggestion {suggestion:.1e}")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("training loss (smoothed)")
+    ax.set_title("Learning-rate range test")
+    ax.legend()
+    ax.spines[["top", "right"]].set_visible(False)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
+    plt.close(fig)
