@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from rich.console import Console
@@ -18,7 +19,9 @@ from rich.progress import (
 from rich.text import Text
 
 # In a log file (CI, nohup) there is no terminal width to fit; keep every column readable.
-console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+# Under torchrun only rank 0 speaks; the other ranks do the same work in silence.
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 160,
+                  quiet=int(os.environ.get("RANK", "0")) > 0)
 
 
 class RateColumn(ProgressColumn):

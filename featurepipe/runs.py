@@ -94,8 +94,11 @@ def require(path: Path, what: str, fix: str) -> Path:
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; it replaces `path` only if the block succeeds.
 
-    A killed process therefore never leaves a half-written file under the real name.
+    A killed process therefore never leaves a half-written file under the real name. Under torchrun
+    only rank 0 publishes: the other ranks compute the same results and their copies are dropped.
     """
+    from featurepipe.distributed import is_main
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -103,7 +106,8 @@ def atomic_path(path: Path) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
-        os.replace(tmp, path)
+        if is_main():
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 

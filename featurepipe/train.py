@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from featurepipe import data as fdata
+from featurepipe import distributed
 from featurepipe.device import autocast, needs_grad_scaler, resolve_device, to_device
 from featurepipe.errors import FeaturepipeError
 from featurepipe.evaluate import Predictions, save_evaluation, save_predictions, scores
@@ -124,7 +125,9 @@ class Prepared:
 def prepare(data: str, cfg: TrainConfig, saved_splits: dict[str, list[str]] | None = None) -> Prepared:
     """Scan the data, decide the split, resolve automatic options and decode what fits into memory."""
     cfg.validate()
-    device = resolve_device(cfg.device)
+    device = distributed.setup(resolve_device(cfg.device))
+    if cfg.sampler == "balanced" and distributed.world_size() > 1:
+        raise FeaturepipeError("--sampler balanced: not available under torchrun yet; use the default class-weighted loss")
     seed_everything(cfg.seed)
     catalog = fdata.scan(data)
     splits = fdata.assign_splits(catalog, cfg.seed, saved_splits)
@@ -279,12 +282,20 @@ def fit(prep: Prepared, train_idx: np.ndarray, val_idx: np.ndarray, run: RunPath
     train_ds = prep.dataset(train_idx, fdata.augmentation(r["augment"], r["img_size"]))
     counts = np.bincount(train_ds.labels, minlength=n_classes)
     sampler = balanced_sampler(train_ds.labels, n_classes) if cfg.sampler == "balanced" else None
-    train_loader = fdata.make_loader(train_ds, cfg.batch_size, shuffle=True, seed=cfg.seed, pin_memory=pin,
-                                     drop_last=len(train_ds) > cfg.batch_size, sampler=sampler)
+    world = distributed.world_size()
+    if world > 1:
+        # Each process sees its own shard of every epoch; the global batch stays --batch-size.
+        sampler = torch.utils.data.DistributedSampler(train_ds, world, distributed.rank(), shuffle=True,
+                                                      seed=cfg.seed, drop_last=True)
+    train_loader = fdata.make_loader(train_ds, max(1, cfg.batch_size // world), shuffle=True, seed=cfg.seed,
+                                     pin_memory=pin, drop_last=len(train_ds) > cfg.batch_size, sampler=sampler)
     val_loader = fdata.make_loader(prep.dataset(val_idx), 256, pin_memory=pin)
 
     net = create_model(cfg.arch, n_classes, r["in_channels"], r["mean"], r["std"], cfg.weights)
     net = net.to(device, memory_format=torch.channels_last)
+    model = net
+    if world > 1:
+        torch.manual_seed(cfg.seed + 1000 * distributed.rank())  # different augmentation on each rank
     ema = _ema(net, len(train_loader)) if cfg.ema else None
     # The weights that are validated and checkpointed: the moving average where there is one.
     evaluated = ema.module if ema is not None else net
@@ -304,6 +315,8 @@ def fit(prep: Prepared, train_idx: np.ndarray, val_idx: np.ndarray, run: RunPath
         state = ckpt["state"]
         phase = _phase(state["epoch"], r["freeze_epochs"])
         optimizer, scheduler = _optimizer(net, cfg, phase, len(train_loader))
+        if world > 1:
+            model = torch.nn.parallel.DistributedDataParallel(net)
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
@@ -316,13 +329,20 @@ def fit(prep: Prepared, train_idx: np.ndarray, val_idx: np.ndarray, run: RunPath
             # Phase 1 trains the new head on a frozen backbone, phase 2 everything (fastai's fine_tune).
             phase = _phase(epoch, r["freeze_epochs"])
             optimizer, scheduler = _optimizer(net, cfg, phase, len(train_loader))
+            if world > 1:
+                # DDP averages gradients across processes; it is rebuilt per phase because it only
+                # syncs the parameters that train. The plain module is what is evaluated and saved.
+                model = torch.nn.parallel.DistributedDataParallel(net)
         # Seeded per epoch, so a resumed run shuffles exactly as an uninterrupted one would.
-        (sampler.generator if sampler else train_loader.generator).manual_seed(cfg.seed * 100_003 + epoch)
+        if isinstance(sampler, torch.utils.data.DistributedSampler):
+            sampler.set_epoch(epoch)
+        else:
+            (sampler.generator if sampler else train_loader.generator).manual_seed(cfg.seed * 100_003 + epoch)
         t0 = time.perf_counter()
         with progress_bar() as bar:
             task = bar.add_task(f"epoch {epoch}/{total}" + (" (head only)" if phase == "head" else ""),
                                 total=_images_per_epoch(train_loader), info="")
-            train_loss, train_acc = _train_epoch(net, train_loader, criterion, optimizer, scheduler, scaler,
+            train_loss, train_acc = _train_epoch(model, train_loader, criterion, optimizer, scheduler, scaler,
                                                  device, cfg.amp, phase == "head", bar, task, ema)
             val = predict(evaluated, val_loader, device, cfg.amp, ids=None, class_names=prep.catalog.class_names)
             row = {
@@ -331,6 +351,7 @@ def fit(prep: Prepared, train_idx: np.ndarray, val_idx: np.ndarray, run: RunPath
                 "val_accuracy": float((val.y_pred == val.y_true).mean()), "val_macro_f1": _macro_f1(val),
                 "lr": optimizer.param_groups[-1]["lr"], "seconds": round(time.perf_counter() - t0, 2),
             }
+            row = distributed.broadcast_object(row)  # every rank takes rank 0's decisions
             state["history"].append(row)
             key = (row["val_macro_f1"], -row["val_loss"]) if cfg.monitor == "macro_f1" else (-row["val_loss"],)
             improved = state["best"] is None or key > tuple(state["best"])
@@ -351,6 +372,7 @@ def fit(prep: Prepared, train_idx: np.ndarray, val_idx: np.ndarray, run: RunPath
     from featurepipe.plots import training_curves
 
     training_curves(state["history"], run.cnn / "curves.png")
+    distributed.barrier()  # rank 0 has written the best checkpoint that every rank loads now
     best = torch.load(run.checkpoint, map_location="cpu", weights_only=True)
     evaluated.load_state_dict(best["state_dict"])
     return evaluated, {
@@ -438,7 +460,7 @@ def _ema(net: Net, steps_per_epoch: int):
 def _train_epoch(net, loader, criterion, optimizer, scheduler, scaler, device, amp, frozen, bar, task, ema=None):
     net.train()
     if frozen:
-        net.features.eval()  # a frozen backbone keeps its batch-norm statistics too
+        getattr(net, "module", net).features.eval()  # a frozen backbone keeps its batch-norm statistics
     total_loss, correct, seen = 0.0, 0, 0
     for x, y, _ in loader:
         x, y = to_device(x, device), y.to(device, non_blocking=True)
@@ -451,7 +473,7 @@ def _train_epoch(net, loader, criterion, optimizer, scheduler, scaler, device, a
         scaler.update()
         scheduler.step()
         if ema is not None:
-            ema.update_parameters(net)
+            ema.update_parameters(getattr(net, "module", net))
         n = len(y)
         total_loss += loss.item() * n
         correct += int((logits.argmax(1) == y).sum())
