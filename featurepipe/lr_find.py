@@ -24,7 +24,8 @@ def lr_find(data: str, out: str | Path, cfg: TrainConfig, start: float = 1e-6, e
     prep = prepare(data, cfg)
     r = prep.cfg.resolved
     n_classes = len(prep.catalog.class_names)
-    train_ds = prep.dataset(prep.splits["train"], fdata.augmentation(r["augment"], r["img_size"]))
+    train_ds = prep.dataset(prep.splits["train"])
+    augment = fdata.augmentation(r["augment"])
     loader = fdata.make_loader(train_ds, cfg.batch_size, shuffle=True, seed=cfg.seed,
                                drop_last=len(train_ds) > cfg.batch_size)
     net = create_model(cfg.arch, n_classes, r["in_channels"], r["mean"], r["std"], cfg.weights)
@@ -48,8 +49,11 @@ def lr_find(data: str, out: str | Path, cfg: TrainConfig, start: float = 1e-6, e
             lr = start * factor**step
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            x = to_device(x, prep.device)
+            if augment is not None:
+                x = augment(x).contiguous(memory_format=torch.channels_last)
             with autocast(prep.device, cfg.amp):
-                loss = criterion(net(to_device(x, prep.device)).float(), y.to(prep.device))
+                loss = criterion(net(x).float(), y.to(prep.device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

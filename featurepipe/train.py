@@ -31,7 +31,7 @@ from featurepipe.models import ARCHS, Net, create_model, in_channels_for, normal
 from featurepipe.progress import log, progress_bar
 from featurepipe.runs import RunPaths, atomic_path, environment, read_json, run_paths, write_json, write_text
 
-MONITORS = ("macro_f1", "loss")
+MONITORS = ("loss", "macro_f1")
 SAMPLERS = ("shuffle", "balanced")
 
 
@@ -51,7 +51,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     augment: str = "auto"
     sampler: str = "shuffle"
-    monitor: str = "macro_f1"
+    monitor: str = "loss"
     patience: int | None = None
     ema: bool = True
     folds: int = 1
@@ -90,9 +90,9 @@ def auto_img_size(arch: str, short_side: int) -> int:
 
 
 def auto_epochs(n_train: int) -> int:
-    # About 40k image presentations, 10 to 60 epochs: 60 for a few hundred images (small data sets
-    # need many passes, and early stopping ends them sooner), 10 for 4 000 and more.
-    return int(min(60, max(10, math.ceil(40_000 / n_train))))
+    # About 80k image presentations, 10 to 60 epochs: 60 for a few hundred images (small data sets
+    # need many passes), 17 for 5 000, 10 from 8 000 on.
+    return int(min(60, max(10, math.ceil(80_000 / n_train))))
 
 
 def seed_everything(seed: int) -> None:
@@ -279,7 +279,8 @@ def fit(prep: Prepared, train_idx: np.ndarray, val_idx: np.ndarray, run: RunPath
     cfg, r, device = prep.cfg, prep.cfg.resolved, prep.device
     n_classes = len(prep.catalog.class_names)
     pin = device.type == "cuda"
-    train_ds = prep.dataset(train_idx, fdata.augmentation(r["augment"], r["img_size"]))
+    train_ds = prep.dataset(train_idx)
+    augment = fdata.augmentation(r["augment"])  # per image, on whole batches on the device
     counts = np.bincount(train_ds.labels, minlength=n_classes)
     sampler = balanced_sampler(train_ds.labels, n_classes) if cfg.sampler == "balanced" else None
     world = distributed.world_size()
@@ -305,7 +306,7 @@ def fit(prep: Prepared, train_idx: np.ndarray, val_idx: np.ndarray, run: RunPath
                                     label_smoothing=cfg.label_smoothing)
     scaler = torch.amp.GradScaler("cuda", enabled=needs_grad_scaler(device, cfg.amp))
     total = r["freeze_epochs"] + r["epochs"]
-    state = {"epoch": 0, "best": None, "best_epoch": 0, "history": []}
+    state = {"epoch": 0, "best": None, "best_se": 0.0, "best_epoch": 0, "history": []}
     optimizer = scheduler = phase = None
     if cfg.resume and run.last_checkpoint.exists():
         ckpt = torch.load(run.last_checkpoint, map_location="cpu", weights_only=False)
@@ -343,20 +344,21 @@ def fit(prep: Prepared, train_idx: np.ndarray, val_idx: np.ndarray, run: RunPath
             task = bar.add_task(f"epoch {epoch}/{total}" + (" (head only)" if phase == "head" else ""),
                                 total=_images_per_epoch(train_loader), info="")
             train_loss, train_acc = _train_epoch(model, train_loader, criterion, optimizer, scheduler, scaler,
-                                                 device, cfg.amp, phase == "head", bar, task, ema)
+                                                 device, cfg.amp, phase == "head", bar, task, ema, augment)
             val = predict(evaluated, val_loader, device, cfg.amp, ids=None, class_names=prep.catalog.class_names)
+            val_loss, val_loss_se = _val_loss(val, class_weights)
             row = {
                 "epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc,
-                "val_loss": _weighted_log_loss(val, class_weights),
+                "val_loss": val_loss,
                 "val_accuracy": float((val.y_pred == val.y_true).mean()), "val_macro_f1": _macro_f1(val),
                 "lr": optimizer.param_groups[-1]["lr"], "seconds": round(time.perf_counter() - t0, 2),
             }
+            row[f"val_{cfg.monitor}_se"] = val_loss_se if cfg.monitor == "loss" else _macro_f1_se(val)
             row = distributed.broadcast_object(row)  # every rank takes rank 0's decisions
             state["history"].append(row)
-            key = (row["val_macro_f1"], -row["val_loss"]) if cfg.monitor == "macro_f1" else (-row["val_loss"],)
-            improved = state["best"] is None or key > tuple(state["best"])
+            score = -row["val_loss"] if cfg.monitor == "loss" else row["val_macro_f1"]
+            improved = choose(state, epoch, score, row[f"val_{cfg.monitor}_se"])
             if improved:
-                state["best"], state["best_epoch"] = list(key), epoch
                 save_checkpoint(run.checkpoint, evaluated, prep.meta, epoch=epoch)
             bar.update(task, info=f"loss {train_loss:.4f} | val loss {row['val_loss']:.4f} "
                                   f"acc {row['val_accuracy']:.4f} F1 {row['val_macro_f1']:.4f}" + (" *" if improved else ""))
@@ -366,7 +368,7 @@ def fit(prep: Prepared, train_idx: np.ndarray, val_idx: np.ndarray, run: RunPath
                         ema=ema.state_dict() if ema is not None else None, optimizer=optimizer.state_dict(),
                         scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), state=state, rng=_get_rng())
         if phase == "all" and epoch - max(state["best_epoch"], r["freeze_epochs"]) >= r["patience"]:
-            log(f"early stop: no better validation {cfg.monitor} for {r['patience']} epochs")
+            log(f"early stop: no validation {cfg.monitor} within noise of the best for {r['patience']} epochs")
             break
 
     from featurepipe.plots import training_curves
@@ -379,6 +381,38 @@ def fit(prep: Prepared, train_idx: np.ndarray, val_idx: np.ndarray, run: RunPath
         "best_epoch": best["epoch"], "epochs_run": state["epoch"], "monitor": cfg.monitor, "seed": cfg.seed,
         "train_seconds": round(state["seconds"], 1), "val_best": state["history"][best["epoch"] - 1],
     }
+
+
+def choose(state: dict[str, Any], epoch: int, score: float, error: float) -> bool:
+    """Keep this epoch's weights? Yes if its score beats the best so far, or lies within one standard
+    error of it (the one-standard-error rule): on a few hundred validation images, scores swing by
+    several points from epoch to epoch, and a later epoch that is as good within that noise has seen
+    more training and the annealed learning rate. Higher scores are better."""
+    best = state["best"]
+    if best is None or score > best:
+        state["best"], state["best_se"] = score, error
+    elif score < best - state["best_se"]:
+        return False
+    state["best_epoch"] = epoch
+    return True
+
+
+def _val_loss(p: Predictions, class_weights: np.ndarray) -> tuple[float, float]:
+    """The training criterion (class-weighted cross-entropy) on held-out predictions, and its standard error."""
+    w = class_weights[p.y_true]
+    nll = -np.log(np.clip(p.proba[np.arange(len(p.y_true)), p.y_true], 1e-12, 1.0))
+    mean = float((w * nll).sum() / w.sum())
+    return mean, float(np.sqrt(np.sum((w * (nll - mean)) ** 2)) / w.sum())  # SE of a weighted mean
+
+
+def _macro_f1_se(p: Predictions, resamples: int = 200) -> float:
+    """Bootstrap standard error of macro F1 (no closed form); vectorised over resamples, a few ms."""
+    k, n = len(p.class_names), len(p.y_true)
+    picks = np.random.default_rng(0).integers(0, n, size=(resamples, n))
+    cells = p.y_true[picks] * k + p.y_pred[picks] + (np.arange(resamples) * k * k)[:, None]
+    conf = np.bincount(cells.ravel(), minlength=resamples * k * k).reshape(resamples, k, k)
+    f1 = 2 * np.diagonal(conf, axis1=1, axis2=2) / np.maximum(conf.sum(axis=1) + conf.sum(axis=2), 1)
+    return float(f1.mean(axis=1).std())
 
 
 def balanced_sampler(labels: np.ndarray, n_classes: int) -> torch.utils.data.WeightedRandomSampler:
@@ -457,13 +491,16 @@ def _ema(net: Net, steps_per_epoch: int):
     return AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
-def _train_epoch(net, loader, criterion, optimizer, scheduler, scaler, device, amp, frozen, bar, task, ema=None):
+def _train_epoch(net, loader, criterion, optimizer, scheduler, scaler, device, amp, frozen, bar, task, ema=None,
+                 augment=None):
     net.train()
     if frozen:
         getattr(net, "module", net).features.eval()  # a frozen backbone keeps its batch-norm statistics
     total_loss, correct, seen = 0.0, 0, 0
     for x, y, _ in loader:
         x, y = to_device(x, device), y.to(device, non_blocking=True)
+        if augment is not None:
+            x = augment(x).contiguous(memory_format=torch.channels_last)
         with autocast(device, amp):
             logits = net(x)
             loss = criterion(logits.float(), y)
@@ -496,13 +533,6 @@ def predict(net: Net, loader, device: torch.device, amp: bool, ids: list[str] | 
     proba = torch.cat(probs).numpy().astype(np.float64)
     y_true = torch.cat(labels).numpy().astype(np.int64)
     return Predictions(ids or [str(i) for i in range(len(y_true))], y_true, proba, class_names)
-
-
-def _weighted_log_loss(p: Predictions, class_weights: np.ndarray) -> float:
-    """The training criterion (class-weighted cross-entropy) on held-out predictions."""
-    w = class_weights[p.y_true]
-    nll = -np.log(np.clip(p.proba[np.arange(len(p.y_true)), p.y_true], 1e-12, 1.0))
-    return float((w * nll).sum() / w.sum())
 
 
 def _macro_f1(p: Predictions) -> float:
