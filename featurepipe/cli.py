@@ -61,8 +61,8 @@ WD = typer.Option(0.05, help="AdamW weight decay.")
 SMOOTHING = typer.Option(0.0, help="Label smoothing of the cross-entropy.")
 AUGMENT = typer.Option("auto", help="auto (xray for grey, rgb for colour), none, light, xray, rgb.")
 SAMPLER = typer.Option("shuffle", help="shuffle (with a class-weighted loss) or balanced (class-balanced batches).")
-MONITOR = typer.Option("loss", help="Checkpoint and early stopping by val loss or macro_f1: the latest epoch "
-                                    "within one standard error of the best.")
+MONITOR = typer.Option("none", help="none: keep the final weights of the whole schedule. loss or macro_f1: keep "
+                                    "the latest epoch within one standard error of the best on val, stop early.")
 PATIENCE = typer.Option(None, help="Epochs without improvement before stopping. Default: max(8, epochs/3).")
 SEED = typer.Option(0, help="Seed for the split, initialisation, shuffling and augmentation.")
 DEVICE = typer.Option("auto", help="auto, cpu or cuda.")
@@ -106,7 +106,7 @@ def lr_find(
     from featurepipe.lr_find import lr_find as run_lr_find
 
     cfg = _train_config(arch, weights, None, None, batch_size, img_size, None, 0.1, weight_decay, 0.0, augment,
-                        "shuffle", "loss", None, 1, seed, device, amp)
+                        "shuffle", "none", None, 1, seed, device, amp)
     run_lr_find(data, out, cfg, steps=steps)
 
 

@@ -31,7 +31,7 @@ from featurepipe.models import ARCHS, Net, create_model, in_channels_for, normal
 from featurepipe.progress import log, progress_bar
 from featurepipe.runs import RunPaths, atomic_path, environment, read_json, run_paths, write_json, write_text
 
-MONITORS = ("loss", "macro_f1")
+MONITORS = ("none", "loss", "macro_f1")
 SAMPLERS = ("shuffle", "balanced")
 
 
@@ -51,7 +51,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     augment: str = "auto"
     sampler: str = "shuffle"
-    monitor: str = "loss"
+    monitor: str = "none"
     patience: int | None = None
     ema: bool = True
     folds: int = 1
@@ -353,11 +353,15 @@ def fit(prep: Prepared, train_idx: np.ndarray, val_idx: np.ndarray, run: RunPath
                 "val_accuracy": float((val.y_pred == val.y_true).mean()), "val_macro_f1": _macro_f1(val),
                 "lr": optimizer.param_groups[-1]["lr"], "seconds": round(time.perf_counter() - t0, 2),
             }
-            row[f"val_{cfg.monitor}_se"] = val_loss_se if cfg.monitor == "loss" else _macro_f1_se(val)
+            if cfg.monitor != "none":
+                row[f"val_{cfg.monitor}_se"] = val_loss_se if cfg.monitor == "loss" else _macro_f1_se(val)
             row = distributed.broadcast_object(row)  # every rank takes rank 0's decisions
             state["history"].append(row)
-            score = -row["val_loss"] if cfg.monitor == "loss" else row["val_macro_f1"]
-            improved = choose(state, epoch, score, row[f"val_{cfg.monitor}_se"])
+            if cfg.monitor == "none":  # the whole schedule runs; its final weights are kept
+                improved = choose(state, epoch, float(epoch), 0.0)
+            else:
+                score = -row["val_loss"] if cfg.monitor == "loss" else row["val_macro_f1"]
+                improved = choose(state, epoch, score, row[f"val_{cfg.monitor}_se"])
             if improved:
                 save_checkpoint(run.checkpoint, evaluated, prep.meta, epoch=epoch)
             bar.update(task, info=f"loss {train_loss:.4f} | val loss {row['val_loss']:.4f} "

@@ -52,8 +52,9 @@ def test_same_seed_same_weights_and_metrics(npz_file, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert (runs[0] / "cnn" / "history.csv").read_text().split("seconds")[0] == \
         (runs[1] / "cnn" / "history.csv").read_text().split("seconds")[0]
-    metrics = [json.loads((r / "cnn" / "metrics.json").read_text())["test"] for r in runs]
-    assert metrics[0] == metrics[1]
+    metrics = [json.loads((r / "cnn" / "metrics.json").read_text()) for r in runs]
+    assert metrics[0]["test"] == metrics[1]["test"]
+    assert metrics[0]["best_epoch"] == 2  # by default the final weights of the schedule are kept
 
 
 def test_resume_after_interruption_reaches_the_same_result(npz_file, tmp_path, monkeypatch):
