@@ -345,6 +345,7 @@ def fit(prep: Prepared, train_idx: np.ndarray, val_idx: np.ndarray, run: RunPath
                                 total=_images_per_epoch(train_loader), info="")
             train_loss, train_acc = _train_epoch(model, train_loader, criterion, optimizer, scheduler, scaler,
                                                  device, cfg.amp, phase == "head", bar, task, ema, augment)
+            train_seconds = time.perf_counter() - t0
             val = predict(evaluated, val_loader, device, cfg.amp, ids=None, class_names=prep.catalog.class_names)
             val_loss, val_loss_se = _val_loss(val, class_weights)
             row = {
@@ -352,6 +353,7 @@ def fit(prep: Prepared, train_idx: np.ndarray, val_idx: np.ndarray, run: RunPath
                 "val_loss": val_loss,
                 "val_accuracy": float((val.y_pred == val.y_true).mean()), "val_macro_f1": _macro_f1(val),
                 "lr": optimizer.param_groups[-1]["lr"], "seconds": round(time.perf_counter() - t0, 2),
+                "train_images_per_second": round(_images_per_epoch(train_loader) / train_seconds, 1),
             }
             if cfg.monitor != "none":
                 row[f"val_{cfg.monitor}_se"] = val_loss_se if cfg.monitor == "loss" else _macro_f1_se(val)

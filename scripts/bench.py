@@ -1,0 +1,169 @@
+"""Throughput and memory of featurepipe's own data path against the model's compute limit.
+
+    python scripts/bench.py [--data ../shared/data/pneumoniamnist.npz] [--images 2000] [--quick]
+
+For sixblock at 28 px (PneumoniaMNIST) and resnet18 at 224 px (a folder of 512x512 JPEGs made
+from the same arrays, upscaled), it prints one table:
+  extract   images/s of `extract` (decode, batch, forward, HDF5 write) vs the model's pure forward
+            pass on uint8 tensors already in memory, same batch size and threads;
+  train     images/s of a train-cnn epoch's training pass (loader, augmentation, step) vs pure
+            forward+backward+step on in-memory tensors;
+  memory    peak resident memory of `extract --data` on N and 8N images (separate processes);
+  hdf5      write and full-read throughput of a features file (MB/s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from featurepipe.extract import CHUNK_BYTES, extract, read_split  # noqa: E402
+from featurepipe.models import load_checkpoint  # noqa: E402
+from featurepipe.train import TrainConfig, train  # noqa: E402
+
+
+def pure_forward(net, shape, batch: int, seconds: float = 8.0) -> float:
+    x = torch.randint(0, 256, (batch, *shape), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+    net.eval()
+    with torch.inference_mode():
+        net.forward_features(x)
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            net.forward_features(x)
+            n += batch
+    return n / (time.perf_counter() - t0)
+
+
+def pure_step(net, shape, batch: int, classes: int, seconds: float = 8.0) -> float:
+    x = torch.randint(0, 256, (batch, *shape), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, classes, (batch,))
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    net.train()
+
+    def step():
+        loss = loss_fn(net(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    step()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        step()
+        n += batch
+    return n / (time.perf_counter() - t0)
+
+
+def jpeg_folder(npz: Path, out: Path, n: int, size: int) -> Path:
+    """PneumoniaMNIST arrays upscaled to size x size JPEGs in class folders (train split only)."""
+    from PIL import Image
+
+    data = np.load(npz)
+    x, y = data["train_images"][:n], data["train_labels"][:n, 0]
+    for i, (img, label) in enumerate(zip(x, y)):
+        path = out / str(label) / f"{i:05d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).resize((size, size), Image.BICUBIC).save(path, quality=90)
+    return out
+
+
+def peak_rss_of_extract(run: Path, data: Path, out: Path, batch: int) -> float:
+    """MiB; a fresh process each time so one measurement cannot inherit the other's memory."""
+    code = ("import resource, sys; sys.path.insert(0, %r); from featurepipe.extract import extract; "
+            "extract(%r, batch_size=%d, data=%r, out=%r); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)") % (str(ROOT), str(run), batch, str(data), str(out))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(result.stdout.strip().splitlines()[-1]) / 1024
+
+
+def hdf5_throughput(path: Path, rows: int = 200_000, dim: int = 512, batch: int = 256) -> tuple[float, float]:
+    block = np.random.default_rng(0).standard_normal((batch, dim)).astype(np.float32)
+    t0 = time.perf_counter()
+    with h5py.File(path, "w") as h5:
+        ds = h5.create_dataset("features", shape=(rows, dim), dtype="float32",
+                               chunks=(max(1, CHUNK_BYTES // (4 * dim)), dim))
+        for start in range(0, rows, batch):
+            ds[start:start + batch] = block[: min(batch, rows - start)]
+    write = rows * dim * 4 / 2**20 / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    with h5py.File(path, "r") as h5:
+        h5["features"][:]
+    read = rows * dim * 4 / 2**20 / (time.perf_counter() - t0)
+    return write, read
+
+
+def bench(name: str, data: Path, arch: str, img_size: int, batch: int, work: Path, mem_data: tuple[Path, Path]):
+    run = work / f"run-{name}"
+    cfg = TrainConfig(arch=arch, img_size=img_size, epochs=1, batch_size=64, overwrite=True)
+    train(str(data), run, cfg)
+    history = (run / "cnn" / "history.csv").read_text().splitlines()
+    head, row = history[0].split(","), history[1].split(",")
+    train_rate = float(row[head.index("train_images_per_second")])
+    meta_run = json.loads((run / "config.json").read_text())["model"]
+    shape = (meta_run["in_channels"], img_size, img_size)
+
+    t0 = time.perf_counter()
+    extract(run, batch_size=batch)
+    n_images = sum(len(read_split(run / "features.h5", s).labels) for s in ("train", "val", "test"))
+    extract_rate = n_images / (time.perf_counter() - t0)
+
+    net, meta = load_checkpoint(run / "cnn" / "model.pt")
+    net = net.to(memory_format=torch.channels_last)
+    forward_rate = pure_forward(net, shape, batch)
+    step_rate = pure_step(net, shape, 64, meta["num_classes"])
+
+    small, big = mem_data
+    mem_n = peak_rss_of_extract(run, small, work / f"{name}-n.h5", batch)
+    mem_8n = peak_rss_of_extract(run, big, work / f"{name}-8n.h5", batch)
+    return {
+        "config": name, "extract_img_s": extract_rate, "forward_img_s": forward_rate,
+        "extract_ratio": extract_rate / forward_rate, "train_img_s": train_rate, "step_img_s": step_rate,
+        "train_ratio": train_rate / step_rate, "mem_n_mib": mem_n, "mem_8n_mib": mem_8n, "mem_ratio": mem_8n / mem_n,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "pneumoniamnist.npz")
+    parser.add_argument("--images", type=int, default=2000, help="JPEGs for the resnet18 folder")
+    parser.add_argument("--mem-n", type=int, default=250, help="N for the memory measurement (and 8N)")
+    parser.add_argument("--quick", action="store_true", help="sixblock only")
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="featurepipe-bench-") as tmp:
+        work = Path(tmp)
+        small28 = jpeg_folder(args.data, work / "mem28-n", args.mem_n, 28)
+        big28 = jpeg_folder(args.data, work / "mem28-8n", 8 * args.mem_n, 28)
+        rows.append(bench("sixblock@28", args.data, "sixblock", 28, 256, work, (small28, big28)))
+        if not args.quick:
+            folder = jpeg_folder(args.data, work / "jpeg512", args.images, 512)
+            small = jpeg_folder(args.data, work / "mem512-n", args.mem_n, 512)
+            big = jpeg_folder(args.data, work / "mem512-8n", 8 * args.mem_n, 512)
+            rows.append(bench("resnet18@224", folder, "resnet18", 224, 64, work, (small, big)))
+        write, read = hdf5_throughput(work / "h5bench.h5")
+    cols = ["config", "extract_img_s", "forward_img_s", "extract_ratio", "train_img_s", "step_img_s", "train_ratio",
+            "mem_n_mib", "mem_8n_mib", "mem_ratio"]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(r[c] if isinstance(r[c], str) else f"{r[c]:.2f}" for c in cols) + " |")
+    print(f"hdf5 features file (200000 x 512 float32, chunked): write {write:.0f} MB/s, full read {read:.0f} MB/s")
+
+
+if __name__ == "__main__":
+    main()
