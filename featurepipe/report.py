@@ -53,7 +53,6 @@ METRIC_FIELDS = ("accuracy", "balanced_accuracy", "macro_precision", "macro_reca
 class CompareOptions:
     resamples: int = 2000  # stratified bootstrap resamples for every interval
     gradcam: bool = True
-    gallery: bool = True
 
     def validate(self) -> None:
         if self.resamples < MIN_RESAMPLES:
@@ -96,17 +95,20 @@ def load_all(paths: RunPaths) -> dict[str, Predictions]:
     return preds
 
 
-def model_costs(paths: RunPaths, names: list[str]) -> dict[str, dict[str, float | None]]:
-    """Fit (training) time and prediction time per image, as each command measured them."""
-    out = {}
-    for name in names:
-        source = paths.cnn_metrics if name == "cnn" else paths.head_info(name)
-        info = read_json(source) if source.exists() else {}
-        out[name] = {
-            "fit_seconds": info.get("train_seconds" if name == "cnn" else "fit_seconds"),
-            "predict_seconds_per_image": info.get("predict_seconds_per_image"),
-        }
-    return out
+def model_cost(paths: RunPaths, name: str) -> dict[str, float | None]:
+    """Fit (training) time and prediction time per image, as train-cnn and fit-heads measured them."""
+    source = paths.cnn_metrics if name == "cnn" else paths.head_info(name)
+    info = read_json(source) if source.exists() else {}
+    return {"fit_seconds": info.get("train_seconds" if name == "cnn" else "fit_seconds"),
+            "predict_seconds_per_image": info.get("predict_seconds_per_image")}
+
+
+def score_run(paths: RunPaths, preds: dict[str, Predictions], resamples: int, seed: int) -> dict[str, Any]:
+    """`evaluate_models` with each model's fit and prediction times added to its scores."""
+    evaluated = evaluate_models(preds, resamples, seed)
+    for name, scores_ in evaluated["models"].items():
+        scores_.update(model_cost(paths, name))
+    return evaluated
 
 
 # -------------------------------------------------------------------------------------------- statistics
@@ -180,26 +182,22 @@ def compare(run: str | Path, out: str | Path | None = None, options: CompareOpti
         "test_size": len(ref.ids),
         "class_names": ref.class_names,
         "class_counts": np.bincount(ref.y_true, minlength=len(ref.class_names)).tolist(),
-        **evaluate_models(preds, options.resamples, cfg["train"]["seed"]),
-        "costs": model_costs(paths, list(preds)),
+        **score_run(paths, preds, options.resamples, cfg["train"]["seed"]),
         "heads": {n: _head_choice(paths, n) for n in preds if n != "cnn"},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "run": {"path": str(paths.root), "arch": cfg["model"]["arch"], "seed": cfg["train"]["seed"],
                 "data": cfg["data"]["source"], "img_size": cfg["model"]["img_size"]},
         "environment": environment(),
     }
-    for name, cost in summary["costs"].items():
-        summary["models"][name].update(cost)
 
     figures = _run_figures(paths, preds, summary, out)
     cam_seconds = 0.0
     notes: dict[str, str] = {}
     failures = _top_losses(preds)
-    if options.gallery or options.gradcam:
-        images = _images_or_note(paths, cfg, [ref.ids[i] for i in failures], notes)
-        if images is not None and options.gallery:
-            figures["top_losses"] = _gallery(preds, failures, images, out / "top_losses.png")
-        if images is not None and options.gradcam:
+    images = _images_or_note(paths, cfg, [ref.ids[i] for i in failures], notes)
+    if images is not None:
+        figures["top_losses"] = _gallery(preds, failures, images, out / "top_losses.png")
+        if options.gradcam:
             t0 = time.perf_counter()
             figures["gradcam"] = _gradcam_figure(paths, ref, failures[:GRADCAM_SIZE], images[:GRADCAM_SIZE],
                                                  out / "gradcam.png")
@@ -563,9 +561,7 @@ def compare_runs(runs: list[str | Path], out: str | Path | None, options: Compar
                                    f"the first run's ({', '.join(class_names)}); compare runs of one task")
         class_names = preds["cnn"].class_names
         test_ids[label] = preds["cnn"].ids
-        evaluated = evaluate_models(preds, options.resamples, cfg["train"]["seed"])
-        for name, cost in model_costs(paths, list(preds)).items():
-            evaluated["models"][name].update(cost)
+        evaluated = score_run(paths, preds, options.resamples, cfg["train"]["seed"])
         results[label] = {"path": str(paths.root), "arch": cfg["model"]["arch"], "seed": cfg["train"]["seed"],
                           "data": cfg["data"]["source"], "test_size": len(preds["cnn"].ids),
                           "models": evaluated["models"], "tests": evaluated["tests"]}
