@@ -129,13 +129,16 @@ def confusion_matrices(matrices: dict[str, np.ndarray], class_names: list[str], 
     """One row-normalised confusion matrix per model (each row: where that true class's images went)."""
     colors = model_colors(list(matrices))
     k = len(class_names)
-    fig, axes = _panels(len(matrices), size=max(3.2, 0.45 * k + 1.6))
+    # Many classes need bigger panels, so fewer per row.
+    fig, axes = _panels(len(matrices), size=max(3.2, 0.45 * k + 1.6), max_cols=4 if k <= 5 else 2)
     for ax, (name, cm) in zip(axes, matrices.items()):
         rows = cm.sum(axis=1, keepdims=True)
         norm = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=np.float64), where=rows > 0)
         ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
         if k <= 12:
             for (i, j), v in np.ndenumerate(norm):
+                if k > 5 and cm[i, j] == 0:
+                    continue  # with many classes, zeros are noise: only cells that hold images are labelled
                 text = f"{v:.2f}\n({cm[i, j]})" if k <= 5 else f"{v:.2f}"
                 ax.text(j, i, text, ha="center", va="center", fontsize=9 if k <= 5 else 7,
                         color="white" if v > 0.55 else "black")
@@ -154,8 +157,8 @@ def confusion_matrices(matrices: dict[str, np.ndarray], class_names: list[str], 
 def reliability_diagrams(bins: dict[str, Any], n_classes: int, path: Path) -> None:
     """Per model: accuracy against mean confidence of the top label in each confidence bin.
 
-    `bins[name]` is a stats.Reliability. The pale red part of a bar is its gap to the bin's mean
-    confidence: bars below the diagonal mean over-confidence. The number over a bar is its image count.
+    `bins[name]` is a stats.Reliability. Pale red above a bar: its gap to the bin's mean confidence
+    (over-confidence). The number over a bar is its image count.
     """
     colors = model_colors(list(bins))
     low = 1.0 / n_classes  # the top label's probability is never below 1/K
@@ -164,13 +167,17 @@ def reliability_diagrams(bins: dict[str, Any], n_classes: int, path: Path) -> No
         used = rel.count > 0
         left, width = rel.edges[:-1][used], np.diff(rel.edges)[used]
         acc, conf = rel.accuracy[used], rel.confidence[used]
-        ax.bar(left, acc, width=width, align="edge", color=colors[name], edgecolor="white", label="accuracy")
+        # The gap sits behind the bar: it shows where confidence exceeds accuracy (over-confidence);
+        # a bar reaching above the diagonal is under-confident.
+        ax.bar(left, acc, width=width, align="edge", color=colors[name], edgecolor="white", label="accuracy",
+               zorder=2)
         ax.bar(left, conf - acc, bottom=acc, width=width, align="edge", color=WRONG_COLOR, alpha=0.3,
-               edgecolor="white", label="gap to confidence")
+               edgecolor="white", label="over-confidence", zorder=1)
         for x, w, top, n in zip(left, width, np.maximum(acc, conf), rel.count[used]):
             ax.annotate(str(n), (x + w / 2, min(top, 1.0)), ha="center", va="bottom", fontsize=6, rotation=90,
                         xytext=(0, 2), textcoords="offset points", color="#555555")
-        ax.plot([low, 1], [low, 1], linestyle="--", color="black", linewidth=1, label="perfect calibration")
+        ax.plot([low, 1], [low, 1], linestyle="--", color="black", linewidth=1, label="perfect calibration",
+                zorder=3)
         ax.set_xlim(max(0.0, low - 0.02), 1.0)
         ax.set_ylim(0, 1.15)
         ax.set_yticks(np.linspace(0, 1, 6))
@@ -190,9 +197,18 @@ def roc_curves(curves: dict[str, tuple[np.ndarray, np.ndarray, float | None]], p
     """One ROC curve per model on one axis; `curves[name]` = (fpr, tpr, auc)."""
     colors = model_colors(list(curves))
     fig, ax = plt.subplots(figsize=(5.2, 5))
-    for name, (fpr, tpr, auc) in curves.items():
-        label = name if auc is None else f"{name} (AUC {auc:.3f})"
-        ax.plot(fpr, tpr, color=colors[name], linewidth=2 if name == "cnn" else 1.5, label=label)
+    good = all(auc is not None and auc >= 0.9 for _, _, auc in curves.values())
+    # Good models crowd into the top-left corner; an inset magnifies it so the curves can be told apart.
+    axes = [ax, ax.inset_axes((0.4, 0.38, 0.48, 0.4))] if good else [ax]
+    for target in axes:
+        for name, (fpr, tpr, auc) in curves.items():
+            label = name if auc is None else f"{name} (AUC {auc:.3f})"
+            target.plot(fpr, tpr, color=colors[name], linewidth=2 if name == "cnn" else 1.5, label=label)
+    if good:
+        axes[1].set_xlim(0, 0.25)
+        axes[1].set_ylim(0.75, 1.0)
+        axes[1].tick_params(labelsize=7)
+        axes[1].set_title("top-left corner, magnified", fontsize=8)
     ax.plot([0, 1], [0, 1], linestyle=":", color="grey", linewidth=1)
     ax.set_xlim(-0.01, 1.01)
     ax.set_ylim(-0.01, 1.01)
