@@ -7,7 +7,6 @@ shows where in the image the evidence for that class lies.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
