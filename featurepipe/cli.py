@@ -153,11 +153,17 @@ def fit_heads(
 
 @app.command()
 @_cli
-def compare(run: Path = typer.Option(..., "--run", help="Run directory with a CNN and fitted heads.")) -> None:
-    """Evaluate the heads against the CNN on the same test images: summary, reports, accuracy chart."""
-    from featurepipe.report import compare as run_compare
+def compare(
+    run: list[Path] = typer.Option(..., "--run", help="Run directory; repeat --run to put several runs side by side."),
+    out: Optional[Path] = typer.Option(None, help="Report folder. Default RUN/compare; required with several runs."),
+    bootstrap: int = typer.Option(2000, help="Stratified bootstrap resamples for the 95% intervals (at least 1000)."),
+    gradcam: bool = typer.Option(True, help="Grad-CAM overlays of the CNN on its highest-loss test images."),
+) -> None:
+    """Heads against the CNN on the same test images: intervals, paired tests, per-class tables, charts,
+    report.html. With several --run: one table and chart of all runs."""
+    from featurepipe.report import CompareOptions, compare_runs
 
-    run_compare(run)
+    compare_runs(run, out, CompareOptions(resamples=bootstrap, gradcam=gradcam))
 
 
 def main() -> None:

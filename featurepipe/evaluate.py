@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 from sklearn import metrics
 
+from featurepipe import stats
 from featurepipe.errors import FeaturepipeError
 from featurepipe.runs import atomic_path, write_text
 
@@ -27,23 +28,48 @@ class Predictions:
         return self.proba.argmax(axis=1)
 
 
-def scores(p: Predictions) -> dict[str, float]:
+def scores(p: Predictions) -> dict[str, float | None]:
+    """Every per-model figure of the comparison; None where one is undefined (ROC-AUC without every class)."""
     labels = np.arange(len(p.class_names))
     y, yhat = p.y_true, p.y_pred
-    return {
+    out: dict[str, float | None] = {
         "accuracy": float(metrics.accuracy_score(y, yhat)),
         "balanced_accuracy": float(metrics.balanced_accuracy_score(y, yhat)),
-        "macro_f1": float(metrics.f1_score(y, yhat, labels=labels, average="macro", zero_division=0)),
-        "weighted_f1": float(metrics.f1_score(y, yhat, labels=labels, average="weighted", zero_division=0)),
-        "macro_precision": float(metrics.precision_score(y, yhat, labels=labels, average="macro", zero_division=0)),
-        "macro_recall": float(metrics.recall_score(y, yhat, labels=labels, average="macro", zero_division=0)),
-        "log_loss": float(metrics.log_loss(y, _normalised(p.proba), labels=labels)),
     }
+    for average in ("macro", "weighted"):
+        prec, rec, f1, _ = metrics.precision_recall_fscore_support(y, yhat, labels=labels, average=average,
+                                                                    zero_division=0)
+        out |= {f"{average}_precision": float(prec), f"{average}_recall": float(rec), f"{average}_f1": float(f1)}
+    # Rankings (AUC) and thresholds use the saved probabilities as they are; renormalising rows that
+    # the 6-digit rounding left at 0.999999 would reorder near-ties. Log loss and ECE need rows summing to 1.
+    proba = _normalised(p.proba)
+    out |= {
+        "roc_auc": stats.roc_auc(y, p.proba),
+        "log_loss": float(metrics.log_loss(y, proba, labels=labels)),
+        "ece": stats.reliability(y, proba).ece,
+        "medmnist_auc": stats.medmnist_auc(y, p.proba),
+        "medmnist_acc": stats.medmnist_acc(y, p.proba),
+    }
+    return out
+
+
+def per_class(p: Predictions) -> list[dict[str, float | int | str]]:
+    """One row per class: precision, recall, F1, support and the one-vs-rest TP, TN, FP, FN."""
+    labels = np.arange(len(p.class_names))
+    prec, rec, f1, support = metrics.precision_recall_fscore_support(p.y_true, p.y_pred, labels=labels,
+                                                                      zero_division=0)
+    mcm = metrics.multilabel_confusion_matrix(p.y_true, p.y_pred, labels=labels)
+    return [
+        {"class": name, "precision": float(prec[k]), "recall": float(rec[k]), "f1": float(f1[k]),
+         "support": int(support[k]), "tp": int(mcm[k, 1, 1]), "tn": int(mcm[k, 0, 0]), "fp": int(mcm[k, 0, 1]),
+         "fn": int(mcm[k, 1, 0])}
+        for k, name in enumerate(p.class_names)
+    ]
 
 
 def _normalised(proba: np.ndarray) -> np.ndarray:
-    # Saved probabilities carry 6 significant digits; rows must sum to 1 again for log loss.
-    proba = np.clip(proba, 1e-15, 1.0)
+    # Saved probabilities carry 6 significant digits; rows must sum to 1 again for log loss. A probability
+    # of exactly 0 is left for log_loss to clip (at float64's eps), as scikit-learn defines the metric.
     return proba / proba.sum(axis=1, keepdims=True)
 
 
@@ -81,7 +107,7 @@ def load_predictions(path: Path, class_names: list[str]) -> Predictions:
     )
 
 
-def save_evaluation(pred_path: Path, report_path: Path, p: Predictions) -> dict[str, float]:
+def save_evaluation(pred_path: Path, report_path: Path, p: Predictions) -> dict[str, float | None]:
     """Predictions CSV and classification report for one model; returns its scores."""
     save_predictions(pred_path, p)
     write_text(report_path, report(p))

@@ -44,6 +44,10 @@ class RunPaths:
         return self.cnn / "history.csv"
 
     @property
+    def cnn_metrics(self) -> Path:
+        return self.cnn / "metrics.json"
+
+    @property
     def features(self) -> Path:
         return self.root / "features.h5"
 

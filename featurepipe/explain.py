@@ -1,0 +1,69 @@
+"""Looking at individual test images: reading them back from the run's data, and Grad-CAM for the CNN.
+
+Grad-CAM (Selvaraju et al., 2017): the gradient of one class's logit with respect to the last
+convolutional feature maps, averaged over space, weights those maps; the positive part of the sum
+shows where in the image the evidence for that class lies.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from featurepipe import data as fdata
+from featurepipe.models import Net
+from featurepipe.models.sixblock import SixBlock
+from featurepipe.runs import RunPaths, read_json
+
+
+def read_test_images(paths: RunPaths, config: dict[str, Any], ids: list[str]) -> list[np.ndarray]:
+    """The run's test images with these ids, as the CNN saw them: (S, S, C) uint8 at the run's size."""
+    catalog = fdata.scan(config["data"]["source"])
+    test = fdata.assign_splits(catalog, config["train"]["seed"], read_json(paths.splits))["test"]
+    position = {catalog.ids[i]: int(i) for i in test}
+    model = config["model"]
+    return [catalog.store.read(position[id_], model["img_size"], model["in_channels"]) for id_ in ids]
+
+
+def cam_layer(net: Net) -> nn.Module:
+    """The layer whose maps Grad-CAM weighs: sixblock's last block (after its ReLU), otherwise the last
+    Conv2d of the backbone, which works for every torchvision family featurepipe offers."""
+    if isinstance(net.features, SixBlock):
+        return net.features.blocks[-1]
+    convs = [m for m in net.features.modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise ValueError(f"{type(net.features).__name__} has no Conv2d layer for Grad-CAM")
+    return convs[-1]
+
+
+def gradcam(net: Net, images: np.ndarray, classes: list[int], layer: nn.Module | None = None) -> np.ndarray:
+    """Grad-CAM maps (N, S, S) for `images` (N, S, S, C) uint8, one map per image for the class given for
+    that image; computed through the model's own forward pass. Unscaled (≥ 0), so maps of different
+    classes of one image can be shown on one colour scale; divide by the max for [0, 1]."""
+    layer = layer or cam_layer(net)
+    captured: dict[str, torch.Tensor] = {}
+
+    def keep(module, inputs, output):
+        captured["maps"] = output
+        output.register_hook(lambda grad: captured.__setitem__("grads", grad))
+
+    net.eval()
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+    handle = layer.register_forward_hook(keep)
+    try:
+        with torch.enable_grad():
+            logits = net(x)
+            chosen = logits[torch.arange(len(classes)), torch.as_tensor(classes)]
+            net.zero_grad(set_to_none=True)
+            chosen.sum().backward()
+    finally:
+        handle.remove()
+        net.zero_grad(set_to_none=True)  # leave the model as it came
+    maps, grads = captured["maps"].detach(), captured["grads"].detach()
+    weights = grads.mean(dim=(2, 3), keepdim=True)
+    cam = torch.relu((weights * maps).sum(dim=1, keepdim=True))
+    return nn.functional.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0].numpy()
+

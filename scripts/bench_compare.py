@@ -1,0 +1,50 @@
+"""Wall time of `featurepipe compare` on a finished run, as a user would see it (fresh process, imports
+included), without and with Grad-CAM. Writes into a temporary folder, so the run's own report is untouched.
+
+    python scripts/bench_compare.py artifacts/pneu [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def timed_compare(run: str, out: Path, gradcam: bool) -> tuple[float, dict]:
+    cmd = [sys.executable, "-m", "featurepipe", "compare", "--run", run, "--out", str(out),
+           "--gradcam" if gradcam else "--no-gradcam"]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, capture_output=True)
+    wall = time.perf_counter() - t0
+    return wall, json.loads((out / "summary.json").read_text())["timing"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run")
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    summary = json.loads((Path(args.run) / "config.json").read_text())
+    print(f"run {args.run}: {summary['model']['arch']} on {summary['data']['source']}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for gradcam in (False, True):
+            walls, inner = [], []
+            for _ in range(args.repeat):
+                wall, timing = timed_compare(args.run, Path(tmp) / "out", gradcam)
+                walls.append(wall)
+                inner.append(timing)
+            label = "with Grad-CAM" if gradcam else "--no-gradcam "
+            print(f"compare {label}: wall {statistics.median(walls):5.1f} s median of {args.repeat} "
+                  f"({', '.join(f'{w:.1f}' for w in walls)}); inside compare excluding Grad-CAM "
+                  f"{statistics.median(t['compare_seconds_excluding_gradcam'] for t in inner):.1f} s, "
+                  f"Grad-CAM {statistics.median(t['gradcam_seconds'] for t in inner):.1f} s")
+
+
+if __name__ == "__main__":
+    main()

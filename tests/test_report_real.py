@@ -1,0 +1,40 @@
+"""The report on real PneumoniaMNIST predictions agrees with scikit-learn recomputed from the saved files.
+
+Trains a one-epoch run (skipped, with a message, where ../shared/data/pneumoniamnist.npz is absent), or
+checks an existing run instead: FEATUREPIPE_REPORT_RUN=artifacts/pneu pytest tests/test_report_real.py
+"""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from conftest import REAL_DATA, cli
+from test_report import assert_report_matches_sklearn
+
+EXISTING = os.environ.get("FEATUREPIPE_REPORT_RUN")
+pytestmark = [
+    pytest.mark.real,
+    pytest.mark.skipif(not EXISTING and not REAL_DATA.exists(), reason=f"real data not found at {REAL_DATA}"),
+]
+
+
+def test_pneumoniamnist_report_agrees_with_sklearn(tmp_path):
+    if EXISTING:
+        run = Path(EXISTING)
+        out = tmp_path / "compare"
+        cli("compare", "--run", run, "--out", out)
+    else:
+        run = tmp_path / "run"
+        cli("train-cnn", "--data", REAL_DATA, "--out", run, "--epochs", "1")
+        cli("extract", "--run", run)
+        cli("fit-heads", "--run", run, "--heads", "svm")  # the quickest head to fit on 4708 images
+        out = run / "compare"
+        cli("compare", "--run", run)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["test_size"] == 624 and summary["class_names"] == ["0", "1"]
+    assert_report_matches_sklearn(run, out)
+    for head, t in summary["tests"].items():
+        assert "delong" in t and 0 <= t["delong"]["p_value"] <= 1, head
+    assert (out / "gradcam.png").is_file() and (out / "top_losses.png").is_file()
