@@ -49,7 +49,8 @@ def test_last2_on_sixblock_concatenates_the_last_two_blocks():
     torch.testing.assert_close(f[:, 192:], maps[-1].mean(dim=(2, 3)))
 
 
-@pytest.mark.parametrize("arch,dims", [("resnet18", (256, 512)), ("densenet121", (512, 1024))])
+@pytest.mark.parametrize("arch,dims", [("resnet18", (256, 512)), ("densenet121", (1024, 1024)),
+                                       ("efficientnet_b0", (112, 1280))])
 def test_last2_on_torchvision_backbones_pools_the_last_two_stages(arch, dims):
     net = create_model(arch, 2, 3, [0.5] * 3, [0.25] * 3).eval()
     x = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)

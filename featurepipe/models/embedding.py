@@ -5,7 +5,7 @@ identically. Layers:
   penultimate  the pooled output of the last block (what the CNN's own linear head sees)
   last2        the pooled outputs of the last two blocks, concatenated (sixblock: blocks 5 and 6;
                torchvision backbones: the last two stages, a stage being everything computed at
-               one feature-map resolution, e.g. resnet's layer3 and layer4)
+               one feature-map resolution larger than 1x1, e.g. resnet's layer3 and layer4)
 TTA views, whose embeddings are averaged:
   none         the image as it is
   flip         the image and its horizontal mirror
@@ -24,6 +24,7 @@ from featurepipe.errors import FeaturepipeError
 LAYERS = ("penultimate", "last2")
 TTA = ("none", "flip", "crops", "flip+crops")
 CROP_FRACTION = 0.9
+_PADDING = (nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d)  # ZeroPad2d is a ConstantPad2d
 
 
 def check_choice(option: str, value: str, choices: tuple[str, ...]) -> str:
@@ -54,23 +55,29 @@ def pooled_last_blocks(features: nn.Module, x: torch.Tensor, n: int = 2) -> list
 
 
 def _pooled_last_stages(model: nn.Module, x: torch.Tensor, n: int) -> list[torch.Tensor]:
-    """For backbones without `feature_maps`: the last module output at each of the n smallest
-    feature-map sizes before global pooling, found with forward hooks, so any torchvision family works
-    without a table of its layer names."""
-    last: dict[tuple[int, int], torch.Tensor] = {}
+    """For backbones without `feature_maps`, found with forward hooks so that any torchvision family
+    works without a table of its layer names: at each of the n smallest feature-map sizes before the
+    global pooling, the output of the last of the outermost modules producing that size (resnet's
+    layer3, densenet's denseblock3, efficientnet's and convnext's features[5]; not a layer inside the
+    next block that runs before its stride). Padding layers' outputs (efficientnet_lite0 pads before
+    each convolution) and 1x1 maps (squeeze-excitation pools inside blocks) are not stages."""
+    depth = {m: name.count(".") for name, m in model.named_modules() if m is not model}
+    global_pools = {m for m in model.children() if isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d))}
+    last: dict[tuple[int, int], tuple[int, torch.Tensor]] = {}
     pooled = False
 
     def hook(module: nn.Module, inputs, out) -> None:
         nonlocal pooled
-        if pooled:
-            return
-        if isinstance(module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
+        if module in global_pools:
             pooled = True  # what follows (classifier norms on 1x1 maps) is no longer a block
-        elif isinstance(out, torch.Tensor) and out.ndim == 4:
-            # Pool now: a later in-place ReLU would otherwise change the stored tensor.
-            last[tuple(out.shape[-2:])] = out.mean(dim=(2, 3))
+        elif (not pooled and not isinstance(module, _PADDING) and isinstance(out, torch.Tensor) and out.ndim == 4
+              and out.shape[-2] * out.shape[-1] > 1):
+            size = tuple(out.shape[-2:])
+            if size not in last or depth[module] <= last[size][0]:
+                # Pool now: a later in-place ReLU would otherwise change the stored tensor.
+                last[size] = (depth[module], out.mean(dim=(2, 3)))
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if m is not model]
+    handles = [m.register_forward_hook(hook) for m in depth]
     try:
         model(x)
     finally:
@@ -81,4 +88,4 @@ def _pooled_last_stages(model: nn.Module, x: torch.Tensor, n: int) -> list[torch
         raise FeaturepipeError(
             f"--layer last{n}: {type(model).__name__} has fewer than {n} feature-map stages; use --layer penultimate"
         )
-    return [last[s] for s in reversed(sizes)]
+    return [last[s][1] for s in reversed(sizes)]
