@@ -70,8 +70,8 @@ def main() -> None:
             fit_heads(run, [name], config)
             info = json.loads((run / "heads" / f"{name}.json").read_text())
             approx = info.get("approximation")
-            how = f"nystroem({approx['n_components']})" if approx else "exact"
-            print(f"{name:8s} n_train={args.n} dim={args.dim} tune={args.tune} {how:15s} "
+            how = f"nystroem({approx['n_components']})" if approx else "none"
+            print(f"{name:8s} n_train={args.n} dim={args.dim} tune={args.tune} approximation={how:15s} "
                   f"out_of_core={info['out_of_core']} fit_seconds={info['fit_seconds']:.1f} "
                   f"test_accuracy={info['test']['accuracy']:.4f} params={info['params']}", flush=True)
 
