@@ -376,7 +376,6 @@ def choose_online(spec: HeadSpec, path: Path, classes: np.ndarray, tune: str, se
         return candidates[0], []
     if tune == "cv":
         raise FeaturepipeError("--tune cv: needs the train features in memory; out-of-core, use --tune val")
-    # Each job opens the file itself: an open HDF5 handle cannot be shared with another process.
     results = Parallel(n_jobs=jobs)(
         delayed(_fit_score_online)(spec, p, path, classes, seed, chunk_rows) for p in candidates
     )
