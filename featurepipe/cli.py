@@ -131,24 +131,47 @@ def extract(
     out: Optional[Path] = typer.Option(None, help="HDF5 file for --data."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     amp: bool = typer.Option(True, help="Mixed precision on CUDA."),
+    layer: str = typer.Option("penultimate", help="penultimate, or last2 (the last two blocks' pooled outputs)."),
+    tta: str = typer.Option("none", help="Average the embedding over views: none, flip, crops, flip+crops."),
 ) -> None:
     """Write the CNN's embeddings of every split to RUN/features.h5."""
     from featurepipe.extract import extract as run_extract
 
-    run_extract(run, batch_size=batch_size, data=data, out=out, device=device, amp=amp)
+    run_extract(run, batch_size=batch_size, data=data, out=out, device=device, amp=amp, layer=layer, tta=tta)
 
 
 @app.command("fit-heads")
 @_cli
 def fit_heads(
     run: Path = typer.Option(..., "--run", help="Run directory with features.h5."),
-    heads: str = typer.Option("svm,rf,logreg", help="Comma-separated heads: svm, rf, logreg."),
-    jobs: int = typer.Option(-1, help="Parallel jobs for heads that support it (-1: all cores)."),
+    heads: str = typer.Option("svm,rf,logreg", help="Comma-separated: svm, linsvm, logreg, rf, knn, hgb, stack."),
+    tune: str = typer.Option("val", help="Hyperparameters: none (defaults), val (grid on val), cv (grid, CV on train)."),
+    jobs: int = typer.Option(-1, help="Parallel jobs for grid points, CV folds and forests (-1: all cores)."),
+    out_of_core: bool = typer.Option(False, help="Fit linear heads with partial_fit over chunks of the HDF5 file "
+                                                 "(automatic when the train features exceed a quarter of memory)."),
+    chunk_rows: int = typer.Option(50_000, help="Rows per chunk out-of-core."),
 ) -> None:
-    """Fit scikit-learn heads on the train embeddings (hyperparameters chosen on val)."""
-    from featurepipe.heads import fit_heads as run_fit, parse_heads
+    """Fit scikit-learn heads on the train embeddings; `stack` combines the CNN and the other heads on val."""
+    from featurepipe.heads import HeadsConfig, fit_heads as run_fit, parse_heads
 
-    run_fit(run, parse_heads(heads), jobs=jobs)
+    run_fit(run, parse_heads(heads), HeadsConfig(tune=tune, jobs=jobs, out_of_core=out_of_core, chunk_rows=chunk_rows))
+
+
+@app.command()
+@_cli
+def predict(
+    inputs: list[str] = typer.Argument(..., help="Image files and/or folders of images.", show_default=False),
+    run: Path = typer.Option(..., "--run", help="Run directory made by train-cnn (and fit-heads)."),
+    model: str = typer.Option("cnn", help="cnn, or the name of a fitted head (stack included)."),
+    out: Optional[Path] = typer.Option(None, help="CSV to write (default: standard output)."),
+    batch_size: int = typer.Option(256, help="Images per forward pass."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    amp: bool = typer.Option(True, help="Mixed precision on CUDA."),
+) -> None:
+    """Classify new images: a CSV of id, predicted class and per-class probabilities."""
+    from featurepipe.predict import predict as run_predict
+
+    run_predict(run, model, inputs, out=out, batch_size=batch_size, device=device, amp=amp)
 
 
 @app.command()

@@ -26,6 +26,7 @@ from featurepipe.models.backbones import (
     load_weights,
     torchvision_backbone,
 )
+from featurepipe.models.embedding import LAYERS, TTA, pooled_last_blocks, tta_views
 from featurepipe.models.sixblock import SixBlock
 
 ARCHS: dict[str, Callable[[int], tuple[nn.Module, int]]] = {
@@ -55,6 +56,33 @@ class Net(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.forward_features(x))
+
+    def embed(self, x: torch.Tensor, layer: str = "penultimate", tta: str = "none") -> torch.Tensor:
+        """The features heads are fitted on (see models.embedding): `layer`, averaged over `tta` views.
+
+        With the default layer, `self.head(self.embed(x, tta=...))` is the CNN's TTA logits: the mean
+        of the views' logits, as the head is linear.
+        """
+        views = tta_views(self.normalize(x), tta)
+        total = sum(self._pooled(v, layer) for v in views)
+        return total / len(views)
+
+    def _pooled(self, x: torch.Tensor, layer: str) -> torch.Tensor:
+        if layer == "penultimate":
+            return self.features(x)
+        return torch.cat(pooled_last_blocks(self.features, x, 2), dim=1)
+
+    @torch.no_grad()
+    def embed_dim(self, layer: str, img_size: int) -> int:
+        if layer == "penultimate":
+            return self.embedding_dim
+        x = torch.zeros(1, self.mean.shape[1], img_size, img_size, dtype=torch.uint8, device=self.mean.device)
+        training = self.training
+        self.eval()  # a forward in train mode would move BatchNorm's running statistics
+        try:
+            return int(self.embed(x, layer).shape[1])
+        finally:
+            self.train(training)
 
 
 def in_channels_for(arch: str, grey: bool) -> int:
@@ -115,6 +143,6 @@ def fingerprint(path: Path) -> str:
 
 
 __all__ = [
-    "ARCHS", "IMAGENET_MEAN", "IMAGENET_STD", "Net", "fetch_weights", "create_model", "fingerprint", "in_channels_for",
-    "load_checkpoint", "normalisation_for", "save_checkpoint",
+    "ARCHS", "IMAGENET_MEAN", "IMAGENET_STD", "LAYERS", "Net", "TTA", "fetch_weights", "create_model", "fingerprint",
+    "in_channels_for", "load_checkpoint", "normalisation_for", "save_checkpoint",
 ]

@@ -1,0 +1,164 @@
+"""`featurepipe predict`: a run's CNN, one of its heads or the stack on new images.
+
+Images are decoded exactly as for training (the checkpoint's size and channels, whole field of view),
+embedded with the layer and TTA the head was fitted on (its json says which), batched, on the GPU
+when there is one. Out comes a CSV: id, predicted class, one probability column per class.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import sys
+from pathlib import Path
+from typing import Any
+
+import joblib
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from featurepipe import data as fdata
+from featurepipe.data.images import IMAGE_EXTENSIONS
+from featurepipe.data.sources import FileStore, _images_under
+from featurepipe.device import autocast, resolve_device, to_device
+from featurepipe.errors import FeaturepipeError
+from featurepipe.heads import STACK, full_proba, head_info
+from featurepipe.models import fingerprint, load_checkpoint
+from featurepipe.progress import log, progress_bar
+from featurepipe.runs import RunPaths, require, run_paths, write_text
+
+
+class Predictor:
+    """Probabilities of one model of a run for uint8 image batches, as the run's own files were made."""
+
+    def __init__(self, paths: RunPaths, model: str, device: torch.device, amp: bool = True) -> None:
+        checkpoint = require(paths.checkpoint, "trained CNN", f"run featurepipe train-cnn --out {paths.root} first")
+        self.net, self.meta = load_checkpoint(checkpoint, device)
+        self.net = self.net.to(memory_format=torch.channels_last)
+        self.class_names = self.meta["class_names"]
+        self.device, self.amp, self.model = device, amp, model
+        self.heads: dict[str, Any] = {}
+        self.infos: dict[str, dict[str, Any]] = {}
+        current = fingerprint(checkpoint)
+        names = [model] if model != STACK else [model, *self._load(paths, STACK, current)["inputs"]]
+        for name in names:
+            if name != "cnn":
+                self._load(paths, name, current)
+
+    def _load(self, paths: RunPaths, name: str, current: str) -> dict[str, Any]:
+        if name not in self.infos:
+            if not paths.head_model(name).exists():
+                fitted = sorted(p.stem for p in paths.heads.glob("*.joblib")) if paths.heads.exists() else []
+                raise FeaturepipeError(f"--model {name}: not a model of {paths.root}; choose cnn"
+                                       + (f" or a fitted head: {', '.join(fitted)}" if fitted else ""))
+            info = head_info(paths, name, current)
+            if info.get("class_names", self.class_names) != self.class_names:
+                raise FeaturepipeError(f"{paths.head_info(name)}: its classes differ from the CNN's; "
+                                       f"re-run featurepipe fit-heads --run {paths.root}")
+            self.infos[name] = info
+            self.heads[name] = joblib.load(paths.head_model(name))
+        return self.infos[name]
+
+    @torch.inference_mode()
+    def __call__(self, x: torch.Tensor) -> np.ndarray:
+        x = to_device(x, self.device)
+        features: dict[tuple[str, str], np.ndarray] = {}
+
+        def embedded(layer: str, tta: str) -> np.ndarray:
+            if (layer, tta) not in features:
+                with autocast(self.device, self.amp):
+                    features[layer, tta] = self.net.embed(x, layer, tta).float().cpu().numpy()
+            return features[layer, tta]
+
+        def proba(name: str) -> np.ndarray:
+            if name == "cnn":
+                with autocast(self.device, self.amp):
+                    logits = self.net(x)
+                return torch.softmax(logits.float(), dim=1).cpu().numpy().astype(np.float64)
+            info, head = self.infos[name], self.heads[name]
+            if name == STACK:
+                X = np.hstack([proba(b) for b in info["inputs"]])
+            else:
+                setting = info.get("features", {})
+                X = embedded(setting.get("layer", "penultimate"), setting.get("tta", "none"))
+            return full_proba(head, X, len(self.class_names))
+
+        return proba(self.model)
+
+
+class _Images(Dataset):
+    """Images for the loader; an unreadable one is reported by the main process as one clean line
+    (an exception raised inside a loader worker would reach the user with a traceback)."""
+
+    def __init__(self, paths: list[Path], size: int, channels: int) -> None:
+        self.store = FileStore(paths)
+        self.ds = fdata.ImageDataset(self.store, np.arange(len(paths)), np.zeros(len(paths)), size, channels)
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, k: int):
+        try:
+            return self.ds[k][0], ""
+        except FeaturepipeError as e:
+            return torch.zeros(self.ds.channels, self.ds.size, self.ds.size, dtype=torch.uint8), str(e)
+
+
+def image_files(inputs: list[str]) -> list[Path]:
+    """Files as given, and the images under folders (sorted, hidden ones skipped)."""
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            found = _images_under(path)
+            if not found:
+                raise FeaturepipeError(f"{item}: no images in this folder ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FeaturepipeError(f"{item}: no such file or folder; give image files or folders of images")
+    if not files:
+        raise FeaturepipeError("predict: no input images given; pass image files or folders")
+    return files
+
+
+def predict(run: str | Path, model: str, inputs: list[str], out: str | Path | None = None, batch_size: int = 256,
+            device: str = "auto", amp: bool = True) -> tuple[list[str], np.ndarray, list[str]]:
+    """Write the CSV to `out` (stdout without it); returns ids, probabilities and class names."""
+    if batch_size < 1:
+        raise FeaturepipeError(f"--batch-size {batch_size}: must be at least 1")
+    paths = run_paths(run)
+    dev = resolve_device(device)
+    predictor = Predictor(paths, model, dev, amp)
+    files = image_files(inputs)
+    ds = _Images(files, predictor.meta["img_size"], predictor.meta["in_channels"])
+    loader = fdata.make_loader(ds, batch_size, pin_memory=dev.type == "cuda")
+    probas = []
+    with progress_bar() as bar:
+        task = bar.add_task(f"predict {model}", total=len(files), info="")
+        for x, errors in loader:
+            bad = next((e for e in errors if e), None)
+            if bad:
+                raise FeaturepipeError(bad)
+            probas.append(predictor(x))
+            bar.advance(task, len(x))
+    proba = np.concatenate(probas)
+    ids = [str(f) for f in files]
+    text = prediction_csv(ids, proba, predictor.class_names)
+    if out is None:
+        sys.stdout.write(text)
+    else:
+        write_text(Path(out), text)
+        log(f"{model}: {len(ids)} images → {out}")
+    return ids, proba, predictor.class_names
+
+
+def prediction_csv(ids: list[str], proba: np.ndarray, class_names: list[str]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["id", "pred", *(f"p_{c}" for c in class_names)])
+    for id_, row in zip(ids, proba):
+        w.writerow([id_, class_names[int(row.argmax())], *(f"{v:.6g}" for v in row)])
+    return buf.getvalue()
