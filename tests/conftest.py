@@ -115,7 +115,8 @@ def tiny_run(tmp_path_factory) -> Path:
         arrays[f"{split}_images"], arrays[f"{split}_labels"] = x, y[:, None]
     np.savez(path, **arrays)
     run = tmp / "run"
-    cli("train-cnn", "--data", path, "--out", run, "--epochs", "4", "--seed", "0", "--monitor", "loss")
+    cli("train-cnn", "--data", path, "--out", run, "--epochs", "4", "--batch-size", "16", "--seed", "0",
+        "--monitor", "loss")
     cli("extract", "--run", run, "--batch-size", "16")
     cli("fit-heads", "--run", run, "--heads", "svm,rf,logreg")
     cli("compare", "--run", run)
