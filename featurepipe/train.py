@@ -30,6 +30,7 @@ from featurepipe.models import (
     Net,
     create_model,
     in_channels_for,
+    min_img_size,
     save_checkpoint,
 )
 from featurepipe.progress import log, progress_bar
@@ -58,6 +59,7 @@ class TrainConfig:
     amp: bool = True
     resume: bool = False
     overwrite: bool = False
+    on_bad_image: str = "skip"
     resolved: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -71,8 +73,10 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise FeaturepipeError(f"--{name.replace('_', '-')} {value}: must be at least 1")
-        if self.img_size is not None and self.img_size < 28:
-            raise FeaturepipeError(f"--img-size {self.img_size}: too small; the CNNs need at least 28 px")
+        if self.img_size is not None and self.img_size < min_img_size(self.arch):
+            raise FeaturepipeError(f"--img-size {self.img_size}: too small; {self.arch} needs at least "
+                                   f"{min_img_size(self.arch)} px")
+        fdata.check_policy(self.on_bad_image)
         if self.lr is not None and not self.lr > 0:
             raise FeaturepipeError(f"--lr {self.lr}: must be positive")
 
@@ -80,7 +84,7 @@ class TrainConfig:
 def auto_img_size(arch: str, short_side: int) -> int:
     """Native size for small images; large scans are shrunk to what the model can learn from on a CPU."""
     cap = 128 if arch == "sixblock" else 224
-    return int(min(cap, max(28, short_side)))
+    return int(min(cap, max(min_img_size(arch), short_side)))
 
 
 def auto_epochs(n_train: int) -> int:
@@ -108,7 +112,9 @@ def train(data: str, out: str | Path, cfg: TrainConfig) -> dict[str, Any]:
     splits = fdata.assign_splits(catalog, cfg.seed, saved)
     cfg = resolve(cfg, catalog, splits)
     r = cfg.resolved
-    stores = _stores(catalog, splits, r["img_size"], r["in_channels"])
+    stores, splits, skipped = fdata.load_splits(catalog, splits, r["img_size"], r["in_channels"], cfg.on_bad_image)
+    if saved is None:  # a resumed run keeps the list its first start wrote
+        fdata.save_skipped(run.skipped, skipped)
     meta = {
         "arch": cfg.arch, "num_classes": len(catalog.class_names), "in_channels": r["in_channels"],
         "mean": r["mean"], "std": r["std"], "img_size": r["img_size"], "class_names": catalog.class_names,
@@ -248,17 +254,6 @@ def _check_run_dir(run: RunPaths, data: str, cfg: TrainConfig) -> None:
         raise FeaturepipeError(
             f"--out {run.root}: already holds a trained CNN; pass --overwrite to replace it, or --resume to continue"
         )
-
-
-def _stores(catalog: fdata.Catalog, splits: dict[str, np.ndarray], size: int, channels: int):
-    """Per split: (store, indices). Files are decoded once into memory when they fit."""
-    out = {}
-    for split, idx in splits.items():
-        if not catalog.store.in_memory and fdata.fits_in_cache(len(idx), size, channels):
-            out[split] = (fdata.preload(catalog.store, idx, size, channels, f"decode {split}"), np.arange(len(idx)))
-        else:
-            out[split] = (catalog.store, idx)
-    return out
 
 
 def _images_per_epoch(loader) -> int:

@@ -58,6 +58,12 @@ def in_channels_for(arch: str, grey: bool) -> int:
     return 1 if arch == "sixblock" and grey else 3
 
 
+def min_img_size(arch: str) -> int:
+    """The smallest input side an architecture accepts (below it a stage has nothing left to pool)."""
+    # densenet121 and convnext_tiny downsample 32x without padding; the others pad their way down.
+    return 32 if arch in ("densenet121", "convnext_tiny") else 28
+
+
 def uses_imagenet_stats(weights: str | None) -> bool:
     return weights is not None
 
@@ -109,5 +115,5 @@ def fingerprint(path: Path) -> str:
 
 __all__ = [
     "ARCHS", "IMAGENET_MEAN", "IMAGENET_STD", "Net", "create_model", "fingerprint", "in_channels_for",
-    "load_checkpoint", "save_checkpoint", "uses_imagenet_stats",
+    "load_checkpoint", "min_img_size", "save_checkpoint", "uses_imagenet_stats",
 ]
