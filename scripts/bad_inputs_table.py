@@ -249,19 +249,39 @@ def featurepipe(args, **kw) -> subprocess.CompletedProcess:
 
 
 def said(r) -> str:
-    """The lines a user reads first: errors and warnings, else the last log line."""
+    """The lines a user reads first: errors, warnings and what was trained on, else the last log line."""
     lines = [ln.strip() for ln in (r.stderr + r.stdout).splitlines() if ln.strip() and "━" not in ln]
-    picked = [ln for ln in lines if ln.startswith(("featurepipe: error", "warning", "resuming", "verdict"))]
+    picked = [ln for ln in lines if ln.startswith(("featurepipe: error", "warning", "resuming", "verdict", "unreadable",
+                                                   "duplicates", "groups", "training "))]
     text = " / ".join(picked or lines[-1:])
-    return text.replace("|", "\\|")[:260]
+    return text.replace("|", "\\|")[:400]
 
 
-def signal_after(args, trigger: Path, sig: int) -> tuple[subprocess.CompletedProcess, str]:
+# Dies by SIGKILL (no cleanup at all, as in a crash or an OOM kill) in the middle of the third batch.
+KILL_ON_THIRD_BATCH = """
+import os, signal, sys
+from featurepipe.models import Net
+forward, calls = Net.forward_features, []
+def dying(self, x):
+    calls.append(1)
+    if len(calls) == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return forward(self, x)
+Net.forward_features = dying
+from featurepipe.cli import main
+sys.argv = ["featurepipe", *sys.argv[1:]]
+main()
+"""
+
+
+def ctrl_c_after(args, trigger: Path) -> subprocess.CompletedProcess:
+    """SIGINT to the command's process group (as a terminal's Ctrl-C) once `trigger` exists."""
     proc = subprocess.Popen([sys.executable, "-m", "featurepipe", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     while not trigger.exists() and proc.poll() is None:
         time.sleep(0.01)
-    os.killpg(proc.pid, sig)
+    os.killpg(proc.pid, signal.SIGINT)
     out, err = proc.communicate()
     return subprocess.CompletedProcess(args, proc.returncode, out, err)
 
@@ -284,13 +304,20 @@ def main() -> None:
     for name in [m for m in vars(Cases) if not m.startswith("_") and m != "d"]:
         what, args = getattr(cases, name)()
         if name == "killed_extract":
-            r1 = signal_after(args, tmp / "killed_run" / "features.h5.partial", signal.SIGKILL)
+            import h5py
+
+            r1 = subprocess.run([sys.executable, "-c", KILL_ON_THIRD_BATCH, *map(str, args)], capture_output=True,
+                                text=True)
+            final, partial = tmp / "killed_run" / "features.h5", tmp / "killed_run" / "features.h5.partial"
+            with h5py.File(partial, "r") as h5:
+                done = ", ".join(f"{s} {h5[s].attrs['done']}/{len(h5[s]['ids'])}" for s in ("train", "val", "test"))
             r2 = featurepipe(args)
             r = subprocess.CompletedProcess(args, r2.returncode, r2.stdout, r1.stderr + r2.stderr)
-            did = f"killed: exit {r1.returncode}, no features.h5; re-run: {said(r2)}"
+            did = (f"killed: exit {r1.returncode}, features.h5 {'EXISTS' if final.exists() else 'absent'}, "
+                   f"features.h5.partial done {done}; re-run: {said(r2)}")
             crashed = "Traceback" in r1.stderr + r2.stderr or r1.returncode != -signal.SIGKILL
         elif name == "ctrl_c_train":
-            r1 = signal_after(args, tmp / "r_ctrlc" / "cnn" / "last.pt", signal.SIGINT)
+            r1 = ctrl_c_after(args, tmp / "r_ctrlc" / "cnn" / "last.pt")
             r2 = featurepipe([*args, "--resume"])
             r = r2
             did = f"Ctrl-C: exit {r1.returncode}, {said(r1)}; --resume: exit {r2.returncode}, {said(r2)}"

@@ -6,9 +6,12 @@ an error page or a Git LFS pointer saved as the image, random bytes, damaged pix
 are stored in odd but valid ways (palette, grey+alpha, RGB, RGBA, EXIF-rotated: all must be read as
 the same pixels), and junk lies around (.DS_Store, Thumbs.db, __MACOSX/, notes). Then runs the same
 pipeline with the same options and seed on both and prints: whether skipped.csv lists exactly the
-broken files, and the test accuracy of every model on both copies.
+broken files, and the test accuracy of every model on both copies, for each training seed.
 
-  python scripts/corrupted_copy_benchmark.py --npz ../shared/data/pneumoniamnist.npz --out /tmp/fp-corrupt
+  python scripts/corrupted_copy_benchmark.py --npz ../shared/data/pneumoniamnist.npz --out /tmp/fp-corrupt \
+      [--train-seeds 0,1,2] [--epochs 5] [--heads logreg]
+
+Runs already finished under --out (compare/summary.json present) are reused, so seeds can be added later.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import json
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -130,34 +134,52 @@ def main() -> None:
     ap.add_argument("--npz", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True, help="scratch folder (outside the repository)")
     ap.add_argument("--fraction", type=float, default=0.05, help="share of files to break")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="which files break, and how")
+    ap.add_argument("--train-seeds", default="0", help="train-cnn --seed values, comma-separated")
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--heads", default="logreg")
     a = ap.parse_args()
+    seeds = [int(x) for x in a.train_seeds.split(",")]
 
-    broken_ids = write_copies(a.npz, a.out, a.fraction, a.seed)
-    print(f"{len(broken_ids)} of {sum(1 for _ in (a.out / 'clean').rglob('*.png'))} files broken in {a.out / 'corrupt'}")
-    options = ["--epochs", a.epochs, "--seed", a.seed]
-    for copy in ("clean", "corrupt"):
-        run = a.out / f"run-{copy}"
-        featurepipe("train-cnn", "--data", a.out / copy, "--out", run, "--overwrite", *options)
-        featurepipe("extract", "--run", run)
-        featurepipe("fit-heads", "--run", run, "--heads", a.heads)
-        featurepipe("compare", "--run", run)
+    if (a.out / "broken.csv").exists():
+        with (a.out / "broken.csv").open(newline="") as f:
+            broken_ids = {r["id"]: r["how"] for r in csv.DictReader(f)}
+    else:
+        broken_ids = write_copies(a.npz, a.out, a.fraction, a.seed)
+    print(f"{len(broken_ids)} of {sum(1 for _ in (a.out / 'clean').rglob('*.png'))} files broken in {a.out / 'corrupt'}: "
+          + ", ".join(f"{how} {n}" for how, n in sorted(Counter(broken_ids.values()).items())))
+    for seed in seeds:
+        for copy in ("clean", "corrupt"):
+            run = a.out / f"run-{copy}-s{seed}"
+            if (run / "compare" / "summary.json").exists():
+                continue
+            featurepipe("train-cnn", "--data", a.out / copy, "--out", run, "--overwrite", "--epochs", a.epochs,
+                        "--seed", seed)
+            featurepipe("extract", "--run", run)
+            featurepipe("fit-heads", "--run", run, "--heads", a.heads)
+            featurepipe("compare", "--run", run)
 
-    with (a.out / "run-corrupt" / "skipped.csv").open(newline="") as f:
-        skipped = {r["id"] for r in csv.DictReader(f)}
-    print(f"\nskipped.csv: {len(skipped)} rows; exactly the broken files: {skipped == set(broken_ids)} "
-          f"(missed {len(set(broken_ids) - skipped)}, wrongly skipped {len(skipped - set(broken_ids))})")
-    surviving = set(json.loads((a.out / "run-corrupt" / "splits.json").read_text())["test"])
-    print("\n| model | clean: test acc (n) | corrupt: test acc (n) | difference | clean on the corrupt run's test ids |")
-    print("|---|---|---|---|---|")
+    for seed in seeds:
+        with (a.out / f"run-corrupt-s{seed}" / "skipped.csv").open(newline="") as f:
+            skipped = {r["id"] for r in csv.DictReader(f)}
+        print(f"seed {seed}: skipped.csv has {len(skipped)} rows; exactly the broken files: {skipped == set(broken_ids)} "
+              f"(missed {len(set(broken_ids) - skipped)}, wrongly skipped {len(skipped - set(broken_ids))})")
+    print("\n| model | seed | clean: test acc (n) | corrupt: test acc (n) | difference | clean, on the corrupt run's "
+          "test ids |")
+    print("|---|---|---|---|---|---|")
     for model in ["cnn", *a.heads.split(",")]:
-        clean, n_clean = test_accuracy(a.out / "run-clean", model)
-        corrupt, n_corrupt = test_accuracy(a.out / "run-corrupt", model)
-        same, _ = test_accuracy(a.out / "run-clean", model, surviving)
-        print(f"| {model} | {clean:.4f} ({n_clean}) | {corrupt:.4f} ({n_corrupt}) | {100 * (corrupt - clean):+.1f} pt "
-              f"| {same:.4f} |")
+        diffs = []
+        for seed in seeds:
+            clean_run, corrupt_run = a.out / f"run-clean-s{seed}", a.out / f"run-corrupt-s{seed}"
+            surviving = set(json.loads((corrupt_run / "splits.json").read_text())["test"])
+            clean, n_clean = test_accuracy(clean_run, model)
+            corrupt, n_corrupt = test_accuracy(corrupt_run, model)
+            same, _ = test_accuracy(clean_run, model, surviving)
+            diffs.append(corrupt - clean)
+            print(f"| {model} | {seed} | {clean:.4f} ({n_clean}) | {corrupt:.4f} ({n_corrupt}) "
+                  f"| {100 * (corrupt - clean):+.1f} pt | {same:.4f} |")
+        if len(seeds) > 1:
+            print(f"| {model} | mean | | | {100 * np.mean(diffs):+.1f} pt (sd {100 * np.std(diffs, ddof=1):.1f}) | |")
 
 
 if __name__ == "__main__":

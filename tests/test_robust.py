@@ -376,6 +376,12 @@ KILL_ON_THIRD_BATCH = textwrap.dedent("""
 """)
 
 
+def _default_sigint() -> None:
+    # A shell running a job in the background (CI can) makes it ignore SIGINT, and Python then installs
+    # no KeyboardInterrupt handler; a terminal's Ctrl-C reaches a process that has the default.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
 
@@ -428,7 +434,7 @@ def test_ctrl_c_exits_cleanly_and_resume_finishes(tmp_path):
     run = tmp_path / "run"
     args = [sys.executable, "-m", "featurepipe", "train-cnn", "--data", str(data), "--out", str(run), "--epochs", "3"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_default_sigint)
     deadline = time.monotonic() + 300
     while not (run / "cnn" / "last.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)

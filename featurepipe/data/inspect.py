@@ -50,7 +50,7 @@ class Inspection:
 
     def raise_if_unusable(self) -> None:
         if self.problem:
-            raise FeaturepipeError(f"{self.source}: cannot be used: {self.problem}")
+            raise FeaturepipeError(self.problem)
 
     def format(self) -> str:
         lines = [

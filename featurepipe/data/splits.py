@@ -92,19 +92,20 @@ def assign_splits(catalog: Catalog, seed: int, saved: dict[str, list[str]] | Non
         return _from_saved(catalog, saved)
     groups = None if catalog.groups is None else np.asarray(catalog.groups)
     if catalog.given_split is None:
-        _check_classes(catalog.labels, catalog.class_names, "the data", need=3, groups=groups)
+        _check_classes(catalog.labels, catalog.class_names, catalog.source, need=3, groups=groups)
         splits = stratified_split(catalog.labels, {"test": TEST_FRACTION, "val": VAL_FRACTION}, seed, rest="train",
                                   groups=groups)
         check_splits(catalog, splits)
         return splits
-    _check_classes(catalog.labels, catalog.class_names, "the data", need=1)
+    _check_classes(catalog.labels, catalog.class_names, catalog.source, need=1)
     given = np.array(catalog.given_split)
     splits = {s: np.flatnonzero(given == s) for s in SPLITS}
     if len(splits["train"]) == 0 or len(splits["test"]) == 0:
         raise FeaturepipeError(f"{catalog.source}: needs both train and test images (found {', '.join(sorted(set(given)))})")
     train = splits["train"]
     train_groups = None if groups is None else groups[train]
-    _check_classes(catalog.labels[train], catalog.class_names, "the train split", need=2, groups=train_groups)
+    _check_classes(catalog.labels[train], catalog.class_names, f"{catalog.source}: the train split", need=2,
+                   groups=train_groups)
     if len(splits["val"]) == 0:
         # Common Kaggle layout: train/ and test/ only. Carve a stratified val out of train.
         part = stratified_split(catalog.labels[train], {"val": VAL_FRACTION / (1 - TEST_FRACTION)}, seed, rest="train",
