@@ -11,6 +11,9 @@ import typer
 
 from featurepipe.errors import FeaturepipeError
 
+BAD_IMAGE_HELP = ("skip: leave unreadable images out (warns once, lists them in skipped.csv); "
+                  "error: stop at the first.")
+
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
     help="Does a classical head on deep features beat the end-to-end CNN? train-cnn → extract → fit-heads → compare.",
@@ -28,8 +31,8 @@ def _cli(fn):
             typer.echo(f"featurepipe: error: {e}", err=True)
             raise typer.Exit(2)
         except KeyboardInterrupt:
-            typer.echo("featurepipe: interrupted; finished files are intact (use --resume to continue training)",
-                       err=True)
+            typer.echo("featurepipe: interrupted; finished files are intact (train-cnn continues with --resume, "
+                       "extract where it stopped when re-run)", err=True)
             raise typer.Exit(130)
 
     return wrapper
@@ -37,14 +40,14 @@ def _cli(fn):
 
 def _train_config(arch, weights, epochs, freeze_epochs, batch_size, img_size, lr, lr_backbone_ratio, weight_decay,
                   label_smoothing, augment, sampler, monitor, patience, folds, seed, device, amp, resume=False,
-                  overwrite=False, ema=True):
+                  overwrite=False, ema=True, on_bad_image="skip"):
     from featurepipe.train import TrainConfig
 
     return TrainConfig(arch=arch, weights=weights, epochs=epochs, freeze_epochs=freeze_epochs, batch_size=batch_size,
                        img_size=img_size, lr=lr, lr_backbone_ratio=lr_backbone_ratio, weight_decay=weight_decay,
                        label_smoothing=label_smoothing, augment=augment, sampler=sampler, monitor=monitor,
                        patience=patience, folds=folds, seed=seed, device=device, amp=amp, resume=resume,
-                       overwrite=overwrite, ema=ema)
+                       overwrite=overwrite, ema=ema, on_bad_image=on_bad_image)
 
 
 DATA = typer.Option(..., "--data", help="Image folder, CSV manifest (path,label[,split]), .npz, or 'demo'.")
@@ -84,13 +87,14 @@ def train_cnn(
     seed: int = SEED, device: str = DEVICE, amp: bool = AMP,
     resume: bool = typer.Option(False, help="Continue an interrupted run from its last epoch."),
     overwrite: bool = typer.Option(False, help="Replace a run directory that already holds a trained CNN."),
+    on_bad_image: str = typer.Option("skip", help=BAD_IMAGE_HELP),
 ) -> None:
     """Train the end-to-end CNN; keeps the best checkpoint by validation and evaluates it on test."""
     from featurepipe.train import train
 
     train(data, out, _train_config(arch, weights, epochs, freeze_epochs, batch_size, img_size, lr, lr_backbone_ratio,
                                    weight_decay, label_smoothing, augment, sampler, monitor, patience, folds, seed,
-                                   device, amp, resume, overwrite, ema))
+                                   device, amp, resume, overwrite, ema, on_bad_image))
 
 
 @app.command("lr-find")
@@ -133,11 +137,13 @@ def extract(
     amp: bool = typer.Option(True, help="Mixed precision on CUDA."),
     layer: str = typer.Option("penultimate", help="penultimate, or last2 (the last two blocks' pooled outputs)."),
     tta: str = typer.Option("none", help="Average the embedding over views: none, flip, crops, flip+crops."),
+    on_bad_image: str = typer.Option("skip", help=BAD_IMAGE_HELP + " Applies to --data."),
 ) -> None:
-    """Write the CNN's embeddings of every split to RUN/features.h5."""
+    """Write the CNN's embeddings of every split to RUN/features.h5 (resumes an interrupted extract)."""
     from featurepipe.extract import extract as run_extract
 
-    run_extract(run, batch_size=batch_size, data=data, out=out, device=device, amp=amp, layer=layer, tta=tta)
+    run_extract(run, batch_size=batch_size, data=data, out=out, device=device, amp=amp, layer=layer, tta=tta,
+                on_bad_image=on_bad_image)
 
 
 @app.command("fit-heads")
@@ -187,6 +193,30 @@ def compare(
     from featurepipe.report import CompareOptions, compare_runs
 
     compare_runs(run, out, CompareOptions(resamples=bootstrap, gradcam=gradcam))
+
+
+data_app = typer.Typer(no_args_is_help=True, help="Look at a data source before training on it.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("inspect")
+@_cli
+def data_inspect(
+    data: str = typer.Option(..., "--data", help="Image folder, CSV manifest, .npz, or 'demo'."),
+    seed: int = typer.Option(0, help="Seed of the split featurepipe would make (as train-cnn --seed)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the full report to this JSON file."),
+) -> None:
+    """Class counts per split, sizes and modes, unreadable files, duplicates and groups across splits.
+
+    Exits with 2 where train-cnn would refuse the data.
+    """
+    from featurepipe.data.inspect import inspect
+
+    report = inspect(data, seed=seed)
+    typer.echo(report.format())
+    if json_out is not None:
+        report.save(json_out)
+    report.raise_if_unusable()
 
 
 def main() -> None:

@@ -7,13 +7,16 @@ Schema (the one place it is defined):
   attrs: class_names, arch, layer, tta, checkpoint (fingerprint), img_size, source, schema_version
   (`layer` and `tta` as in models.embedding; files without `tta` were written without TTA)
 Rows are written batch by batch into chunked datasets, so memory does not grow with the data set,
-and the file only appears under its real name once complete.
+and the file only appears under its real name once complete. Until then it is `<name>.partial`, whose
+groups carry a done-index (`done`, rows written and flushed): a killed extract re-run with the same
+checkpoint and images resumes after the last complete batch and yields the same features.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -28,7 +31,7 @@ from featurepipe.errors import FeaturepipeError
 from featurepipe.models import LAYERS, TTA, fingerprint, load_checkpoint
 from featurepipe.models.embedding import check_choice
 from featurepipe.progress import log, progress_bar
-from featurepipe.runs import atomic_path, load_config, read_json, require, run_paths
+from featurepipe.runs import load_config, partial_path, read_json, require, run_paths, skipped_beside
 
 SCHEMA_VERSION = 1
 CHUNK_BYTES = 1 << 20
@@ -42,8 +45,13 @@ class FeatureSplit:
 
 
 def extract(run: str | Path, batch_size: int = 256, data: str | None = None, out: str | Path | None = None,
-            device: str = "auto", amp: bool = True, layer: str = "penultimate", tta: str = "none") -> Path:
-    """Embed every split of the run's data (or of another source, with `data` and `out`) into HDF5."""
+            device: str = "auto", amp: bool = True, layer: str = "penultimate", tta: str = "none",
+            on_bad_image: str = "skip") -> Path:
+    """Embed every split of the run's data (or of another source, with `data` and `out`) into HDF5.
+
+    `on_bad_image` applies to another source; the run's own images were all readable when the CNN was
+    trained, so one that is not now stops the command (the data changed).
+    """
     paths = run_paths(run)
     cfg = load_config(paths)
     require(paths.checkpoint, "trained CNN", f"run featurepipe train-cnn --out {paths.root} first")
@@ -53,6 +61,7 @@ def extract(run: str | Path, batch_size: int = 256, data: str | None = None, out
         raise FeaturepipeError(f"--batch-size {batch_size}: must be at least 1")
     check_choice("--layer", layer, LAYERS)
     check_choice("--tta", tta, TTA)
+    fdata.check_policy(on_bad_image)
     dev = resolve_device(device)
     net, meta = load_checkpoint(paths.checkpoint, dev)
     net = net.to(memory_format=torch.channels_last)
@@ -65,10 +74,14 @@ def extract(run: str | Path, batch_size: int = 256, data: str | None = None, out
             raise FeaturepipeError(f"{cfg['data']['source']}: its classes changed since training; train a new run")
         splits = fdata.assign_splits(catalog, cfg["train"]["seed"], read_json(paths.splits))
         target = paths.features
+        stores, splits, _ = fdata.load_splits(catalog, splits, meta["img_size"], meta["in_channels"], "error")
     else:
         catalog = _relabel(fdata.scan(data), class_names)
         splits = fdata.assign_splits(catalog, cfg["train"]["seed"])
         target = Path(out)
+        stores, splits, skipped = fdata.load_splits(catalog, splits, meta["img_size"], meta["in_channels"],
+                                                    on_bad_image)
+        fdata.save_skipped(skipped_beside(target), skipped)
 
     attrs = {
         "class_names": json.dumps(class_names), "arch": meta["arch"], "layer": layer, "tta": tta,
@@ -76,15 +89,63 @@ def extract(run: str | Path, batch_size: int = 256, data: str | None = None, out
         "schema_version": SCHEMA_VERSION,
     }
     pin = dev.type == "cuda"
-    with atomic_path(target) as tmp, h5py.File(tmp, "w") as h5:
-        h5.attrs.update(attrs)
+    ids = {split: [catalog.ids[i] for i in splits[split]] for split in fdata.SPLITS}
+    partial = partial_path(target)
+    with _open_partial(partial, attrs, ids, dim) as h5:
         for split in fdata.SPLITS:
-            idx = splits[split]
-            ds = fdata.ImageDataset(catalog.store, idx, catalog.labels[idx], meta["img_size"], meta["in_channels"])
+            store, positions = stores[split]
+            done = int(h5[split].attrs["done"])
+            ds = fdata.ImageDataset(store, positions[done:], catalog.labels[splits[split]][done:], meta["img_size"],
+                                    meta["in_channels"])
             loader = fdata.make_loader(ds, batch_size, pin_memory=pin)
-            _write_split(h5, split, net, loader, [catalog.ids[i] for i in idx], dim, dev, amp, layer, tta)
+            _write_split(h5, split, net, loader, dev, amp, layer, tta)
+        for split in fdata.SPLITS:
+            del h5[split].attrs["done"]
+    os.replace(partial, target)
     log(f"features of {sum(len(v) for v in splits.values())} images ({dim}-d, {layer}, tta {tta}) → {target}")
     return target
+
+
+def _open_partial(path: Path, attrs: dict[str, Any], ids: dict[str, list[str]], dim: int) -> h5py.File:
+    """The unfinished file, continued where it stopped if it was being written from the same checkpoint,
+    options and images; otherwise a new one with every split's ids and `done` = 0."""
+    if path.exists():
+        try:
+            h5 = h5py.File(path, "r+")
+        except OSError as e:  # killed mid-flush: its index cannot be trusted
+            log(f"{path}: unreadable ({e}); starting over")
+        else:
+            if _continues(h5, attrs, ids, dim):
+                log(f"resuming {path}: " + ", ".join(f"{s} {h5[s].attrs['done']}/{len(ids[s])}" for s in ids))
+                return h5
+            h5.close()
+            log(f"{path}: left by an extract of other images or another checkpoint; starting over")
+    try:
+        h5 = h5py.File(path, "w")
+    except OSError as e:
+        raise FeaturepipeError(f"{path}: cannot be written ({e}); is another featurepipe extract writing it?") from None
+    h5.attrs.update(attrs)
+    for split, split_ids in ids.items():
+        n = len(split_ids)
+        group = h5.create_group(split)
+        rows = max(1, min(n, CHUNK_BYTES // (4 * dim)))
+        group.create_dataset("features", shape=(n, dim), dtype="float32", chunks=(rows, dim) if n else None)
+        group.create_dataset("labels", shape=(n,), dtype="int64")
+        group.create_dataset("ids", data=np.array(split_ids, dtype=object), dtype=h5py.string_dtype())
+        group.attrs["done"] = 0
+    h5.flush()
+    return h5
+
+
+def _continues(h5: h5py.File, attrs: dict[str, Any], ids: dict[str, list[str]], dim: int) -> bool:
+    try:
+        return (
+            all(k in h5.attrs and np.array_equal(h5.attrs[k], v) for k, v in attrs.items())
+            and all(h5[s]["features"].shape == (len(v), dim) and "done" in h5[s].attrs
+                    and list(h5[s]["ids"].asstr()[:]) == v for s, v in ids.items())
+        )
+    except (KeyError, OSError):
+        return False
 
 
 def _relabel(catalog: fdata.Catalog, class_names: list[str]) -> fdata.Catalog:
@@ -99,24 +160,24 @@ def _relabel(catalog: fdata.Catalog, class_names: list[str]) -> fdata.Catalog:
 
 
 @torch.inference_mode()
-def _write_split(h5: h5py.File, split: str, net, loader, ids: list[str], dim: int, device, amp: bool,
-                 layer: str = "penultimate", tta: str = "none") -> None:
-    n = len(ids)
-    group = h5.create_group(split)
-    rows = max(1, min(n, CHUNK_BYTES // (4 * dim)))
-    feats = group.create_dataset("features", shape=(n, dim), dtype="float32", chunks=(rows, dim) if n else None)
-    labels = group.create_dataset("labels", shape=(n,), dtype="int64")
-    group.create_dataset("ids", data=np.array(ids, dtype=object), dtype=h5py.string_dtype())
+def _write_split(h5: h5py.File, split: str, net, loader, device, amp: bool, layer: str = "penultimate",
+                 tta: str = "none") -> None:
+    """Rows from the group's done-index on; the index moves only once a batch is flushed to the file."""
+    group = h5[split]
+    feats, labels = group["features"], group["labels"]
     net.eval()
-    start = 0
+    start = int(group.attrs["done"])
     with progress_bar() as bar:
-        task = bar.add_task(f"extract {split}", total=n, info="")
+        task = bar.add_task(f"extract {split}", total=len(feats), completed=start, info="")
         for x, y, _ in loader:
             with autocast(device, amp):
                 f = net.embed(to_device(x, device), layer, tta)
             stop = start + len(y)
             feats[start:stop] = f.float().cpu().numpy()
             labels[start:stop] = y.numpy()
+            h5.flush()
+            group.attrs["done"] = stop
+            h5.flush()
             start = stop
             bar.advance(task, len(y))
 

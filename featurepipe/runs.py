@@ -28,6 +28,11 @@ class RunPaths:
         return self.root / "splits.json"
 
     @property
+    def skipped(self) -> Path:
+        """Images left out because they could not be read (id, split, label, reason)."""
+        return self.root / "skipped.csv"
+
+    @property
     def cnn(self) -> Path:
         return self.root / "cnn"
 
@@ -114,6 +119,18 @@ def atomic_path(path: Path) -> Iterator[Path]:
             os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def partial_path(path: Path) -> Path:
+    """Where a long write of `path` keeps its progress until complete; no command reads it as `path`."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.partial")
+
+
+def skipped_beside(path: Path) -> Path:
+    """The skipped-images list of a file written outside a run (extract --data ... --out FILE)."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.skipped.csv")
 
 
 def write_text(path: Path, text: str) -> None:

@@ -27,7 +27,15 @@ from featurepipe import distributed
 from featurepipe.device import autocast, needs_grad_scaler, resolve_device, to_device
 from featurepipe.errors import FeaturepipeError
 from featurepipe.evaluate import Predictions, save_evaluation, save_predictions, scores
-from featurepipe.models import ARCHS, Net, create_model, in_channels_for, normalisation_for, save_checkpoint
+from featurepipe.models import (
+    ARCHS,
+    Net,
+    create_model,
+    in_channels_for,
+    min_img_size,
+    normalisation_for,
+    save_checkpoint,
+)
 from featurepipe.progress import log, progress_bar
 from featurepipe.runs import RunPaths, atomic_path, environment, read_json, run_paths, write_json, write_text
 
@@ -60,6 +68,7 @@ class TrainConfig:
     amp: bool = True
     resume: bool = False
     overwrite: bool = False
+    on_bad_image: str = "skip"
     resolved: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -73,8 +82,10 @@ class TrainConfig:
                 raise FeaturepipeError(f"--{name.replace('_', '-')} {value}: must be at least 1")
         if self.freeze_epochs is not None and self.freeze_epochs < 0:
             raise FeaturepipeError(f"--freeze-epochs {self.freeze_epochs}: must be 0 or more")
-        if self.img_size is not None and self.img_size < 28:
-            raise FeaturepipeError(f"--img-size {self.img_size}: too small; the CNNs need at least 28 px")
+        if self.img_size is not None and self.img_size < min_img_size(self.arch):
+            raise FeaturepipeError(f"--img-size {self.img_size}: too small; {self.arch} needs at least "
+                                   f"{min_img_size(self.arch)} px")
+        fdata.check_policy(self.on_bad_image)
         if self.lr is not None and not self.lr > 0:
             raise FeaturepipeError(f"--lr {self.lr}: must be positive")
         if not 0 < self.lr_backbone_ratio <= 1:
@@ -86,7 +97,7 @@ class TrainConfig:
 def auto_img_size(arch: str, short_side: int) -> int:
     """Native size for small images; large scans are shrunk to what the model can learn from on a CPU."""
     cap = 128 if arch == "sixblock" else 224
-    return int(min(cap, max(28, short_side)))
+    return int(min(cap, max(min_img_size(arch), short_side)))
 
 
 def auto_epochs(n_train: int) -> int:
@@ -112,6 +123,7 @@ class Prepared:
     store: Any
     position: np.ndarray  # catalog index → index in `store`
     device: torch.device
+    skipped: list = field(default_factory=list)  # unreadable images left out (fdata.Skipped)
 
     def dataset(self, idx: np.ndarray, transform=None) -> fdata.ImageDataset:
         r = self.cfg.resolved
@@ -133,18 +145,22 @@ def prepare(data: str, cfg: TrainConfig, saved_splits: dict[str, list[str]] | No
     splits = fdata.assign_splits(catalog, cfg.seed, saved_splits)
     cfg = resolve(cfg, catalog, splits)
     r = cfg.resolved
+    # Every image is decoded once here: unreadable ones are dropped (or stop the run, --on-bad-image
+    # error), and what fits stays in memory, so 2000-px scans are not decoded again every epoch.
+    stores, splits, skipped = fdata.load_splits(catalog, splits, r["img_size"], r["in_channels"], cfg.on_bad_image)
     meta = {
         "arch": cfg.arch, "num_classes": len(catalog.class_names), "in_channels": r["in_channels"],
         "mean": r["mean"], "std": r["std"], "img_size": r["img_size"], "class_names": catalog.class_names,
     }
-    every = np.concatenate([splits[s] for s in fdata.SPLITS])
     store, position = catalog.store, np.arange(len(catalog))
-    if not store.in_memory and fdata.fits_in_cache(len(every), r["img_size"], r["in_channels"]):
-        # Decode each file once: scans of 2000 px take tens of ms to decode, every epoch reads them all.
-        store = fdata.preload(store, every, r["img_size"], r["in_channels"], "decode images")
-        position = np.zeros(len(catalog), dtype=np.int64)
-        position[every] = np.arange(len(every))
-    return Prepared(cfg, catalog, splits, meta, store, position, device)
+    if all(s is not catalog.store for s, _ in stores.values()):
+        # One store for all splits (k-fold mixes train and val): the splits' in-memory copies, joined.
+        store = fdata.ArrayStore(np.concatenate([s.images for s, _ in stores.values()]), "cached images")
+        offset = 0
+        for split, (s, positions) in stores.items():
+            position[splits[split]] = offset + positions
+            offset += len(s.images)
+    return Prepared(cfg, catalog, splits, meta, store, position, device, skipped)
 
 
 def resolve(cfg: TrainConfig, catalog: fdata.Catalog, splits: dict[str, np.ndarray]) -> TrainConfig:
@@ -189,6 +205,8 @@ def train(data: str, out: str | Path, cfg: TrainConfig) -> dict[str, Any]:
     _check_run_dir(run, data, cfg)
     prep = prepare(data, cfg, read_json(run.splits) if cfg.resume and run.splits.exists() else None)
     cfg, catalog, splits = prep.cfg, prep.catalog, prep.splits
+    if not cfg.resume:  # a resumed run keeps the list its first start wrote
+        fdata.save_skipped(run.skipped, prep.skipped)
     write_json(run.splits, fdata.split_ids(catalog, splits))
     write_json(run.config, {
         "command": "train-cnn",

@@ -7,12 +7,14 @@ from featurepipe.data.dataset import (
     describe_images,
     fits_in_cache,
     make_loader,
-    preload,
 )
-from featurepipe.data.sources import SPLITS, Catalog, scan
+from featurepipe.data.images import UnreadableImage
+from featurepipe.data.load import BAD_IMAGE_POLICIES, Skipped, check_policy, load_splits, save_skipped
+from featurepipe.data.sources import SPLITS, ArrayStore, Catalog, scan
 from featurepipe.data.splits import assign_splits, split_ids
 
 __all__ = [
-    "AUGMENTATIONS", "SPLITS", "Catalog", "ImageDataset", "assign_splits", "augmentation", "channel_stats",
-    "describe_images", "fits_in_cache", "make_loader", "preload", "resolve_augmentation", "scan", "split_ids",
+    "AUGMENTATIONS", "SPLITS", "ArrayStore", "Catalog", "ImageDataset", "assign_splits", "augmentation", "channel_stats",
+    "describe_images", "fits_in_cache", "make_loader", "resolve_augmentation", "scan", "split_ids",
+    "BAD_IMAGE_POLICIES", "Skipped", "UnreadableImage", "check_policy", "load_splits", "save_skipped",
 ]

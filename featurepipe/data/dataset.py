@@ -12,8 +12,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from featurepipe.data.images import UnreadableImage
 from featurepipe.data.sources import ArrayStore, FileStore
-from featurepipe.progress import progress_bar
+from featurepipe.errors import FeaturepipeError
 
 # Decoded, resized images of a data set up to this size stay in memory: 2000-px scans decode in
 # tens of milliseconds each, and training reads every image once per epoch.
@@ -63,25 +64,6 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
-def preload(store: ArrayStore | FileStore, indices: np.ndarray, size: int, channels: int,
-            description: str = "decode") -> ArrayStore:
-    """Decode and resize the images at `indices` once, in parallel, into one in-memory array."""
-    n = len(indices)
-    out = np.empty((n, size, size, channels), dtype=np.uint8)
-    ds = ImageDataset(store, indices, np.zeros(n, dtype=np.int64), size, channels)
-    loader = DataLoader(ds, batch_size=64, num_workers=num_workers(store), collate_fn=_stack_uint8)
-    with progress_bar() as bar:
-        task = bar.add_task(description, total=n, info="")
-        for xs, ks in loader:
-            out[ks] = xs
-            bar.advance(task, len(ks))
-    return ArrayStore(out, f"cached {getattr(store, 'name', 'images')}")
-
-
-def _stack_uint8(batch):
-    return np.stack([x.permute(1, 2, 0).numpy() for x, _, _ in batch]), np.array([k for _, _, k in batch])
-
-
 def fits_in_cache(n: int, size: int, channels: int) -> bool:
     return n * size * size * channels <= CACHE_BYTES
 
@@ -93,15 +75,29 @@ def sample_positions(n: int, k: int, seed: int) -> np.ndarray:
 def describe_images(store: ArrayStore | FileStore, indices: np.ndarray, seed: int, k: int = 200) -> tuple[int, bool]:
     """Median short side and whether most images are grey, from a sample of up to k headers."""
     picks = indices[sample_positions(len(indices), k, seed)]
-    sizes, grey = zip(*(store.peek(int(i)) for i in picks))
+    sizes, grey = zip(*_readable(store, store.peek, picks))
     return int(np.median([min(s) for s in sizes])), float(np.mean(grey)) >= 0.5
+
+
+def _readable(store: ArrayStore | FileStore, read, picks: np.ndarray) -> list:
+    """read(i) for each sampled image, leaving out unreadable ones: the full decode pass reports those."""
+    out = []
+    for i in picks:
+        try:
+            out.append(read(int(i)))
+        except UnreadableImage:
+            pass
+    if not out:
+        raise FeaturepipeError(f"{store.describe(int(picks[0]))}: this and every other sampled image ({len(picks)}) "
+                               "are unreadable; featurepipe data inspect says why")
+    return out
 
 
 def channel_stats(store: ArrayStore | FileStore, indices: np.ndarray, size: int, channels: int,
                   seed: int, k: int = 1000) -> tuple[list[float], list[float]]:
     """Per-channel mean and std (0..1 scale) of a sample of the training images."""
     picks = indices[sample_positions(len(indices), k, seed)]
-    x = np.stack([store.read(int(i), size, channels) for i in picks]).astype(np.float64) / 255.0
+    x = np.stack(_readable(store, lambda i: store.read(i, size, channels), picks)).astype(np.float64) / 255.0
     mean = x.mean(axis=(0, 1, 2))
     std = np.maximum(x.std(axis=(0, 1, 2)), 1e-3)
     return mean.round(6).tolist(), std.round(6).tolist()

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import warnings
+from typing import Iterator
+
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from featurepipe.errors import FeaturepipeError
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".ppm", ".pgm"})
 
-# Medical archives are large, trusted files; PIL's bomb guard only rejects honest 2000+ px scans.
-Image.MAX_IMAGE_PIXELS = None
+# Whole-slide-sized scans are welcome (PIL's default guard stops at 179 Mpx), but a corrupt header that
+# claims billions of pixels must be refused before it is allocated: PIL raises above twice this.
+Image.MAX_IMAGE_PIXELS = 1 << 30
 
 GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 
@@ -17,8 +25,11 @@ def to_channels(img: Image.Image, channels: int) -> Image.Image:
     """Convert any PIL mode to 'L' (channels=1) or 'RGB' (channels=3)."""
     if img.mode in ("I", "F") or img.mode.startswith("I;16"):
         # 16-bit and float scans use a fraction of their range; stretch what is there to 0..255.
-        arr = np.asarray(img, dtype=np.float32)
-        lo, hi = float(arr.min()), float(arr.max())
+        arr = np.asarray(img, dtype=np.float64)
+        finite = np.isfinite(arr)
+        lo, hi = (float(arr[finite].min()), float(arr[finite].max())) if finite.any() else (0.0, 0.0)
+        # NaN and infinite pixels (float scans with masked areas) become the darkest value.
+        arr = np.where(finite, arr, lo)
         arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
         img = Image.fromarray(arr.round().astype(np.uint8), mode="L")
     elif img.mode in ("P", "LA", "PA", "RGBA", "CMYK", "YCbCr", "LAB", "HSV", "1", "RGBX", "RGBa"):
@@ -39,9 +50,53 @@ def decode(img: Image.Image, size: int | None, channels: int) -> np.ndarray:
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 
+class UnreadableImage(FeaturepipeError):
+    """One image that cannot be decoded; `reason` says why, without the path."""
+
+    def __init__(self, where: str, reason: str = "") -> None:
+        super().__init__(f"{where}: cannot read image ({reason}); fix or remove the file" if reason else where)
+        self.where, self.reason = where, reason
+
+
 def read_file(path: str, size: int | None, channels: int) -> np.ndarray:
-    with Image.open(path) as img:
+    with open_image(path) as img:
         return decode(img, size, channels)
+
+
+@contextlib.contextmanager
+def open_image(path: str) -> Iterator[Image.Image]:
+    """The image at `path`, header read; whatever opening or decoding it raises inside the block
+    becomes an UnreadableImage naming the file."""
+    try:
+        with warnings.catch_warnings():
+            # Per-file chatter (palette transparency, odd EXIF) would flood the log of a large archive.
+            warnings.simplefilter("ignore")
+            # A file object, not the path: PIL memory-maps uncompressed files it opens by path, and on
+            # that route (Pillow 13) a TIFF's EXIF orientation is lost for L, P, RGBA, CMYK and I;16.
+            with open(path, "rb") as f, Image.open(f) as img:
+                yield img
+    except UnreadableImage:
+        raise
+    except Exception as e:  # PIL's plugins raise OSError, SyntaxError, struct.error, EOFError, ... on bad data
+        raise UnreadableImage(path, why_unreadable(path, e)) from None
+
+
+def why_unreadable(path: str, e: Exception) -> str:
+    if isinstance(e, FileNotFoundError):
+        return "file not found"
+    if isinstance(e, UnidentifiedImageError):
+        return "empty file (0 bytes)" if _size(path) == 0 else "not an image format PIL can read"
+    if isinstance(e, Image.DecompressionBombError):
+        return f"header claims more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels"
+    message = str(e).replace(repr(str(path)), "").replace(str(path), "").strip(" :")
+    return f"{type(e).__name__}: {message}" if message else type(e).__name__
+
+
+def _size(path: str) -> int | None:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return None
 
 
 def is_gray(img: Image.Image) -> bool:

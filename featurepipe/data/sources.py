@@ -1,19 +1,20 @@
 """Every --data source becomes a Catalog: ids, labels, a fixed class list and a way to read each image.
 
-Sources: `demo` (scikit-learn's digits), a MedMNIST-style `.npz`, a CSV manifest `path,label[,split]`,
-a folder with train/[val/]test subfolders of class folders, or a folder of class folders.
+Sources: `demo` (scikit-learn's digits), a MedMNIST-style `.npz`, a CSV manifest
+`path,label[,split][,group]`, a folder with train/[val/]test subfolders of class folders, or a folder of class folders.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from featurepipe.data.images import IMAGE_EXTENSIONS, decode, is_gray, read_file
+from featurepipe.data.images import IMAGE_EXTENSIONS, decode, is_gray, open_image, read_file
 from featurepipe.errors import FeaturepipeError
 
 SPLITS = ("train", "val", "test")
@@ -50,6 +51,12 @@ class ArrayStore:
         h, w, c = self.images[i].shape
         return (w, h), c == 1
 
+    def facts(self, i: int) -> tuple[tuple[int, int], str, str]:
+        """(width, height), mode and a hash of the pixels (see FileStore.facts)."""
+        arr = self.images[i]
+        h, w, c = arr.shape
+        return (w, h), {1: "L", 3: "RGB", 4: "RGBA"}[c], _digest(f"{arr.shape}", arr.tobytes())
+
 
 class FileStore:
     """Images as files on disk, decoded on demand."""
@@ -60,25 +67,34 @@ class FileStore:
         self.paths = [str(p) for p in paths]
 
     def read(self, i: int, size: int | None, channels: int) -> np.ndarray:
-        try:
-            return read_file(self.paths[i], size, channels)
-        except (OSError, ValueError, SyntaxError) as e:
-            raise FeaturepipeError(f"{self.paths[i]}: cannot read image ({e}); fix or remove the file") from None
+        return read_file(self.paths[i], size, channels)
 
     def describe(self, i: int) -> str:
         return self.paths[i]
 
     def peek(self, i: int) -> tuple[tuple[int, int], bool]:
-        try:
-            with Image.open(self.paths[i]) as img:
-                return img.size, is_gray(img)
-        except (OSError, ValueError, SyntaxError) as e:
-            raise FeaturepipeError(f"{self.paths[i]}: cannot read image ({e}); fix or remove the file") from None
+        with open_image(self.paths[i]) as img:
+            return img.size, is_gray(img)
+
+    def facts(self, i: int) -> tuple[tuple[int, int], str, str]:
+        """(width, height), PIL mode and a hash of the decoded pixels. Decodes the whole image, so a
+        truncated file shows, and converts it as training would, so an unusable mode shows too."""
+        with open_image(self.paths[i]) as img:
+            size, mode = img.size, img.mode
+            img.load()
+            digest = _digest(f"{mode} {size}", img.tobytes())
+            decode(img, 32, 3)
+        return size, mode, digest
+
+
+def _digest(shape: str, pixels: bytes) -> str:
+    return hashlib.blake2b(shape.encode() + pixels, digest_size=16).hexdigest()
 
 
 @dataclass
 class Catalog:
-    """All images of a source. `given_split` holds the split each image came with, if any."""
+    """All images of a source. `given_split` holds the split each image came with, if any; `groups` the
+    patient or study each image belongs to, if the source says."""
 
     source: str
     kind: str
@@ -87,6 +103,7 @@ class Catalog:
     class_names: list[str]
     store: ArrayStore | FileStore
     given_split: list[str] | None = None
+    groups: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -156,22 +173,31 @@ def _csv(path: Path) -> Catalog:
                 cols["path"] = cols[alias]
         missing = [c for c in ("path", "label") if c not in cols]
         if missing:
-            raise FeaturepipeError(f"{path}: missing column(s) {', '.join(missing)}; a manifest needs path,label[,split]")
+            raise FeaturepipeError(
+                f"{path}: missing column(s) {', '.join(missing)}; a manifest needs path,label[,split][,group]"
+            )
         rows = list(reader)
     if not rows:
         raise FeaturepipeError(f"{path}: the manifest has no rows")
-    paths, labels, split = [], [], []
+    paths, labels, split, groups = [], [], [], []
     for n, row in enumerate(rows, start=2):
         p, label = (row[cols["path"]] or "").strip(), (row[cols["label"]] or "").strip()
         if not p or not label:
             raise FeaturepipeError(f"{path}:{n}: empty path or label")
         paths.append(p)
         labels.append(label)
+        if "group" in cols:
+            # An image without a group is a group of its own.
+            groups.append((row[cols["group"]] or "").strip() or f"{n}:{p}")
         if "split" in cols:
             s = _SPLIT_ALIASES.get((row[cols["split"]] or "").strip().lower())
             if s is None:
                 raise FeaturepipeError(f"{path}:{n}: split {row[cols['split']]!r} is not train, val or test")
             split.append(s)
+    if len(set(paths)) < len(paths):
+        seen: set[str] = set()
+        twice = next(p for p in paths if p in seen or seen.add(p))
+        raise FeaturepipeError(f"{path}: '{twice}' is listed more than once; each image needs one row")
     names = sorted(set(labels))
     index = {c: i for i, c in enumerate(names)}
     return Catalog(
@@ -182,18 +208,24 @@ def _csv(path: Path) -> Catalog:
         class_names=names,
         store=FileStore([path.parent / p for p in paths]),
         given_split=split or None,
+        groups=groups or None,
     )
 
 
+def _ignored(name: str) -> bool:
+    # Hidden files (.DS_Store, macOS's ._ twins), unzip leftovers and NAS thumbnail folders are not data.
+    return name.startswith(".") or name in ("__MACOSX", "@eaDir")
+
+
 def _subdirs(path: Path) -> list[Path]:
-    return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return sorted(p for p in path.iterdir() if p.is_dir() and not _ignored(p.name))
 
 
 def _images_under(folder: Path) -> list[Path]:
     return sorted(
         p for p in folder.rglob("*")
         if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        and not any(_ignored(part) for part in p.relative_to(folder).parts)
     )
 
 

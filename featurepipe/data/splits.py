@@ -2,6 +2,8 @@
 
 Whatever the first command decides is saved in the run (`splits.json`, ids per split) and every later
 command reuses it, so the CNN, the features and the heads all see exactly the same test images.
+Where the source has groups (a CSV `group` column: patient or study), every split featurepipe makes
+keeps each group whole: images of one patient in train and test would inflate the test scores.
 """
 
 from __future__ import annotations
@@ -10,17 +12,22 @@ import numpy as np
 
 from featurepipe.data.sources import SPLITS, Catalog
 from featurepipe.errors import FeaturepipeError
+from featurepipe.progress import log
 
 VAL_FRACTION = 0.15
 TEST_FRACTION = 0.15
 
 
-def stratified_split(labels: np.ndarray, fractions: dict[str, float], seed: int, rest: str) -> dict[str, np.ndarray]:
+def stratified_split(labels: np.ndarray, fractions: dict[str, float], seed: int, rest: str,
+                     groups: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Positions into `labels` for each named fraction, per class; what is left goes to `rest`.
 
     Each split gets round(fraction * N) images in all, shared out over the classes in proportion
     (largest remainder), and every class with enough images gets at least one in every split.
+    With `groups`, each group goes whole into one split (see stratified_group_split).
     """
+    if groups is not None:
+        return stratified_group_split(labels, groups, fractions, seed, rest)
     rng = np.random.default_rng(seed)
     classes, counts = np.unique(labels, return_counts=True)
     members = [rng.permutation(np.flatnonzero(labels == c)) for c in classes]
@@ -47,34 +54,111 @@ def _apportion(counts: np.ndarray, frac: float, available: np.ndarray) -> np.nda
     return np.minimum(quota, np.maximum(available - 1, 0))
 
 
+def stratified_group_split(labels: np.ndarray, groups: np.ndarray, fractions: dict[str, float], seed: int,
+                           rest: str) -> dict[str, np.ndarray]:
+    """stratified_split where every group lands whole in one split.
+
+    Groups are placed one at a time into the split whose per-class shortfall they fill best, a split
+    still lacking one of the group's classes first. Groups of the rarest classes go first, so every
+    split can still receive each class; then large groups before small ones, as in bin packing.
+    """
+    names = [*fractions, rest]
+    share = np.array([*fractions.values(), 1.0 - sum(fractions.values())])
+    _, group = np.unique(np.asarray(groups), return_inverse=True)
+    _, cls = np.unique(labels, return_inverse=True)
+    counts = np.zeros((group.max() + 1, cls.max() + 1))
+    np.add.at(counts, (group, cls), 1)
+    total = counts.sum(0)
+    target = share[:, None] * total
+    have = np.zeros_like(target)
+    rarity = np.where(counts > 0, (counts > 0).sum(0), np.inf).min(1)
+    order = np.random.default_rng(seed).permutation(len(counts))
+    order = order[np.lexsort((-counts[order].sum(1), rarity[order]))]
+    placed = np.empty(len(counts), dtype=np.int64)
+    for g in order:
+        v = counts[g]
+        # Change in squared shortfall, each class relative to its size so rare classes count as much.
+        cost = (((have + v - target) ** 2 - (have - target) ** 2) / total**2).sum(1)
+        brings = ((have == 0) & (v > 0) & (target > 0)).sum(1)
+        placed[g] = s = min(range(len(names)), key=lambda k: (-brings[k], cost[k]))
+        have[s] += v
+    where = placed[group]
+    return {name: np.flatnonzero(where == k) for k, name in enumerate(names)}
+
+
 def assign_splits(catalog: Catalog, seed: int, saved: dict[str, list[str]] | None = None) -> dict[str, np.ndarray]:
     """Indices into the catalog for train, val and test."""
     if saved is not None:
         return _from_saved(catalog, saved)
-    _check_classes(catalog.labels, catalog.class_names, "the data", need=3 if catalog.given_split is None else 1)
+    groups = None if catalog.groups is None else np.asarray(catalog.groups)
     if catalog.given_split is None:
-        return stratified_split(catalog.labels, {"test": TEST_FRACTION, "val": VAL_FRACTION}, seed, rest="train")
+        _check_classes(catalog.labels, catalog.class_names, catalog.source, need=3, groups=groups)
+        splits = stratified_split(catalog.labels, {"test": TEST_FRACTION, "val": VAL_FRACTION}, seed, rest="train",
+                                  groups=groups)
+        check_splits(catalog, splits)
+        return splits
+    _check_classes(catalog.labels, catalog.class_names, catalog.source, need=1)
     given = np.array(catalog.given_split)
     splits = {s: np.flatnonzero(given == s) for s in SPLITS}
     if len(splits["train"]) == 0 or len(splits["test"]) == 0:
         raise FeaturepipeError(f"{catalog.source}: needs both train and test images (found {', '.join(sorted(set(given)))})")
-    _check_classes(catalog.labels[splits["train"]], catalog.class_names, "the train split", need=2)
+    train = splits["train"]
+    train_groups = None if groups is None else groups[train]
+    _check_classes(catalog.labels[train], catalog.class_names, f"{catalog.source}: the train split", need=2,
+                   groups=train_groups)
     if len(splits["val"]) == 0:
         # Common Kaggle layout: train/ and test/ only. Carve a stratified val out of train.
-        train = splits["train"]
-        part = stratified_split(catalog.labels[train], {"val": VAL_FRACTION / (1 - TEST_FRACTION)}, seed, rest="train")
+        part = stratified_split(catalog.labels[train], {"val": VAL_FRACTION / (1 - TEST_FRACTION)}, seed, rest="train",
+                                groups=train_groups)
         splits["train"], splits["val"] = train[part["train"]], train[part["val"]]
+    broken = broken_groups(catalog, splits)
+    if broken:
+        log(f"warning: {len(broken)} group(s) of {catalog.source} have images in more than one of its splits "
+            f"(e.g. '{next(iter(broken))}'), which inflates test scores; featurepipe data inspect lists them")
+    check_splits(catalog, splits)
     return splits
 
 
-def _check_classes(labels: np.ndarray, names: list[str], where: str, need: int) -> None:
+def check_splits(catalog: Catalog, splits: dict[str, np.ndarray], why: str = "") -> None:
+    """Every split holds every class: a class missing from val or test cannot be scored.
+
+    `why` explains how a class went missing (e.g. after unreadable images were skipped).
+    """
+    for split in SPLITS:
+        counts = np.bincount(catalog.labels[splits[split]], minlength=len(catalog.class_names))
+        for name, n in zip(catalog.class_names, counts):
+            if n == 0:
+                raise FeaturepipeError(
+                    f"{catalog.source}: the {split} split has no image of class '{name}'{why}; "
+                    "every split needs images of every class"
+                )
+
+
+def broken_groups(catalog: Catalog, splits: dict[str, np.ndarray]) -> dict[str, dict[str, int]]:
+    """Groups with images in more than one split, and how many in each."""
+    if catalog.groups is None:
+        return {}
+    seen: dict[str, dict[str, int]] = {}
+    for split, idx in splits.items():
+        for i in idx:
+            per_split = seen.setdefault(catalog.groups[i], {})
+            per_split[split] = per_split.get(split, 0) + 1
+    return {g: per_split for g, per_split in seen.items() if len(per_split) > 1}
+
+
+def _check_classes(labels: np.ndarray, names: list[str], where: str, need: int, groups: np.ndarray | None = None) -> None:
     if len(names) < 2:
         raise FeaturepipeError(f"{where} has a single class ({names[0] if names else 'none'}); a classifier needs two or more")
     counts = np.bincount(labels, minlength=len(names))
-    for name, n in zip(names, counts):
+    for k, (name, n) in enumerate(zip(names, counts)):
         if n < need:
             raise FeaturepipeError(
                 f"{where}: class '{name}' has {n} image(s); it needs at least {need} to appear in every split"
+            )
+        if groups is not None and (g := len(set(groups[labels == k]))) < need:
+            raise FeaturepipeError(
+                f"{where}: class '{name}' occurs in {g} group(s); it needs at least {need} to appear in every "
+                "split without splitting a group"
             )
 
 

@@ -97,6 +97,12 @@ def normalisation_for(arch: str, weights: str | None) -> tuple[list[float] | Non
     return PRETRAINED_STATS[arch]
 
 
+def min_img_size(arch: str) -> int:
+    """The smallest input side an architecture accepts (below it a stage has nothing left to pool)."""
+    # densenet121 and convnext_tiny downsample 32x without padding; the others pad their way down.
+    return 32 if arch in ("densenet121", "convnext_tiny") else 28
+
+
 def create_model(arch: str, num_classes: int, in_channels: int, mean: list[float], std: list[float],
                  weights: str | None = None) -> Net:
     if arch not in ARCHS:
@@ -144,5 +150,5 @@ def fingerprint(path: Path) -> str:
 
 __all__ = [
     "ARCHS", "IMAGENET_MEAN", "IMAGENET_STD", "LAYERS", "Net", "TTA", "fetch_weights", "create_model", "fingerprint",
-    "in_channels_for", "load_checkpoint", "normalisation_for", "save_checkpoint",
+    "in_channels_for", "load_checkpoint", "min_img_size", "normalisation_for", "save_checkpoint",
 ]

@@ -1,0 +1,149 @@
+"""Every image a command uses is decoded once before the work starts: into memory where its split fits,
+only checked where it does not. Unreadable images (empty, truncated, not an image at all, gone) are
+handled by one policy, `--on-bad-image`: `skip` (the default) drops them from their split and lists
+them in the run's `skipped.csv`; `error` stops at the first, naming it.
+
+Dropping an image shifts nothing else: ids and labels are both looked up through catalog positions.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import io
+from collections import Counter
+from dataclasses import astuple, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+from torch.utils.data import DataLoader, Dataset
+
+from featurepipe.data.dataset import fits_in_cache, num_workers
+from featurepipe.data.images import UnreadableImage
+from featurepipe.data.sources import ArrayStore, Catalog, FileStore
+from featurepipe.data.splits import check_splits
+from featurepipe.errors import FeaturepipeError
+from featurepipe.progress import log, progress_bar
+from featurepipe.runs import write_text
+
+BAD_IMAGE_POLICIES = ("skip", "error")
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """One image left out, and why; a row of `skipped.csv`."""
+
+    id: str
+    split: str
+    label: str
+    reason: str
+
+
+def check_policy(on_bad: str) -> None:
+    if on_bad not in BAD_IMAGE_POLICIES:
+        raise FeaturepipeError(f"--on-bad-image {on_bad}: choose {' or '.join(BAD_IMAGE_POLICIES)}")
+
+
+def load_splits(catalog: Catalog, splits: dict[str, np.ndarray], size: int, channels: int, on_bad: str = "skip"):
+    """Decode every image of every split once; returns (stores, splits, skipped).
+
+    stores[split] is (store, positions) to build an ImageDataset from: the in-memory copy where the
+    split fits in CACHE_BYTES, else the source itself. The returned splits are the given ones less the
+    unreadable images, which `skipped` lists. Every split must still hold every class.
+    """
+    check_policy(on_bad)
+    stores, kept, skipped = {}, {}, []
+    for split, idx in splits.items():
+        if catalog.store.in_memory:  # arrays always decode
+            stores[split], kept[split] = (catalog.store, idx), idx
+            continue
+        cache = fits_in_cache(len(idx), size, channels)
+        images, failed = decode_all(catalog.store, idx, size, channels, keep=cache, stop_at_first=on_bad == "error",
+                                    description=f"{'decode' if cache else 'check'} {split}")
+        good = np.array([k for k in range(len(idx)) if k not in failed], dtype=np.int64)
+        kept[split] = idx[good]
+        stores[split] = (images, good) if cache else (catalog.store, idx[good])
+        skipped += [Skipped(catalog.ids[idx[k]], split, catalog.class_names[catalog.labels[idx[k]]], why)
+                    for k, why in sorted(failed.items())]
+    if skipped:
+        check_splits(catalog, kept, why=f" once its {len(skipped)} unreadable image(s) are skipped")
+    return stores, kept, skipped
+
+
+def decode_all(store: ArrayStore | FileStore, indices: np.ndarray, size: int, channels: int, *, keep: bool = True,
+               stop_at_first: bool = False, description: str = "decode") -> tuple[ArrayStore | None, dict[int, str]]:
+    """Decode and resize the images at `indices` in worker processes.
+
+    Returns the in-memory copy (row k is indices[k]; None unless `keep`) and {k: reason} for those
+    that failed; with `stop_at_first` the first failure raises UnreadableImage instead.
+    """
+    out = np.zeros((len(indices), size, size, channels), dtype=np.uint8) if keep else None
+    failed: dict[int, str] = {}
+    read = functools.partial(_read, size=size, channels=channels, keep=keep)
+    for k, arr, why in each_image(store, indices, read, description):
+        if why and stop_at_first:
+            raise UnreadableImage(store.describe(int(indices[k])), why)
+        if why:
+            failed[k] = why
+        elif keep:
+            out[k] = arr
+    return (ArrayStore(out, f"cached {getattr(store, 'name', 'images')}") if keep else None), failed
+
+
+def _read(store: ArrayStore | FileStore, i: int, size: int, channels: int, keep: bool) -> np.ndarray | None:
+    arr = store.read(i, size, channels)
+    return arr if keep else None  # a check only: no need to ship the pixels back from the worker
+
+
+def each_image(store: ArrayStore | FileStore, indices: np.ndarray, fn: Callable[[Any, int], Any],
+               description: str) -> Iterator[tuple[int, Any, str]]:
+    """(k, fn(store, indices[k]), "") or (k, None, why it is unreadable) for every k, in order.
+
+    Files are read in worker processes (fn must be picklable: a module-level function or a partial).
+    Failures travel as data: an exception raised in a loader worker reaches the main process as a
+    multi-line traceback instead of the one line a user should see.
+    """
+    loader = DataLoader(_Each(store, indices, fn), batch_size=64, num_workers=num_workers(store), collate_fn=list)
+    failed = 0
+    with progress_bar() as bar:
+        task = bar.add_task(description, total=len(indices), info="")
+        for batch in loader:
+            yield from batch
+            failed += sum(1 for _, _, why in batch if why)
+            bar.update(task, advance=len(batch), info=f"{failed} unreadable" if failed else "")
+
+
+class _Each(Dataset):
+    def __init__(self, store: ArrayStore | FileStore, indices: np.ndarray, fn) -> None:
+        self.store, self.indices, self.fn = store, indices, fn
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int):
+        try:
+            return k, self.fn(self.store, int(self.indices[k])), ""
+        except UnreadableImage as e:
+            return k, None, e.reason or str(e)
+
+
+def save_skipped(path: Path, skipped: list[Skipped]) -> None:
+    """Write the list (a header alone when nothing was skipped, so no stale list survives a rerun) and
+    warn once with the count."""
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow([f.name for f in fields(Skipped)])
+    writer.writerows(astuple(s) for s in skipped)
+    write_text(path, buf.getvalue())
+    if skipped:
+        per_split = ", ".join(f"{split} {n}" for split, n in Counter(s.split for s in skipped).items())
+        log(f"warning: skipped {len(skipped)} unreadable image(s) ({per_split}), e.g. {skipped[0].id}: "
+            f"{skipped[0].reason}; all listed in {path}")
+
+
+def read_skipped(path: Path) -> list[Skipped]:
+    if not Path(path).exists():
+        return []
+    with open(path, newline="", encoding="utf-8") as f:
+        return [Skipped(**row) for row in csv.DictReader(f)]

@@ -1,0 +1,336 @@
+"""Feed featurepipe every kind of bad input a user can give it and print what it did, as a Markdown table.
+
+Each case runs the real command line in a fresh process (so exit codes and tracebacks are what a user
+sees) on tiny generated data under a temporary folder:
+
+  python scripts/bad_inputs_table.py [--keep DIR]
+
+A row is "crashed" if the command printed a Python traceback or died of something else than the signal
+the case sends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+CLASSES = ("a", "b", "c")
+
+
+def images(root: Path, n: int = 10, size: int = 32, seed: int = 0, classes=CLASSES) -> list[Path]:
+    """Class folders of grey noise images, each class a different brightness."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for k, c in enumerate(classes):
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            img = np.clip(rng.normal(60 + 60 * k, 20, (size, size)), 0, 255).astype(np.uint8)
+            path = root / c / f"{seed}_{i:03d}.png"
+            Image.fromarray(img).save(path)
+            out.append(path)
+    return out
+
+
+def manifest(path: Path, rows: list[tuple[str, ...]], header: str = "path,label") -> Path:
+    path.write_text(header + "\n" + "".join(",".join(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+class Cases:
+    """Each method builds one bad input under `tmp` and returns (description, featurepipe arguments)."""
+
+    def __init__(self, tmp: Path, run: Path) -> None:
+        self.tmp, self.run = tmp, run
+
+    def d(self, name: str) -> Path:
+        return self.tmp / name
+
+    def missing_path(self):
+        return "--data path that does not exist", ["train-cnn", "--data", self.d("nope"), "--out", self.d("r")]
+
+    def unknown_source(self):
+        (self.d("notes.txt")).write_text("hello")
+        return "--data a .txt file", ["train-cnn", "--data", self.d("notes.txt"), "--out", self.d("r")]
+
+    def empty_class(self):
+        images(self.d("empty_class"))
+        (self.d("empty_class") / "d").mkdir()
+        return "a class folder without images", ["train-cnn", "--data", self.d("empty_class"), "--out", self.d("r")]
+
+    def single_class(self):
+        images(self.d("single"), classes=("a",))
+        return "one class only", ["train-cnn", "--data", self.d("single"), "--out", self.d("r")]
+
+    def split_missing_class(self):
+        images(self.d("tt") / "train")
+        images(self.d("tt") / "test", seed=1, classes=("a", "b"))
+        return "test/ lacks a class train/ has", ["train-cnn", "--data", self.d("tt"), "--out", self.d("r")]
+
+    def csv_missing_column(self):
+        files = images(self.d("csvm"))
+        m = manifest(self.d("csvm.csv"), [(p.relative_to(self.tmp).as_posix(),) for p in files], header="path")
+        return "CSV without a label column", ["train-cnn", "--data", m, "--out", self.d("r")]
+
+    def csv_unknown_label(self):
+        files = images(self.d("csvu"))
+        rows = [(p.relative_to(self.tmp).as_posix(), "zebra" if k == 0 else p.parent.name) for k, p in enumerate(files)]
+        m = manifest(self.d("csvu.csv"), rows)
+        return ("CSV with a label the run does not know (extract --data)",
+                ["extract", "--run", self.run, "--data", m, "--out", self.d("u.h5")])
+
+    def csv_duplicate_row(self):
+        files = images(self.d("csvd"))
+        rows = [(p.relative_to(self.tmp).as_posix(), p.parent.name) for p in files]
+        m = manifest(self.d("csvd.csv"), rows + rows[:1])
+        return "CSV listing a file twice", ["train-cnn", "--data", m, "--out", self.d("r")]
+
+    def csv_file_gone(self):
+        files = images(self.d("csvg"))
+        m = manifest(self.d("csvg.csv"), [(p.relative_to(self.tmp).as_posix(), p.parent.name) for p in files])
+        files[0].unlink()
+        files[15].unlink()
+        return "CSV pointing at 2 files that no longer exist", ["train-cnn", "--data", m, "--out", self.d("r_gone"),
+                                                                 "--epochs", "1"]
+
+    def broken_images(self):
+        root = self.d("broken")
+        files = images(root)
+        good = files[1].read_bytes()
+        files[0].write_bytes(b"")
+        files[11].write_bytes(good[: len(good) // 2])
+        (root / "c" / "error_page.jpg").write_text("<html><body>404 Not Found</body></html>")
+        (root / "b" / "lfs.png").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 1\n")
+        return ("4 unreadable files: empty, truncated, HTML page as .jpg, Git LFS pointer as .png",
+                ["train-cnn", "--data", root, "--out", self.d("r_broken"), "--epochs", "1"])
+
+    def broken_images_error(self):
+        root = self.d("broken_err")
+        files = images(root)
+        files[3].write_bytes(b"")
+        return "an empty file with --on-bad-image error", ["train-cnn", "--data", root, "--out", self.d("r"),
+                                                           "--on-bad-image", "error"]
+
+    def class_all_broken(self):
+        root = self.d("allbroken")
+        for p in images(root):
+            if p.parent.name == "c":
+                p.write_bytes(b"\x89PNG\r\n\x1a\n")
+        return "every image of one class unreadable", ["train-cnn", "--data", root, "--out", self.d("r")]
+
+    def junk_files(self):
+        root = self.d("junk")
+        images(root)
+        for rel in ["a/.DS_Store", "a/._0_000.png", "b/Thumbs.db", "c/desktop.ini", "notes.txt",
+                    "__MACOSX/a/._0_001.png", "@eaDir/0_000.png/SYNOFILE_THUMB_M.png", ".ipynb_checkpoints/x.png"]:
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_bytes(b"\x00\x05junk")
+        return (".DS_Store, ._ twins, Thumbs.db, desktop.ini, __MACOSX/, @eaDir/, .ipynb_checkpoints/",
+                ["train-cnn", "--data", root, "--out", self.d("r_junk"), "--epochs", "1"])
+
+    def odd_modes(self):
+        root = self.d("modes")
+        files = images(root)
+        g = np.asarray(Image.open(files[0]))
+        (files[0]).unlink()
+        Image.fromarray(g.astype(np.uint16) * 257).save(root / "a" / "16bit.png")
+        Image.fromarray(g.astype(np.float32) / 255).save(root / "a" / "float.tif")
+        Image.fromarray(g.astype(np.int32) * 100).save(root / "a" / "int32.tif")
+        Image.fromarray(g).convert("P").save(root / "b" / "palette.png")
+        Image.fromarray(g).convert("CMYK").save(root / "b" / "cmyk.jpg")
+        Image.fromarray(g).convert("RGBA").save(root / "c" / "rgba.png")
+        Image.fromarray(g).convert("LA").save(root / "c" / "la.png")
+        Image.fromarray(g).convert("1").save(root / "c" / "bilevel.bmp")
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        Image.fromarray(np.ascontiguousarray(np.rot90(g))).save(root / "a" / "rotated.jpg", exif=exif)
+        return ("16-bit PNG, float and int32 TIFF, palette, CMYK JPEG, RGBA, LA, 1-bit BMP, EXIF-rotated JPEG",
+                ["train-cnn", "--data", root, "--out", self.d("r_modes"), "--epochs", "1"])
+
+    def non_ascii(self):
+        root = self.d("données")
+        images(root, classes=("pneumonie", "正常", "ñ"))
+        for p in list(root.rglob("*.png"))[:5]:
+            p.rename(p.with_name(f"bild_ü_{p.name}"))
+        return "non-ASCII folder and file names", ["train-cnn", "--data", root, "--out", self.d("r_ü"), "--epochs", "1"]
+
+    def unknown_head(self):
+        return "--heads xgboost", ["fit-heads", "--run", self.run, "--heads", "svm,xgboost"]
+
+    def img_size_small(self):
+        images(self.d("sz"))
+        return "--img-size 16", ["train-cnn", "--data", self.d("sz"), "--out", self.d("r"), "--img-size", "16"]
+
+    def img_size_arch(self):
+        images(self.d("sz2"))
+        return "--img-size 30 --arch convnext_tiny", ["train-cnn", "--data", self.d("sz2"), "--out", self.d("r"),
+                                                      "--arch", "convnext_tiny", "--img-size", "30"]
+
+    def other_data_resume(self):
+        images(self.d("other"))
+        return "--resume a run trained on another data set", ["train-cnn", "--data", self.d("other"), "--out",
+                                                               self.run, "--resume"]
+
+    def finished_run(self):
+        return "train-cnn into a finished run", ["train-cnn", "--data", "demo", "--out", self.run]
+
+    def stale_features(self):
+        run = self.d("stale_run")
+        shutil.copytree(self.run, run)
+        import torch
+
+        ckpt = torch.load(run / "cnn" / "model.pt", weights_only=True)
+        ckpt["epoch"] += 1
+        torch.save(ckpt, run / "cnn" / "model.pt")
+        return "features.h5 from another checkpoint", ["fit-heads", "--run", run]
+
+    def heads_before_extract(self):
+        run = self.d("noextract_run")
+        shutil.copytree(self.run, run)
+        (run / "features.h5").unlink()
+        return "fit-heads before extract", ["fit-heads", "--run", run]
+
+    def no_cuda(self):
+        return "--device cuda (no CUDA here)", ["extract", "--run", self.run, "--device", "cuda"]
+
+    def bad_policy(self):
+        return "--on-bad-image ignore", ["train-cnn", "--data", "demo", "--out", self.d("r"), "--on-bad-image", "ignore"]
+
+    def group_too_few(self):
+        files = images(self.d("grp"))
+        rows = [(p.relative_to(self.tmp).as_posix(), p.parent.name, "p1" if p.parent.name == "c" else f"p{k}")
+                for k, p in enumerate(files)]
+        m = manifest(self.d("grp.csv"), rows, header="path,label,group")
+        return "CSV groups: one class in a single patient", ["train-cnn", "--data", m, "--out", self.d("r")]
+
+    def inspect_leaky(self):
+        files = images(self.d("leak"))
+        rows = [(p.relative_to(self.tmp).as_posix(), p.parent.name, "test" if k % 5 == 0 else "train", f"p{k // 3}")
+                for k, p in enumerate(files)]
+        copy = files[1].with_name("copy_of_0_001.png")  # files[1] is in train; its copy goes to test
+        shutil.copy(files[1], copy)
+        rows.append((copy.relative_to(self.tmp).as_posix(), files[1].parent.name, "test", "p98"))
+        files[2].write_bytes(b"")
+        m = manifest(self.d("leak.csv"), rows, header="path,label,split,group")
+        return ("data inspect: train/test duplicate, patient in both splits, an empty file",
+                ["data", "inspect", "--data", m])
+
+    def inspect_unusable(self):
+        root = self.d("unusable")
+        for p in images(root):
+            if p.parent.name == "b":
+                p.write_bytes(b"")
+        return "data inspect: every image of a class empty", ["data", "inspect", "--data", root]
+
+    def killed_extract(self):
+        run = self.d("killed_run")
+        shutil.copytree(self.run, run)
+        (run / "features.h5").unlink()
+        return "extract killed (SIGKILL) mid-run, then re-run", ["extract", "--run", run, "--batch-size", "8"]
+
+    def ctrl_c_train(self):
+        root = self.d("ctrlc")
+        images(root, n=150)
+        return "Ctrl-C (SIGINT) during train-cnn, then --resume", ["train-cnn", "--data", root, "--out",
+                                                                   self.d("r_ctrlc"), "--epochs", "3"]
+
+
+def featurepipe(args, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "featurepipe", *map(str, args)], capture_output=True, text=True, **kw)
+
+
+def said(r) -> str:
+    """The lines a user reads first: errors, warnings and what was trained on, else the last log line."""
+    lines = [ln.strip() for ln in (r.stderr + r.stdout).splitlines() if ln.strip() and "━" not in ln]
+    picked = [ln for ln in lines if ln.startswith(("featurepipe: error", "warning", "resuming", "verdict", "unreadable",
+                                                   "duplicates", "groups", "training "))]
+    text = " / ".join(picked or lines[-1:])
+    return text.replace("|", "\\|")[:400]
+
+
+# Dies by SIGKILL (no cleanup at all, as in a crash or an OOM kill) in the middle of the third batch.
+KILL_ON_THIRD_BATCH = """
+import os, signal, sys
+from featurepipe.models import Net
+forward, calls = Net.forward_features, []
+def dying(self, x):
+    calls.append(1)
+    if len(calls) == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return forward(self, x)
+Net.forward_features = dying
+from featurepipe.cli import main
+sys.argv = ["featurepipe", *sys.argv[1:]]
+main()
+"""
+
+
+def ctrl_c_after(args, trigger: Path) -> subprocess.CompletedProcess:
+    """SIGINT to the command's process group (as a terminal's Ctrl-C) once `trigger` exists."""
+    proc = subprocess.Popen([sys.executable, "-m", "featurepipe", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    while not trigger.exists() and proc.poll() is None:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate()
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--keep", type=Path, help="work in this folder and keep it (default: a temporary one)")
+    a = ap.parse_args()
+    tmp = a.keep or Path(tempfile.mkdtemp(prefix="featurepipe-bad-"))
+    tmp.mkdir(parents=True, exist_ok=True)
+    run = tmp / "good_run"
+    images(tmp / "good", n=30)
+    for args in (["train-cnn", "--data", tmp / "good", "--out", run, "--epochs", "2"], ["extract", "--run", run],
+                 ["fit-heads", "--run", run, "--heads", "logreg"]):
+        featurepipe(args, check=True)
+
+    cases = Cases(tmp, run)
+    print("| bad input | command | what featurepipe did | exit code | crashed |")
+    print("|---|---|---|---|---|")
+    for name in [m for m in vars(Cases) if not m.startswith("_") and m != "d"]:
+        what, args = getattr(cases, name)()
+        if name == "killed_extract":
+            import h5py
+
+            r1 = subprocess.run([sys.executable, "-c", KILL_ON_THIRD_BATCH, *map(str, args)], capture_output=True,
+                                text=True)
+            final, partial = tmp / "killed_run" / "features.h5", tmp / "killed_run" / "features.h5.partial"
+            with h5py.File(partial, "r") as h5:
+                done = ", ".join(f"{s} {h5[s].attrs['done']}/{len(h5[s]['ids'])}" for s in ("train", "val", "test"))
+            r2 = featurepipe(args)
+            r = subprocess.CompletedProcess(args, r2.returncode, r2.stdout, r1.stderr + r2.stderr)
+            did = (f"killed: exit {r1.returncode}, features.h5 {'EXISTS' if final.exists() else 'absent'}, "
+                   f"features.h5.partial done {done}; re-run: {said(r2)}")
+            crashed = "Traceback" in r1.stderr + r2.stderr or r1.returncode != -signal.SIGKILL
+        elif name == "ctrl_c_train":
+            r1 = ctrl_c_after(args, tmp / "r_ctrlc" / "cnn" / "last.pt")
+            r2 = featurepipe([*args, "--resume"])
+            r = r2
+            did = f"Ctrl-C: exit {r1.returncode}, {said(r1)}; --resume: exit {r2.returncode}, {said(r2)}"
+            crashed = "Traceback" in r1.stderr + r2.stderr or r1.returncode != 130
+        else:
+            r = featurepipe(args)
+            did, crashed = said(r), "Traceback" in r.stderr + r.stdout
+        shown = " ".join(str(x).replace(str(tmp) + "/", "") for x in args[:2])
+        print(f"| {what} | `featurepipe {shown} …` | {did.replace(str(tmp) + '/', '')} | {r.returncode} "
+              f"| {'YES' if crashed else 'no'} |", flush=True)
+    if a.keep is None:
+        shutil.rmtree(tmp)
+
+
+if __name__ == "__main__":
+    main()
