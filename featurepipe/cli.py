@@ -129,7 +129,8 @@ def fetch_weights(
 @app.command()
 @_cli
 def extract(
-    run: Path = typer.Option(..., "--run", help="Run directory made by train-cnn."),
+    # --run-dir: torchrun's own parser takes --run for an abbreviation of its --run-path.
+    run: Path = typer.Option(..., "--run", "--run-dir", help="Run directory made by train-cnn (--run-dir under torchrun)."),
     batch_size: int = typer.Option(256, help="Images per forward pass."),
     data: Optional[str] = typer.Option(None, help="Embed another source instead of the run's own (needs --out)."),
     out: Optional[Path] = typer.Option(None, help="HDF5 file for --data."),

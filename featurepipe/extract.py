@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 
 from featurepipe import data as fdata
+from featurepipe import distributed
 from featurepipe.device import autocast, resolve_device, to_device
 from featurepipe.errors import FeaturepipeError
 from featurepipe.models import LAYERS, TTA, fingerprint, load_checkpoint
@@ -62,7 +64,7 @@ def extract(run: str | Path, batch_size: int = 256, data: str | None = None, out
     check_choice("--layer", layer, LAYERS)
     check_choice("--tta", tta, TTA)
     fdata.check_policy(on_bad_image)
-    dev = resolve_device(device)
+    dev = distributed.setup(resolve_device(device))
     net, meta = load_checkpoint(paths.checkpoint, dev)
     net = net.to(memory_format=torch.channels_last)
     class_names = meta["class_names"]
@@ -91,17 +93,28 @@ def extract(run: str | Path, batch_size: int = 256, data: str | None = None, out
     pin = dev.type == "cuda"
     ids = {split: [catalog.ids[i] for i in splits[split]] for split in fdata.SPLITS}
     partial = partial_path(target)
-    with _open_partial(partial, attrs, ids, dim) as h5:
+    # Under torchrun every rank embeds an interleaved shard of each split and rank 0 alone writes the
+    # one file, in the same row order as a single process would.
+    rank, world = distributed.rank(), distributed.world_size()
+    h5 = _open_partial(partial, attrs, ids, dim) if rank == 0 else None
+    try:
         for split in fdata.SPLITS:
             store, positions = stores[split]
-            done = int(h5[split].attrs["done"])
-            ds = fdata.ImageDataset(store, positions[done:], catalog.labels[splits[split]][done:], meta["img_size"],
+            done = distributed.broadcast_object(int(h5[split].attrs["done"]) if h5 is not None else 0)
+            shard = slice(done + rank, None, world)
+            ds = fdata.ImageDataset(store, positions[shard], catalog.labels[splits[split]][shard], meta["img_size"],
                                     meta["in_channels"])
             loader = fdata.make_loader(ds, batch_size, pin_memory=pin)
-            _write_split(h5, split, net, loader, dev, amp, layer, tta)
-        for split in fdata.SPLITS:
-            del h5[split].attrs["done"]
-    os.replace(partial, target)
+            _write_split(h5, split, net, loader, dev, amp, layer, tta, total=len(positions), done=done)
+        if h5 is not None:
+            for split in fdata.SPLITS:
+                del h5[split].attrs["done"]
+    finally:
+        if h5 is not None:
+            h5.close()
+    if rank == 0:
+        os.replace(partial, target)
+    distributed.barrier()
     log(f"features of {sum(len(v) for v in splits.values())} images ({dim}-d, {layer}, tta {tta}) → {target}")
     return target
 
@@ -160,26 +173,42 @@ def _relabel(catalog: fdata.Catalog, class_names: list[str]) -> fdata.Catalog:
 
 
 @torch.inference_mode()
-def _write_split(h5: h5py.File, split: str, net, loader, device, amp: bool, layer: str = "penultimate",
-                 tta: str = "none") -> None:
-    """Rows from the group's done-index on; the index moves only once a batch is flushed to the file."""
-    group = h5[split]
-    feats, labels = group["features"], group["labels"]
+def _write_split(h5: h5py.File | None, split: str, net, loader, device, amp: bool, layer: str, tta: str,
+                 total: int, done: int) -> None:
+    """Rows from the done-index on; the index moves only once a batch is flushed to the file.
+
+    With several ranks each loader holds the rows done + rank, done + rank + world, ...; every rank
+    takes the same number of steps (an empty batch where its shard has run out), and rank 0 puts
+    the gathered rows back in order.
+    """
+    world = distributed.world_size()
+    steps = math.ceil(math.ceil((total - done) / world) / max(1, loader.batch_size))
+    batches = iter(loader)
     net.eval()
-    start = int(group.attrs["done"])
+    start = done
     with progress_bar() as bar:
-        task = bar.add_task(f"extract {split}", total=len(feats), completed=start, info="")
-        for x, y, _ in loader:
-            with autocast(device, amp):
-                f = net.embed(to_device(x, device), layer, tta)
-            stop = start + len(y)
-            feats[start:stop] = f.float().cpu().numpy()
-            labels[start:stop] = y.numpy()
-            h5.flush()
-            group.attrs["done"] = stop
-            h5.flush()
-            start = stop
-            bar.advance(task, len(y))
+        task = bar.add_task(f"extract {split}", total=total, completed=done, info="")
+        for _ in range(steps):
+            x, y, _ = next(batches, (None, torch.zeros(0, dtype=torch.int64), None))
+            if x is None:
+                f = np.zeros((0, 0), dtype=np.float32)
+            else:
+                with autocast(device, amp):
+                    f = net.embed(to_device(x, device), layer, tta).float().cpu().numpy()
+            parts = distributed.all_gather_objects((f, y.numpy()))
+            n = sum(len(p[1]) for p in parts)
+            if h5 is not None:
+                rows, labels = np.empty((n, max(p[0].shape[1] for p in parts)), np.float32), np.empty(n, np.int64)
+                for r, (fr, yr) in enumerate(parts):  # rank r's k-th row is row k * world + r of this step
+                    rows[r::world][:len(yr)], labels[r::world][:len(yr)] = fr, yr
+                group = h5[split]
+                group["features"][start:start + n] = rows
+                group["labels"][start:start + n] = labels
+                h5.flush()
+                group.attrs["done"] = start + n
+                h5.flush()
+            start += n
+            bar.advance(task, n)
 
 
 def read_attrs(path: Path) -> dict[str, Any]:

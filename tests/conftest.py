@@ -121,3 +121,16 @@ def tiny_run(tmp_path_factory) -> Path:
     cli("fit-heads", "--run", run, "--heads", "svm,rf,logreg")
     cli("compare", "--run", run)
     return run
+
+
+@pytest.fixture(scope="session")
+def real_run(tmp_path_factory) -> Path:
+    """A short PneumoniaMNIST run through all four commands, shared by the tests marked `real`."""
+    if not REAL_DATA.exists():
+        pytest.skip(f"real data not found at {REAL_DATA}")
+    run = tmp_path_factory.mktemp("real") / "run"
+    cli("train-cnn", "--data", REAL_DATA, "--out", run, "--epochs", "2")
+    cli("extract", "--run", run)
+    cli("fit-heads", "--run", run, "--heads", "svm,logreg")
+    cli("compare", "--run", run)
+    return run

@@ -31,3 +31,22 @@ def test_two_process_training_writes_one_complete_run(npz_file, tmp_path):
     assert len((run / "cnn" / "history.csv").read_text().splitlines()) == 1 + 2  # rank 0 alone wrote it
     assert not list(run.rglob("*.tmp"))
     torch.load(run / "cnn" / "model.pt", weights_only=True)  # a complete checkpoint
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed support")
+def test_two_process_extract_equals_one_process(tiny_run, tmp_path):
+    import h5py
+    import numpy as np
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    with h5py.File(run / "features.h5") as h5:
+        single = {s: (h5[s]["features"][:], h5[s]["labels"][:], list(h5[s]["ids"].asstr()[:]))
+                  for s in ("train", "val", "test")}
+    (run / "features.h5").unlink()
+    torchrun("extract", "--run-dir", "run", "--batch-size", "7", cwd=tmp_path)  # 7: shards end unevenly
+    with h5py.File(run / "features.h5") as h5:
+        for split, (features, labels, ids) in single.items():
+            np.testing.assert_allclose(h5[split]["features"][:], features, rtol=1e-5, atol=1e-6)
+            assert (h5[split]["labels"][:] == labels).all() and list(h5[split]["ids"].asstr()[:]) == ids
+    assert not (run / "features.h5.partial").exists()

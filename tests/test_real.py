@@ -5,7 +5,7 @@ import json
 import h5py
 import pytest
 
-from conftest import REAL_DATA, cli
+from conftest import REAL_DATA
 
 pytestmark = [
     pytest.mark.real,
@@ -13,16 +13,11 @@ pytestmark = [
 ]
 
 
-def test_pneumoniamnist_pipeline(tmp_path):
-    run = tmp_path / "run"
-    cli("train-cnn", "--data", REAL_DATA, "--out", run, "--epochs", "3")
-    cli("extract", "--run", run)
-    cli("fit-heads", "--run", run, "--heads", "svm,logreg")
-    cli("compare", "--run", run)
-    with h5py.File(run / "features.h5") as h5:
+def test_pneumoniamnist_pipeline(real_run):
+    with h5py.File(real_run / "features.h5") as h5:
         assert {s: h5[s]["features"].shape[0] for s in ("train", "val", "test")} == \
             {"train": 4708, "val": 524, "test": 624}
-    summary = json.loads((run / "compare" / "summary.json").read_text())
+    summary = json.loads((real_run / "compare" / "summary.json").read_text())
     assert summary["test_size"] == 624 and summary["class_names"] == ["0", "1"]
     # 62.5 % of the test set is pneumonia: a model that learned nothing scores about 0.63.
     for name, m in summary["models"].items():

@@ -3,13 +3,13 @@
 import csv
 import os
 import re
+import shlex
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import write_images
+from conftest import cli, write_images
 
 RECIPES = Path(__file__).resolve().parents[1] / "docs" / "recipes.md"
 
@@ -88,14 +88,21 @@ def test_every_recipe_has_a_replica():
 
 
 @pytest.mark.parametrize("name", list(REPLICAS))
-def test_recipe_runs_on_a_replica(name, tmp_path):
+def test_recipe_runs_on_a_replica(name, tmp_path, monkeypatch):
     data = REPLICAS[name](tmp_path)
-    script = blocks()[name]
-    script = re.sub(r"^DATA=.*$", f"DATA={data}", script, flags=re.M)
-    script = script.replace("featurepipe train-cnn", "featurepipe train-cnn --epochs 1 --img-size 28")
-    prelude = f'featurepipe() {{ "{sys.executable}" -m featurepipe "$@"; }}\nset -e\n'
-    result = subprocess.run(["bash", "-c", prelude + script], cwd=tmp_path, capture_output=True, text=True,
-                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
-    assert result.returncode == 0, result.stderr[-3000:]
+    monkeypatch.chdir(tmp_path)
+    env = {**os.environ, "DATA": str(data)}
+    for line in blocks()[name].strip().splitlines():
+        if line.startswith("DATA="):
+            continue
+        if line.startswith("featurepipe "):
+            # In-process (importing torch once, not once per command); quick settings for training.
+            args = shlex.split(line.replace('"$DATA', f'"{data}'))[1:]
+            if args[0] == "train-cnn":
+                args += ["--epochs", "1", "--img-size", "28"]
+            cli(*args)
+        else:
+            result = subprocess.run(["bash", "-c", line], cwd=tmp_path, env=env, capture_output=True, text=True)
+            assert result.returncode == 0, result.stderr[-3000:]
     run = next((tmp_path / "artifacts").iterdir())
     assert (run / "compare" / "summary.json").is_file()

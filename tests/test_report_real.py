@@ -20,18 +20,14 @@ pytestmark = [
 ]
 
 
-def test_pneumoniamnist_report_agrees_with_sklearn(tmp_path):
+def test_pneumoniamnist_report_agrees_with_sklearn(request, tmp_path):
     if EXISTING:
         run = Path(EXISTING)
         out = tmp_path / "compare"
         cli("compare", "--run", run, "--out", out)
     else:
-        run = tmp_path / "run"
-        cli("train-cnn", "--data", REAL_DATA, "--out", run, "--epochs", "1")
-        cli("extract", "--run", run)
-        cli("fit-heads", "--run", run, "--heads", "svm")  # the quickest head to fit on 4708 images
+        run = request.getfixturevalue("real_run")
         out = run / "compare"
-        cli("compare", "--run", run)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["test_size"] == 624 and summary["class_names"] == ["0", "1"]
     assert_report_matches_sklearn(run, out)
