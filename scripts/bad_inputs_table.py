@@ -251,8 +251,9 @@ def featurepipe(args, **kw) -> subprocess.CompletedProcess:
 def said(r) -> str:
     """The lines a user reads first: errors, warnings and what was trained on, else the last log line."""
     lines = [ln.strip() for ln in (r.stderr + r.stdout).splitlines() if ln.strip() and "━" not in ln]
-    picked = [ln for ln in lines if ln.startswith(("featurepipe: error", "warning", "resuming", "verdict", "unreadable",
-                                                   "duplicates", "groups", "training "))]
+    firsts = ("featurepipe: error", "featurepipe: interrupted", "warning", "resuming", "verdict", "unreadable",
+              "duplicates", "groups", "training ")
+    picked = [ln for ln in lines if ln.startswith(firsts)]
     text = " / ".join(picked or lines[-1:])
     return text.replace("|", "\\|")[:400]
 
@@ -289,6 +290,7 @@ def ctrl_c_after(args, trigger: Path) -> subprocess.CompletedProcess:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--keep", type=Path, help="work in this folder and keep it (default: a temporary one)")
+    ap.add_argument("--only", help="comma-separated case names (methods of Cases) to run")
     a = ap.parse_args()
     tmp = a.keep or Path(tempfile.mkdtemp(prefix="featurepipe-bad-"))
     tmp.mkdir(parents=True, exist_ok=True)
@@ -301,7 +303,8 @@ def main() -> None:
     cases = Cases(tmp, run)
     print("| bad input | command | what featurepipe did | exit code | crashed |")
     print("|---|---|---|---|---|")
-    for name in [m for m in vars(Cases) if not m.startswith("_") and m != "d"]:
+    names = [m for m in vars(Cases) if not m.startswith("_") and m != "d"]
+    for name in a.only.split(",") if a.only else names:
         what, args = getattr(cases, name)()
         if name == "killed_extract":
             import h5py
@@ -311,10 +314,10 @@ def main() -> None:
             final, partial = tmp / "killed_run" / "features.h5", tmp / "killed_run" / "features.h5.partial"
             with h5py.File(partial, "r") as h5:
                 done = ", ".join(f"{s} {h5[s].attrs['done']}/{len(h5[s]['ids'])}" for s in ("train", "val", "test"))
+            left = f"features.h5 {'EXISTS' if final.exists() else 'absent'}, features.h5.partial done {done}"
             r2 = featurepipe(args)
             r = subprocess.CompletedProcess(args, r2.returncode, r2.stdout, r1.stderr + r2.stderr)
-            did = (f"killed: exit {r1.returncode}, features.h5 {'EXISTS' if final.exists() else 'absent'}, "
-                   f"features.h5.partial done {done}; re-run: {said(r2)}")
+            did = f"killed: exit {r1.returncode}, {left}; re-run: {said(r2)}"
             crashed = "Traceback" in r1.stderr + r2.stderr or r1.returncode != -signal.SIGKILL
         elif name == "ctrl_c_train":
             r1 = ctrl_c_after(args, tmp / "r_ctrlc" / "cnn" / "last.pt")

@@ -253,7 +253,8 @@ def broken_bytes(draw, images=odd_image()):
     return bytes(data)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=60, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(good=odd_image(), bad=st.lists(broken_bytes(), min_size=1, max_size=3), channels=st.sampled_from([1, 3]))
 def test_loader_yields_a_correct_image_or_records_a_skip_never_crashes(tmp_path_factory, good, bad, channels):
     folder = tmp_path_factory.mktemp("fuzz")

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from featurepipe.data.dataset import fits_in_cache, num_workers
 from featurepipe.data.images import UnreadableImage
-from featurepipe.data.sources import ArrayStore, Catalog, FileStore
+from featurepipe.data.sources import SPLITS, ArrayStore, Catalog, FileStore
 from featurepipe.data.splits import check_splits
 from featurepipe.errors import FeaturepipeError
 from featurepipe.progress import log, progress_bar
@@ -54,7 +54,8 @@ def load_splits(catalog: Catalog, splits: dict[str, np.ndarray], size: int, chan
     """
     check_policy(on_bad)
     stores, kept, skipped = {}, {}, []
-    for split, idx in splits.items():
+    for split in SPLITS:
+        idx = splits[split]
         if catalog.store.in_memory:  # arrays always decode
             stores[split], kept[split] = (catalog.store, idx), idx
             continue
