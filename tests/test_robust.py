@@ -363,13 +363,13 @@ def test_refusals_are_one_line_with_exit_code_2(tmp_path, tiny_run, split_folder
 KILL_ON_THIRD_BATCH = textwrap.dedent("""
     import os, signal, sys
     from featurepipe.models import Net
-    forward, calls = Net.forward_features, []
-    def dying(self, x):
+    embed, calls = Net.embed, []
+    def dying(self, x, *args):
         calls.append(1)
         if len(calls) == 3:
             os.kill(os.getpid(), signal.SIGKILL)  # no cleanup at all, as with a crash or an OOM kill
-        return forward(self, x)
-    Net.forward_features = dying
+        return embed(self, x, *args)
+    Net.embed = dying
     from featurepipe.cli import main
     sys.argv = ["featurepipe", *sys.argv[1:]]
     main()
