@@ -315,7 +315,7 @@ def fit(prep: Prepared, train_idx: np.ndarray, val_idx: np.ndarray, run: RunPath
     model = net
     if world > 1:
         torch.manual_seed(cfg.seed + 1000 * distributed.rank())  # different augmentation on each rank
-    ema = _ema(net, len(train_loader)) if cfg.ema else None
+    ema = _ema(net, (r["freeze_epochs"] + r["epochs"]) * len(train_loader)) if cfg.ema else None
     # The weights that are validated and checkpointed: the moving average where there is one.
     evaluated = ema.module if ema is not None else net
     # Imbalance: class-weighted loss, unless the sampler already balances the batches.
@@ -503,15 +503,16 @@ def _images_per_epoch(loader) -> int:
     return len(loader) * loader.batch_size if loader.drop_last else len(loader.dataset)
 
 
-def _ema(net: Net, steps_per_epoch: int):
-    """Exponential moving average of the weights (and batch-norm statistics) over about one epoch.
+def _ema(net: Net, total_steps: int):
+    """Exponential moving average of the weights (and batch-norm statistics) over the last ~5 % of steps.
 
     Small medical validation sets swing from epoch to epoch with the last few batches; the average
-    of recent weights is steadier, generalises better, and makes checkpoint choice less of a lottery.
+    of recent weights is steadier and generalises better. Its horizon scales with the schedule, so a
+    two-epoch run is not judged on weights from its first, untrained steps.
     """
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-    decay = 1.0 - 1.0 / max(2, steps_per_epoch)
+    decay = 1.0 - 1.0 / max(2.0, total_steps / 20)
     return AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 

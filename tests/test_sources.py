@@ -77,7 +77,7 @@ def test_csv_manifest_with_and_without_split(tmp_path, csv_manifest):
 
 def test_csv_missing_column_is_refused(tmp_path):
     bad = tmp_path / "bad.csv"
-    bad.write_text("file,label\na.png,x\n")
+    bad.write_text("picture,label\na.png,x\n")
     with pytest.raises(FeaturepipeError, match="missing column"):
         scan(str(bad))
 
