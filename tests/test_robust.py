@@ -365,19 +365,11 @@ KILL_ON_THIRD_BATCH = textwrap.dedent("""
     import os, signal, sys
     from featurepipe.models import Net
     embed, calls = Net.embed, []
-<<<<<<< HEAD
     def dying(self, *args, **kwargs):
         calls.append(1)
         if len(calls) == 3:
             os.kill(os.getpid(), signal.SIGKILL)  # no cleanup at all, as with a crash or an OOM kill
         return embed(self, *args, **kwargs)
-=======
-    def dying(self, x, *args):
-        calls.append(1)
-        if len(calls) == 3:
-            os.kill(os.getpid(), signal.SIGKILL)  # no cleanup at all, as with a crash or an OOM kill
-        return embed(self, x, *args)
->>>>>>> issue4
     Net.embed = dying
     from featurepipe.cli import main
     sys.argv = ["featurepipe", *sys.argv[1:]]
