@@ -113,6 +113,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; results are for sharing
     try:
         yield tmp
         if is_main():
@@ -131,6 +132,12 @@ def skipped_beside(path: Path) -> Path:
     """The skipped-images list of a file written outside a run (extract --data ... --out FILE)."""
     path = Path(path)
     return path.with_name(f"{path.stem}.skipped.csv")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_text(path: Path, text: str) -> None:
