@@ -89,7 +89,7 @@ def train_cnn(
     overwrite: bool = typer.Option(False, help="Replace a run directory that already holds a trained CNN."),
     on_bad_image: str = typer.Option("skip", help=BAD_IMAGE_HELP),
 ) -> None:
-    """Train the end-to-end CNN; keeps the best checkpoint by validation and evaluates it on test."""
+    """Train the end-to-end CNN (final weights, or chosen on val with --monitor) and evaluate it on test."""
     from featurepipe.train import train
 
     train(data, out, _train_config(arch, weights, epochs, freeze_epochs, batch_size, img_size, lr, lr_backbone_ratio,
