@@ -293,7 +293,7 @@ def cross_validate(prep: Prepared, run: RunPaths) -> dict[str, Any]:
 
 
 def fit(prep: Prepared, train_idx: np.ndarray, val_idx: np.ndarray, run: RunPaths) -> tuple[Net, dict[str, Any]]:
-    """Train one model; keep the checkpoint of the best validation epoch and return it loaded."""
+    """Train one model; keep the chosen epoch's weights (see `choose` and --monitor) and return them loaded."""
     cfg, r, device = prep.cfg, prep.cfg.resolved, prep.device
     n_classes = len(prep.catalog.class_names)
     pin = device.type == "cuda"
