@@ -15,7 +15,7 @@ from featurepipe.device import autocast, to_device
 from featurepipe.models import create_model
 from featurepipe.progress import log, progress_bar
 from featurepipe.runs import atomic_path, environment, write_json
-from featurepipe.train import TrainConfig, prepare
+from featurepipe.train import TrainConfig, balanced_class_weights, prepare
 
 
 def lr_find(data: str, out: str | Path, cfg: TrainConfig, start: float = 1e-6, end: float = 1.0,
@@ -30,8 +30,7 @@ def lr_find(data: str, out: str | Path, cfg: TrainConfig, start: float = 1e-6, e
                                drop_last=len(train_ds) > cfg.batch_size)
     net = create_model(cfg.arch, n_classes, r["in_channels"], r["mean"], r["std"], cfg.weights)
     net = net.to(prep.device, memory_format=torch.channels_last).train()
-    counts = np.bincount(train_ds.labels, minlength=n_classes)
-    weights = torch.tensor(len(train_ds) / (n_classes * np.maximum(counts, 1)), dtype=torch.float32)
+    weights = torch.tensor(balanced_class_weights(train_ds.labels, n_classes), dtype=torch.float32)
     criterion = nn.CrossEntropyLoss(weight=weights.to(prep.device))
     optimizer = torch.optim.AdamW(net.parameters(), lr=start, weight_decay=cfg.weight_decay)
     factor = (end / start) ** (1 / (steps - 1))

@@ -125,10 +125,10 @@ class Prepared:
     device: torch.device
     skipped: list = field(default_factory=list)  # unreadable images left out (fdata.Skipped)
 
-    def dataset(self, idx: np.ndarray, transform=None) -> fdata.ImageDataset:
+    def dataset(self, idx: np.ndarray) -> fdata.ImageDataset:
         r = self.cfg.resolved
         return fdata.ImageDataset(self.store, self.position[idx], self.catalog.labels[idx], r["img_size"],
-                                  r["in_channels"], transform)
+                                  r["in_channels"])
 
     def ids(self, idx: np.ndarray) -> list[str]:
         return [self.catalog.ids[i] for i in idx]
@@ -299,7 +299,6 @@ def fit(prep: Prepared, train_idx: np.ndarray, val_idx: np.ndarray, run: RunPath
     pin = device.type == "cuda"
     train_ds = prep.dataset(train_idx)
     augment = fdata.augmentation(r["augment"])  # per image, on whole batches on the device
-    counts = np.bincount(train_ds.labels, minlength=n_classes)
     sampler = balanced_sampler(train_ds.labels, n_classes) if cfg.sampler == "balanced" else None
     world = distributed.world_size()
     if world > 1:
@@ -319,7 +318,7 @@ def fit(prep: Prepared, train_idx: np.ndarray, val_idx: np.ndarray, run: RunPath
     # The weights that are validated and checkpointed: the moving average where there is one.
     evaluated = ema.module if ema is not None else net
     # Imbalance: class-weighted loss, unless the sampler already balances the batches.
-    class_weights = np.ones(n_classes) if sampler else len(train_ds) / (n_classes * np.maximum(counts, 1))
+    class_weights = np.ones(n_classes) if sampler else balanced_class_weights(train_ds.labels, n_classes)
     criterion = nn.CrossEntropyLoss(weight=torch.tensor(class_weights, dtype=torch.float32, device=device),
                                     label_smoothing=cfg.label_smoothing)
     scaler = torch.amp.GradScaler("cuda", enabled=needs_grad_scaler(device, cfg.amp))
@@ -437,6 +436,11 @@ def _macro_f1_se(p: Predictions, resamples: int = 200) -> float:
     conf = np.bincount(cells.ravel(), minlength=resamples * k * k).reshape(resamples, k, k)
     f1 = 2 * np.diagonal(conf, axis1=1, axis2=2) / np.maximum(conf.sum(axis=1) + conf.sum(axis=2), 1)
     return float(f1.mean(axis=1).std())
+
+
+def balanced_class_weights(labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """n / (K * n_c): every class weighs as much in the loss as it would in a balanced set."""
+    return len(labels) / (n_classes * np.maximum(np.bincount(labels, minlength=n_classes), 1))
 
 
 def balanced_sampler(labels: np.ndarray, n_classes: int) -> torch.utils.data.WeightedRandomSampler:

@@ -85,15 +85,19 @@ def csv_manifest(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.fixture
-def npz_file(tmp_path: Path) -> Path:
-    path = tmp_path / "tiny.npz"
+def write_npz(path: Path) -> Path:
+    """A tiny MedMNIST-style .npz: 120 / 30 / 36 images of 28 px in three classes."""
     arrays = {}
     for seed, split, n in [(0, "train", 40), (1, "val", 10), (2, "test", 12)]:
         x, y = make_arrays(n, seed=seed)
         arrays[f"{split}_images"], arrays[f"{split}_labels"] = x, y[:, None]
     np.savez(path, **arrays)
     return path
+
+
+@pytest.fixture
+def npz_file(tmp_path: Path) -> Path:
+    return write_npz(tmp_path / "tiny.npz")
 
 
 def cli(*args: str, ok: bool = True):
@@ -108,12 +112,7 @@ def cli(*args: str, ok: bool = True):
 def tiny_run(tmp_path_factory) -> Path:
     """One complete run (train-cnn → extract → fit-heads → compare) on a tiny .npz, shared by tests."""
     tmp = tmp_path_factory.mktemp("run")
-    path = tmp / "tiny.npz"
-    arrays = {}
-    for seed, split, n in [(0, "train", 40), (1, "val", 10), (2, "test", 12)]:
-        x, y = make_arrays(n, seed=seed)
-        arrays[f"{split}_images"], arrays[f"{split}_labels"] = x, y[:, None]
-    np.savez(path, **arrays)
+    path = write_npz(tmp / "tiny.npz")
     run = tmp / "run"
     cli("train-cnn", "--data", path, "--out", run, "--epochs", "4", "--batch-size", "16", "--seed", "0",
         "--monitor", "loss")

@@ -20,11 +20,14 @@ from featurepipe.errors import FeaturepipeError
 # tens of milliseconds each, and training reads every image once per epoch.
 CACHE_BYTES = 4 * 1024**3
 
+
 class ImageDataset(Dataset):
+    """Decoded, resized uint8 images; augmentation happens later, on whole batches (data/augment.py)."""
+
     def __init__(self, store: ArrayStore | FileStore, indices: np.ndarray, labels: np.ndarray,
-                 size: int | None, channels: int, transform=None) -> None:
+                 size: int | None, channels: int) -> None:
         self.store, self.indices, self.labels = store, np.asarray(indices), np.asarray(labels)
-        self.size, self.channels, self.transform = size, channels, transform
+        self.size, self.channels = size, channels
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -32,8 +35,6 @@ class ImageDataset(Dataset):
     def __getitem__(self, k: int):
         arr = self.store.read(int(self.indices[k]), self.size, self.channels)
         x = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
-        if self.transform is not None:
-            x = self.transform(x)
         return x, int(self.labels[k]), k
 
 
