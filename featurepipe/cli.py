@@ -69,7 +69,8 @@ MONITOR = typer.Option("none", help="none: keep the final weights of the whole s
 PATIENCE = typer.Option(None, help="Epochs without improvement before stopping. Default: max(8, epochs/3).")
 SEED = typer.Option(0, help="Seed for the split, initialisation, shuffling and augmentation.")
 DEVICE = typer.Option("auto", help="auto, cpu or cuda.")
-AMP = typer.Option(True, help="Mixed precision on CUDA.")
+AMP = typer.Option(None, "--amp/--no-amp", show_default=False,
+                   help="Mixed precision. Default: on CUDA only (bf16, else fp16); --amp adds bf16 on the CPU.")
 
 
 @app.command("train-cnn")
@@ -84,7 +85,7 @@ def train_cnn(
     patience: Optional[int] = PATIENCE,
     ema: bool = typer.Option(True, help="Validate and keep an exponential moving average of the weights."),
     folds: int = typer.Option(1, help="K > 1: stratified k-fold on train+val and a fold-averaged ensemble on test."),
-    seed: int = SEED, device: str = DEVICE, amp: bool = AMP,
+    seed: int = SEED, device: str = DEVICE, amp: Optional[bool] = AMP,
     resume: bool = typer.Option(False, help="Continue an interrupted run from its last epoch."),
     overwrite: bool = typer.Option(False, help="Replace a run directory that already holds a trained CNN."),
     on_bad_image: str = typer.Option("skip", help=BAD_IMAGE_HELP),
@@ -103,7 +104,7 @@ def lr_find(
     data: str = DATA,
     out: Path = typer.Option(..., "--out", help="Folder for lr_find.png and lr_find.json."),
     arch: str = ARCH, weights: Optional[str] = WEIGHTS, batch_size: int = BATCH, img_size: Optional[int] = IMG_SIZE,
-    weight_decay: float = WD, augment: str = AUGMENT, seed: int = SEED, device: str = DEVICE, amp: bool = AMP,
+    weight_decay: float = WD, augment: str = AUGMENT, seed: int = SEED, device: str = DEVICE, amp: Optional[bool] = AMP,
     steps: int = typer.Option(100, help="Batches in the sweep."),
 ) -> None:
     """Learning-rate range test: plots loss against learning rate and suggests one for --lr."""
@@ -135,7 +136,7 @@ def extract(
     data: Optional[str] = typer.Option(None, help="Embed another source instead of the run's own (needs --out)."),
     out: Optional[Path] = typer.Option(None, help="HDF5 file for --data."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    amp: bool = typer.Option(True, help="Mixed precision on CUDA."),
+    amp: Optional[bool] = AMP,
     layer: str = typer.Option("penultimate", help="penultimate, or last2 (the last two blocks' pooled outputs)."),
     tta: str = typer.Option("none", help="Average the embedding over views: none, flip, crops, flip+crops."),
     on_bad_image: str = typer.Option("skip", help=BAD_IMAGE_HELP + " Applies to --data."),
@@ -173,7 +174,7 @@ def predict(
     out: Optional[Path] = typer.Option(None, help="CSV to write (default: standard output)."),
     batch_size: int = typer.Option(256, help="Images per forward pass."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    amp: bool = typer.Option(True, help="Mixed precision on CUDA."),
+    amp: Optional[bool] = AMP,
 ) -> None:
     """Classify new images: a CSV of id, predicted class and per-class probabilities."""
     from featurepipe.predict import predict as run_predict

@@ -41,10 +41,11 @@ def lr_find(data: str, out: str | Path, cfg: TrainConfig, start: float = 1e-6, e
         task = bar.add_task("lr-find", total=steps, info="")
         for step in range(steps):
             try:
-                x, y, _ = next(batches)
+                x, y, k, why = next(batches)
             except StopIteration:
                 batches = iter(loader)
-                x, y, _ = next(batches)
+                x, y, k, why = next(batches)
+            loader.dataset.check(k, why)
             lr = start * factor**step
             for group in optimizer.param_groups:
                 group["lr"] = lr

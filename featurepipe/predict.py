@@ -16,7 +16,6 @@ from typing import Any
 import joblib
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from featurepipe import data as fdata
 from featurepipe.data.images import IMAGE_EXTENSIONS
@@ -32,7 +31,7 @@ from featurepipe.runs import RunPaths, require, run_paths, write_text
 class Predictor:
     """Probabilities of one model of a run for uint8 image batches, as the run's own files were made."""
 
-    def __init__(self, paths: RunPaths, model: str, device: torch.device, amp: bool = True) -> None:
+    def __init__(self, paths: RunPaths, model: str, device: torch.device, amp: bool | None = None) -> None:
         checkpoint = require(paths.checkpoint, "trained CNN", f"run featurepipe train-cnn --out {paths.root} first")
         self.net, self.meta = load_checkpoint(checkpoint, device)
         self.net = self.net.to(memory_format=torch.channels_last)
@@ -87,24 +86,6 @@ class Predictor:
         return proba(self.model)
 
 
-class _Images(Dataset):
-    """Images for the loader; an unreadable one is reported by the main process as one clean line
-    (an exception raised inside a loader worker would reach the user with a traceback)."""
-
-    def __init__(self, paths: list[Path], size: int, channels: int) -> None:
-        self.store = FileStore(paths)
-        self.ds = fdata.ImageDataset(self.store, np.arange(len(paths)), np.zeros(len(paths)), size, channels)
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def __getitem__(self, k: int):
-        try:
-            return self.ds[k][0], ""
-        except FeaturepipeError as e:
-            return torch.zeros(self.ds.channels, self.ds.size, self.ds.size, dtype=torch.uint8), str(e)
-
-
 def image_files(inputs: list[str]) -> list[Path]:
     """Files as given, and the images under folders (sorted, hidden ones skipped)."""
     files: list[Path] = []
@@ -125,7 +106,7 @@ def image_files(inputs: list[str]) -> list[Path]:
 
 
 def predict(run: str | Path, model: str, inputs: list[str], out: str | Path | None = None, batch_size: int = 256,
-            device: str = "auto", amp: bool = True) -> tuple[list[str], np.ndarray, list[str]]:
+            device: str = "auto", amp: bool | None = None) -> tuple[list[str], np.ndarray, list[str]]:
     """Write the CSV to `out` (stdout without it); returns ids, probabilities and class names."""
     if batch_size < 1:
         raise FeaturepipeError(f"--batch-size {batch_size}: must be at least 1")
@@ -133,15 +114,14 @@ def predict(run: str | Path, model: str, inputs: list[str], out: str | Path | No
     dev = resolve_device(device)
     predictor = Predictor(paths, model, dev, amp)
     files = image_files(inputs)
-    ds = _Images(files, predictor.meta["img_size"], predictor.meta["in_channels"])
-    loader = fdata.make_loader(ds, batch_size, pin_memory=dev.type == "cuda")
+    ds = fdata.ImageDataset(FileStore(files), np.arange(len(files)), np.zeros(len(files)), predictor.meta["img_size"],
+                            predictor.meta["in_channels"])
+    loader = fdata.make_loader(ds, batch_size, pin_memory=dev.type == "cuda", once=True)
     probas = []
     with progress_bar() as bar:
         task = bar.add_task(f"predict {model}", total=len(files), info="")
-        for x, errors in loader:
-            bad = next((e for e in errors if e), None)
-            if bad:
-                raise FeaturepipeError(bad)
+        for x, _, k, why in loader:
+            ds.check(k, why)
             probas.append(predictor(x))
             bar.advance(task, len(x))
     proba = np.concatenate(probas)

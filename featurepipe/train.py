@@ -24,7 +24,7 @@ from torch import nn
 
 from featurepipe import data as fdata
 from featurepipe import distributed
-from featurepipe.device import autocast, needs_grad_scaler, resolve_device, to_device
+from featurepipe.device import autocast, keep_freed_memory, needs_grad_scaler, resolve_device, to_device
 from featurepipe.errors import FeaturepipeError
 from featurepipe.evaluate import Predictions, save_evaluation, save_predictions, scores
 from featurepipe.models import (
@@ -65,7 +65,7 @@ class TrainConfig:
     folds: int = 1
     seed: int = 0
     device: str = "auto"
-    amp: bool = True
+    amp: bool | None = None  # mixed precision: None = on CUDA only (device.autocast)
     resume: bool = False
     overwrite: bool = False
     on_bad_image: str = "skip"
@@ -138,8 +138,8 @@ def prepare(data: str, cfg: TrainConfig, saved_splits: dict[str, list[str]] | No
     """Scan the data, decide the split, resolve automatic options and decode what fits into memory."""
     cfg.validate()
     device = distributed.setup(resolve_device(cfg.device))
-    if cfg.sampler == "balanced" and distributed.world_size() > 1:
-        raise FeaturepipeError("--sampler balanced: not available under torchrun yet; use the default class-weighted loss")
+    if device.type == "cpu":
+        keep_freed_memory()
     seed_everything(cfg.seed)
     catalog = fdata.scan(data)
     splits = fdata.assign_splits(catalog, cfg.seed, saved_splits)
@@ -248,14 +248,23 @@ def single(prep: Prepared, run: RunPaths) -> dict[str, Any]:
 def cross_validate(prep: Prepared, run: RunPaths) -> dict[str, Any]:
     """Stratified k-fold on train+val: out-of-fold predictions, and the fold-averaged ensemble on test.
 
-    RUN/cnn/model.pt becomes the fold model with the best validation score, so extract and the
-    heads work as after a single fit; the CNN's test predictions are the ensemble's.
+    Where the source has groups (patients), each group's images stay in one fold, as in every split
+    featurepipe makes. RUN/cnn/model.pt becomes the fold model with the best validation score, so
+    extract and the heads work as after a single fit; the CNN's test predictions are the ensemble's.
     """
-    from sklearn.model_selection import StratifiedKFold
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
     cfg, splits = prep.cfg, prep.splits
     pool = np.concatenate([splits["train"], splits["val"]])
-    folds = StratifiedKFold(cfg.folds, shuffle=True, random_state=cfg.seed).split(pool, prep.catalog.labels[pool])
+    labels = prep.catalog.labels[pool]
+    if prep.catalog.groups is None:
+        folds = StratifiedKFold(cfg.folds, shuffle=True, random_state=cfg.seed).split(pool, labels)
+    else:
+        groups = np.asarray(prep.catalog.groups)[pool]
+        if len(np.unique(groups)) < cfg.folds:
+            raise FeaturepipeError(f"--folds {cfg.folds}: train and val hold only {len(np.unique(groups))} groups; "
+                                   "use fewer folds")
+        folds = StratifiedGroupKFold(cfg.folds, shuffle=True, random_state=cfg.seed).split(pool, labels, groups)
     oof = np.zeros((len(pool), len(prep.catalog.class_names)))
     test_probas, per_fold = [], []
     for k, (tr, va) in enumerate(folds, start=1):
@@ -299,10 +308,12 @@ def fit(prep: Prepared, train_idx: np.ndarray, val_idx: np.ndarray, run: RunPath
     pin = device.type == "cuda"
     train_ds = prep.dataset(train_idx)
     augment = fdata.augmentation(r["augment"])  # per image, on whole batches on the device
-    sampler = balanced_sampler(train_ds.labels, n_classes) if cfg.sampler == "balanced" else None
     world = distributed.world_size()
-    if world > 1:
-        # Each process sees its own shard of every epoch; the global batch stays --batch-size.
+    # Each process sees its own shard of every epoch; the global batch stays --batch-size.
+    sampler = None
+    if cfg.sampler == "balanced":
+        sampler = BalancedSampler(train_ds.labels, n_classes, distributed.rank(), world)
+    elif world > 1:
         sampler = torch.utils.data.DistributedSampler(train_ds, world, distributed.rank(), shuffle=True,
                                                       seed=cfg.seed, drop_last=True)
     train_loader = fdata.make_loader(train_ds, max(1, cfg.batch_size // world), shuffle=True, seed=cfg.seed,
@@ -443,11 +454,26 @@ def balanced_class_weights(labels: np.ndarray, n_classes: int) -> np.ndarray:
     return len(labels) / (n_classes * np.maximum(np.bincount(labels, minlength=n_classes), 1))
 
 
-def balanced_sampler(labels: np.ndarray, n_classes: int) -> torch.utils.data.WeightedRandomSampler:
-    """Draws every class equally often (with replacement); an epoch keeps the data set's length."""
-    counts = np.bincount(labels, minlength=n_classes)
-    weights = torch.as_tensor(1.0 / np.maximum(counts, 1), dtype=torch.float64)[torch.as_tensor(labels)]
-    return torch.utils.data.WeightedRandomSampler(weights, len(labels), replacement=True, generator=torch.Generator())
+class BalancedSampler(torch.utils.data.Sampler):
+    """Draws every class equally often (with replacement); an epoch keeps the data set's length.
+
+    Under torchrun every rank draws the same epoch (one seed, set per epoch through `generator`) and
+    keeps its own interleaved share of it, so the ranks' shares are disjoint and together balanced.
+    """
+
+    def __init__(self, labels: np.ndarray, n_classes: int, rank: int = 0, world: int = 1) -> None:
+        counts = np.bincount(labels, minlength=n_classes)
+        self.weights = torch.as_tensor(1.0 / np.maximum(counts, 1), dtype=torch.float64)[torch.as_tensor(labels)]
+        self.rank, self.world, self.num_samples = rank, world, len(labels) // world
+        self.generator = torch.Generator()
+
+    def __iter__(self):
+        drawn = torch.multinomial(self.weights, self.num_samples * self.world, replacement=True,
+                                  generator=self.generator)
+        return iter(drawn[self.rank::self.world].tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
 
 
 def evaluate(prep: Prepared, net: Net | None, idx: np.ndarray, proba: np.ndarray | None = None) -> Predictions:
@@ -526,7 +552,8 @@ def _train_epoch(net, loader, criterion, optimizer, scheduler, scaler, device, a
     if frozen:
         getattr(net, "module", net).features.eval()  # a frozen backbone keeps its batch-norm statistics
     total_loss, correct, seen = 0.0, 0, 0
-    for x, y, _ in loader:
+    for x, y, k, why in loader:
+        loader.dataset.check(k, why)  # only a file changed since prepare() checked it can fail here
         x, y = to_device(x, device), y.to(device, non_blocking=True)
         if augment is not None:
             x = augment(x).contiguous(memory_format=torch.channels_last)
@@ -549,12 +576,13 @@ def _train_epoch(net, loader, criterion, optimizer, scheduler, scaler, device, a
 
 
 @torch.inference_mode()
-def predict(net: Net, loader, device: torch.device, amp: bool, ids: list[str] | None,
+def predict(net: Net, loader, device: torch.device, amp: bool | None, ids: list[str] | None,
             class_names: list[str]) -> Predictions:
     """Softmax probabilities for every image of a loader, in loader order."""
     net.eval()
     probs, labels = [], []
-    for x, y, _ in loader:
+    for x, y, k, why in loader:
+        loader.dataset.check(k, why)
         with autocast(device, amp):
             logits = net(to_device(x, device))
         probs.append(torch.softmax(logits.float(), dim=1).cpu())
@@ -580,10 +608,15 @@ def _write_history(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def _get_rng() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():  # augmentation draws on the training device
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
 
 
 def _set_rng(rng: dict[str, Any]) -> None:
     torch.set_rng_state(rng["torch"])
     np.random.set_state(rng["numpy"])
     random.setstate(rng["python"])
+    if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(rng["cuda"])

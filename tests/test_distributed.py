@@ -50,3 +50,37 @@ def test_two_process_extract_equals_one_process(tiny_run, tmp_path):
             np.testing.assert_allclose(h5[split]["features"][:], features, rtol=1e-5, atol=1e-6)
             assert (h5[split]["labels"][:] == labels).all() and list(h5[split]["ids"].asstr()[:]) == ids
     assert not (run / "features.h5.partial").exists()
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed support")
+def test_two_process_extract_skips_the_same_unreadable_images(tiny_run, tmp_path):
+    import h5py
+    import numpy as np
+    from conftest import cli, make_arrays
+    from PIL import Image
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    with h5py.File(run / "features.h5") as h5:
+        names = json.loads(h5.attrs["class_names"])
+    folder = tmp_path / "other"
+    for seed, split in enumerate(("train", "val", "test")):
+        images, labels = make_arrays(5, seed=seed)
+        for i, (img, y) in enumerate(zip(images, labels)):
+            (folder / split / names[y]).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(folder / split / names[y] / f"{i:02d}.png")
+    broken = sorted(folder.rglob("*.png"))[::6]  # a few in every split, on both ranks' shards
+    for f in broken:
+        f.write_bytes(b"not an image")
+
+    cli("extract", "--run", run, "--data", folder, "--out", tmp_path / "one.h5", "--batch-size", "4")
+    torchrun("extract", "--run-dir", "run", "--data", "other", "--out", "two.h5", "--batch-size", "4", cwd=tmp_path)
+    assert (tmp_path / "one.skipped.csv").read_text() == (tmp_path / "two.skipped.csv").read_text()
+    assert (tmp_path / "two.skipped.csv").read_text().count("\n") == 1 + len(broken)
+    with h5py.File(tmp_path / "one.h5") as one, h5py.File(tmp_path / "two.h5") as two:
+        for split in ("train", "val", "test"):
+            ids = list(two[split]["ids"].asstr()[:])
+            assert ids == list(one[split]["ids"].asstr()[:]) and len(ids) == len(two[split]["features"])
+            assert not {str(f.relative_to(folder)) for f in broken} & set(ids)
+            np.testing.assert_allclose(two[split]["features"][:], one[split]["features"][:], rtol=1e-5, atol=1e-6)
+            np.testing.assert_array_equal(two[split]["labels"][:], one[split]["labels"][:])

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from featurepipe.data import AUGMENTATIONS, augmentation, resolve_augmentation
+from featurepipe.data import AUGMENTATIONS, ArrayStore, ImageDataset, augmentation, make_loader, resolve_augmentation
 from featurepipe.errors import FeaturepipeError
 from featurepipe.evaluate import load_predictions
 from featurepipe.models import create_model, fetch_weights
-from featurepipe.train import TrainConfig, _optimizer, _train_epoch, balanced_sampler
+from featurepipe.train import BalancedSampler, TrainConfig, _optimizer, _train_epoch
 
 from conftest import cli
 
@@ -27,8 +27,9 @@ def test_frozen_phase_trains_only_the_head():
     net = create_model("resnet18", 3, 3, [0.5] * 3, [0.25] * 3)
     before = {k: v.clone() for k, v in net.state_dict().items()}
     optimizer, scheduler = _optimizer(net, _cfg(), "head", steps_per_epoch=2)
-    x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
-    loader = [(x, torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]), None)] * 2
+    images = np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
+    ds = ImageDataset(ArrayStore(images, "random"), np.arange(16), np.arange(16) % 3, 32, 3)
+    loader = make_loader(ds, 8)
 
     class Bar:
         def update(self, *a, **k):
@@ -54,11 +55,24 @@ def test_unfrozen_pretrained_backbone_gets_discriminative_rates():
 
 def test_balanced_sampler_draws_classes_equally():
     labels = np.array([0] * 900 + [1] * 90 + [2] * 10)
-    sampler = balanced_sampler(labels, 3)
+    sampler = BalancedSampler(labels, 3)
     sampler.generator.manual_seed(0)
     drawn = labels[np.array(list(sampler))]
     assert len(drawn) == 1000
     assert np.allclose(np.bincount(drawn, minlength=3) / 1000, 1 / 3, atol=0.05)
+
+
+def test_balanced_sampler_under_torchrun_splits_one_balanced_epoch_between_the_ranks():
+    labels = np.array([0] * 900 + [1] * 90 + [2] * 11)
+    ranks = [BalancedSampler(labels, 3, rank, world=2) for rank in (0, 1)]
+    single = BalancedSampler(labels, 3)
+    for s in (*ranks, single):
+        s.generator.manual_seed(7)  # what train.fit does on every rank for an epoch
+    shares = [list(s) for s in ranks]
+    assert len(shares[0]) == len(shares[1]) == len(ranks[0]) == 500
+    together = [i for pair in zip(*shares) for i in pair]
+    assert together == list(single)[:1000]  # the ranks' shares interleave into one epoch's draw
+    assert np.allclose(np.bincount(labels[together], minlength=3) / 1000, 1 / 3, atol=0.05)
 
 
 @pytest.mark.parametrize("preset", [p for p in AUGMENTATIONS if p != "auto"])

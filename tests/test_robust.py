@@ -192,11 +192,45 @@ def test_unreadable_images_are_skipped_listed_and_shift_nothing(tmp_path):
     assert [p["id"] for p in preds] == splits["test"]
     assert all(p["id"].split("/")[1] == p["true"] for p in preds)
 
-    # Another source through the same CNN: the policy applies there too, its list lies beside the output file.
+    # Another source through the same CNN: the policy applies there too, its list lies beside the output file,
+    # and the file holds the readable images only: here the very rows of the run's own features.
     out = tmp_path / "other.h5"
-    cli("extract", "--run", run, "--data", root, "--out", out)
+    cli("extract", "--run", run, "--data", root, "--out", out, "--batch-size", "5")
     with open(tmp_path / "other.skipped.csv", newline="", encoding="utf-8") as f:
         assert sorted(row["id"] for row in csv.DictReader(f)) == sorted(broken)
+    with h5py.File(out) as other, h5py.File(run / "features.h5") as own:
+        for split in ("train", "val", "test"):
+            assert list(other[split]["ids"].asstr()[:]) == list(own[split]["ids"].asstr()[:])
+            np.testing.assert_allclose(other[split]["features"][:], own[split]["features"][:], rtol=1e-5, atol=1e-6)
+            np.testing.assert_array_equal(other[split]["labels"][:], own[split]["labels"][:])
+
+
+def test_an_image_broken_since_training_stops_extract_which_resumes_once_it_is_fixed(tmp_path):
+    root = tmp_path / "data"
+    write_images(root, 12)
+    run = tmp_path / "run"
+    cli("train-cnn", "--data", root, "--out", run, "--epochs", "1")
+    cli("extract", "--run", run, "--batch-size", "4")
+    whole = run.parent / "whole.h5"
+    (run / "features.h5").rename(whole)
+    splits = json.loads((run / "splits.json").read_text(encoding="utf-8"))
+    victim = root / splits["val"][-1]  # images are streamed: train and most of val are written when it fails
+    content = victim.read_bytes()
+    victim.write_bytes(content[:30])
+
+    r = cli("extract", "--run", run, "--batch-size", "4", ok=False)
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert r.output.strip().splitlines()[-1].startswith(f"featurepipe: error: {victim}: cannot read image")
+    assert not (run / "features.h5").exists()
+    with h5py.File(run / "features.h5.partial") as h5:
+        assert int(h5["train"].attrs["done"]) == len(splits["train"])
+        assert int(h5["val"].attrs["done"]) == 4 * ((len(splits["val"]) - 1) // 4)
+
+    victim.write_bytes(content)
+    assert "resuming" in cli("extract", "--run", run, "--batch-size", "4").output
+    with h5py.File(run / "features.h5") as resumed, h5py.File(whole) as first:
+        for split in ("train", "val", "test"):
+            np.testing.assert_array_equal(resumed[split]["features"][:], first[split]["features"][:])
 
 
 def test_on_bad_image_error_stops_at_the_first_with_its_path(tmp_path):
@@ -446,3 +480,23 @@ def test_ctrl_c_exits_cleanly_and_resume_finishes(tmp_path):
     assert len((run / "cnn" / "history.csv").read_text().splitlines()) < 1 + 3  # stopped before the end
     cli("train-cnn", "--data", data, "--out", run, "--epochs", "3", "--resume")
     assert len((run / "cnn" / "history.csv").read_text().splitlines()) == 1 + 3
+
+
+def test_kfold_keeps_each_group_in_one_fold(tmp_path):
+    manifest = grouped_manifest(tmp_path)
+    with manifest.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    group_of = {row["path"]: row["group"] for row in rows}
+    images, _ = make_arrays(len(rows) // 3 + 1, size=28)
+    (tmp_path / "img").mkdir()
+    for row, img in zip(rows, images):
+        Image.fromarray(img).save(tmp_path / row["path"])
+    run = tmp_path / "run"
+    cli("train-cnn", "--data", manifest, "--out", run, "--folds", "3", "--epochs", "1")
+    held_out = []
+    for k in (1, 2, 3):
+        with open(run / "folds" / f"fold{k}" / "cnn" / "val_predictions.csv", newline="", encoding="utf-8") as f:
+            held_out.append({group_of[row["id"]] for row in csv.DictReader(f)})
+    assert all(not held_out[a] & held_out[b] for a in range(3) for b in range(a + 1, 3))
+    assert cli("train-cnn", "--data", manifest, "--out", tmp_path / "many", "--folds", "60", "--epochs", "1",
+               ok=False).output.strip().endswith("use fewer folds")

@@ -4,6 +4,7 @@ from featurepipe.data.augment import AUGMENTATIONS, augmentation, resolve_augmen
 from featurepipe.data.dataset import (
     ImageDataset,
     channel_stats,
+    decode_in_turn,
     describe_images,
     fits_in_cache,
     make_loader,
@@ -15,6 +16,6 @@ from featurepipe.data.splits import assign_splits, split_ids
 
 __all__ = [
     "AUGMENTATIONS", "SPLITS", "ArrayStore", "Catalog", "ImageDataset", "assign_splits", "augmentation", "channel_stats",
-    "describe_images", "fits_in_cache", "make_loader", "resolve_augmentation", "scan", "split_ids",
+    "decode_in_turn", "describe_images", "fits_in_cache", "make_loader", "resolve_augmentation", "scan", "split_ids",
     "BAD_IMAGE_POLICIES", "Skipped", "UnreadableImage", "check_policy", "load_splits", "save_skipped",
 ]
