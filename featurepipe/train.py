@@ -24,7 +24,8 @@ from torch import nn
 
 from featurepipe import data as fdata
 from featurepipe import distributed
-from featurepipe.device import autocast, keep_freed_memory, needs_grad_scaler, resolve_device, to_device
+from featurepipe.device import (autocast, keep_freed_memory, needs_grad_scaler, release_freed_memory, resolve_device,
+                                to_device)
 from featurepipe.errors import FeaturepipeError
 from featurepipe.evaluate import Predictions, save_evaluation, save_predictions, scores
 from featurepipe.models import (
@@ -397,6 +398,7 @@ def fit(prep: Prepared, train_idx: np.ndarray, val_idx: np.ndarray, run: RunPath
             bar.update(task, info=f"loss {train_loss:.4f} | val loss {row['val_loss']:.4f} "
                                   f"acc {row['val_accuracy']:.4f} F1 {row['val_macro_f1']:.4f}" + (" *" if improved else ""))
         state["epoch"], state["seconds"] = epoch, time.perf_counter() - started
+        release_freed_memory()  # once an epoch: the kept heap (keep_freed_memory) cannot drift far
         _write_history(run.history, state["history"])
         save_checkpoint(run.last_checkpoint, evaluated, prep.meta, train_state_dict=net.state_dict(),
                         ema=ema.state_dict() if ema is not None else None, optimizer=optimizer.state_dict(),

@@ -87,7 +87,7 @@ def jpeg_folder(npz: Path, out: Path, n: int, size: int) -> Path:
 
 def in_fresh_process(code: str) -> str:
     """The last line `code` prints, run in a new interpreter: as a user's command runs, and unable to
-    inherit this process's memory or allocator state (training tunes glibc's; extract does not)."""
+    inherit this process's memory."""
     script = f"import sys; sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'scripts')!r}]\n{code}"
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     return result.stdout.strip().splitlines()[-1]
