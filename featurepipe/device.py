@@ -17,7 +17,7 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name not in DEVICES and not name.startswith("cuda:"):
         raise FeaturepipeError(f"--device {name}: choose auto, cpu or cuda")
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise FeaturepipeError(f"--device {name}: CUDA is not available on this machine; use --device cpu or auto")
     return torch.device(name)
@@ -37,20 +37,27 @@ def keep_freed_memory() -> bool:
     peak on 2000 images varied from 1.5 to 1.9 GB, even trimmed every batch). jemalloc and tcmalloc
     keep freed memory by design. Returns whether the allocator was tuned: not without glibc.
     """
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
+    libc = _glibc()
+    if libc is None:
         return False
     m_trim_threshold, m_mmap_max = -1, -4
-    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 1 << 30))
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
 
 
 def release_freed_memory() -> None:
     """Hand the pages of freed memory back (glibc's malloc_trim): bounds a kept heap's drift."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
 
 
 def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -20,7 +20,7 @@ import contextlib
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -53,9 +53,9 @@ def extract(run: str | Path, batch_size: int = 256, data: str | None = None, out
             on_bad_image: str = "skip") -> Path:
     """Embed every split of the run's data (or of another source, with `data` and `out`) into HDF5.
 
-    Images stream from their files straight into the model, each decoded once and none kept. `on_bad_image` applies to
-    another source; the run's own images were all readable when the CNN was trained, so one that is
-    not now stops the command (the data changed).
+    Images stream from their files straight into the model, each decoded once and none kept.
+    `on_bad_image` applies to another source; the run's own images were all readable when the CNN was
+    trained, so one that is not now stops the command (the data changed).
     """
     paths = run_paths(run)
     cfg = load_config(paths)
@@ -131,8 +131,8 @@ def extract(run: str | Path, batch_size: int = 256, data: str | None = None, out
         del loader  # its workers, forked while the file was open, hold the file's lock until they exit
         if h5 is not None:
             h5.close()
-    if unreadable:
-        split, (p, why) = unreadable
+    if unreadable:  # `split` is the one the loop stopped in
+        p, why = unreadable
         raise fdata.UnreadableImage(catalog.store.describe(int(splits[split][p])), why)
     if rank == 0:
         os.replace(partial, target)
@@ -152,6 +152,9 @@ class _Progress:
     done: int = 0
     rows: int = 0
     skipped: list[tuple[int, str]] = field(default_factory=list)
+
+
+_PROGRESS_ATTRS = tuple(f.name for f in fields(_Progress))
 
 
 def _progress(group: h5py.Group) -> _Progress:
@@ -175,7 +178,7 @@ def _finish(group: h5py.Group) -> None:
         group["labels"].resize(progress.rows, axis=0)
         del group["ids"]
         group.create_dataset("ids", data=np.array(kept, dtype=object), dtype=h5py.string_dtype())
-    for key in ("done", "rows", "skipped"):
+    for key in _PROGRESS_ATTRS:
         del group.attrs[key]
 
 
@@ -215,7 +218,7 @@ def _continues(h5: h5py.File, attrs: dict[str, Any], ids: dict[str, list[str]], 
     try:
         return (
             all(k in h5.attrs and np.array_equal(h5.attrs[k], v) for k, v in attrs.items())
-            and all(h5[s]["features"].shape == (len(v), dim) and all(k in h5[s].attrs for k in ("done", "rows", "skipped"))
+            and all(h5[s]["features"].shape == (len(v), dim) and all(k in h5[s].attrs for k in _PROGRESS_ATTRS)
                     and list(h5[s]["ids"].asstr()[:]) == v for s, v in ids.items())
         )
     except (KeyError, OSError):
@@ -236,14 +239,14 @@ def _relabel(catalog: fdata.Catalog, class_names: list[str]) -> fdata.Catalog:
 @torch.inference_mode()
 def _write_split(h5: h5py.File | None, split: str, net, batches, n_batches: int, position: np.ndarray, device,
                  amp: bool | None, layer: str, tta: str, total: int, batch_size: int, progress: _Progress,
-                 policy: str) -> tuple[str, tuple[int, str]] | None:
+                 policy: str) -> tuple[int, str] | None:
     """Embed the split's images from `progress` on; the index moves only once a batch is flushed to the file.
 
     This rank takes its `n_batches` batches of the split from `batches`. Under torchrun each rank holds
     the images done + rank, done + rank + world, ...; every rank takes the same number of steps (an
     empty one where its shard has run out), all ranks see every rank's batch (so all stop together at
     an unreadable image under the `error` policy), and rank 0 writes the readable rows in image order.
-    Returns (split, (position, reason)) of the image that stops the command, else None.
+    Returns (position, reason) of the image that stops the command, else None.
     """
     world = distributed.world_size()
     steps = math.ceil(math.ceil((total - progress.done) / world) / batch_size)
@@ -263,7 +266,7 @@ def _write_split(h5: h5py.File | None, split: str, net, batches, n_batches: int,
             why = [w for p in parts for w in p[3]]
             bad = [(int(positions[i]), why[i]) for i in order if why[i]]
             if bad and policy == "error":
-                return split, bad[0]
+                return bad[0]
             good = np.array([i for i in order if not why[i]], dtype=np.int64)
             if h5 is not None and len(good):
                 group = h5[split]
@@ -276,7 +279,8 @@ def _write_split(h5: h5py.File | None, split: str, net, batches, n_batches: int,
             if h5 is not None:
                 _save_progress(h5[split], progress)
                 h5.flush()
-            bar.update(task, advance=len(positions), info=f"{len(progress.skipped)} unreadable" if progress.skipped else "")
+            bar.update(task, advance=len(positions),
+                       info=f"{len(progress.skipped)} unreadable" if progress.skipped else "")
     return None
 
 

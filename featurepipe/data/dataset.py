@@ -48,15 +48,11 @@ class ImageDataset(Dataset):
         x = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
         return x, int(self.labels[k]), k, ""
 
-    def unreadable(self, k: torch.Tensor, why: list[str]) -> list[UnreadableImage]:
-        """The batch's unreadable images (k and why as the loader yields them), each naming its file."""
-        return [UnreadableImage(self.store.describe(int(self.indices[j])), w) for j, w in zip(k.tolist(), why) if w]
-
     def check(self, k: torch.Tensor, why: list[str]) -> None:
-        """Stop at the batch's first unreadable image."""
-        bad = self.unreadable(k, why)
-        if bad:
-            raise bad[0]
+        """Stop at the batch's first unreadable image (k and why as the loader yields them), naming its file."""
+        for j, w in zip(k.tolist(), why):
+            if w:
+                raise UnreadableImage(self.store.describe(int(self.indices[j])), w)
 
 
 def num_workers(store: ArrayStore | FileStore) -> int:

@@ -1,7 +1,8 @@
 """Before training, every image is decoded once: into memory where its split fits, only checked where
-it does not (extract and predict stream instead: ImageDataset's items carry the same verdict). Unreadable images (empty, truncated, not an image at all, gone) are
-handled by one policy, `--on-bad-image`: `skip` (the default) drops them from their split and lists
-them in the run's `skipped.csv`; `error` stops at the first, naming it.
+it does not (extract and predict stream instead: ImageDataset's items carry the same verdict).
+Unreadable images (empty, truncated, not an image at all, gone) are handled by one policy,
+`--on-bad-image`: `skip` (the default) drops them from their split and lists them in the run's
+`skipped.csv`; `error` stops at the first, naming it.
 
 Dropping an image shifts nothing else: ids and labels are both looked up through catalog positions.
 """
