@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+from typing import Callable
 
 import torch
 
@@ -23,6 +24,66 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+# glibc serves blocks up to this size from its heap, where freed ones are reused; larger ones it maps
+# afresh on every allocation and unmaps on free (M_MMAP_THRESHOLD's maximum on 64-bit).
+HEAP_BLOCK_MAX = 32 << 20
+
+
+@functools.cache
+def reuse_heap_blocks() -> bool:
+    """For inference on the CPU: serve every block up to HEAP_BLOCK_MAX from glibc's heap and keep what
+    a forward pass frees there for the next one (see keep_freed_memory for the cost it avoids).
+
+    Blocks above HEAP_BLOCK_MAX are still mapped and unmapped, so the heap only ever holds blocks of
+    one pass's sizes, and memory stays flat over any number of batches; the forward passes are sized
+    to fit (images_per_pass). Returns whether the allocator was tuned: not without glibc.
+    """
+    libc = _glibc()
+    if libc is None:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return (bool(libc.mallopt(m_mmap_threshold, HEAP_BLOCK_MAX))
+            and bool(libc.mallopt(m_trim_threshold, 4 * HEAP_BLOCK_MAX)))
+
+
+@torch.inference_mode()
+def images_per_pass(net: torch.nn.Module, image: torch.Tensor, device: torch.device,
+                    amp: bool | None = None) -> int | None:
+    """How many images one forward pass on the CPU takes, so that its largest activation fits in a
+    heap block (reuse_heap_blocks); None (the whole batch at once) on a GPU or without glibc.
+
+    Measured on `image` (a batch of one) with forward hooks on every module of `net` (a models.Net).
+    On resnet18 at 224 px, 2 cores: 64 images in passes of 8 ran at 90 images/s, as fast as 64 at once
+    with the heap kept (keep_freed_memory) and faster than glibc's defaults (55-60), and peaked at
+    850 MB instead of 1.3-1.5 GB.
+    """
+    if device.type != "cpu" or not reuse_heap_blocks():
+        return None
+    largest = image.numel() * 4  # the input, normalised to float
+
+    def hook(module, inputs, out) -> None:
+        nonlocal largest
+        if isinstance(out, torch.Tensor):
+            largest = max(largest, out.numel() * out.element_size())
+
+    handles = [m.register_forward_hook(hook) for m in net.modules()]
+    try:
+        with autocast(device, amp):
+            net.forward_features(image)
+    finally:
+        for h in handles:
+            h.remove()
+    # A quarter to spare: kernels reorder their input into padded, blocked layouts of about its size.
+    return max(1, int(HEAP_BLOCK_MAX / (1.25 * largest)))
+
+
+def in_passes(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, per_pass: int | None) -> torch.Tensor:
+    """forward(x), computed `per_pass` images at a time (images_per_pass)."""
+    if per_pass is None or len(x) <= per_pass:
+        return forward(x)
+    return torch.cat([forward(part) for part in x.split(per_pass)])
+
+
 @functools.cache
 def keep_freed_memory() -> bool:
     """Let glibc keep the memory a training step frees for the next step instead of handing it back.
@@ -33,8 +94,9 @@ def keep_freed_memory() -> bool:
     third of its speed (71 vs 110 images/s). Served from the heap and not trimmed, the memory is
     reused. The price is a heap whose peak drifts from run to run (freed holes between live blocks):
     training, whose peak is mostly its cached images, trims once an epoch (release_freed_memory);
-    extract, whose memory must stay flat over any number of images, does not use this (tuned, its
-    peak on 2000 images varied from 1.5 to 1.9 GB, even trimmed every batch). jemalloc and tcmalloc
+    inference, whose memory must stay flat over any number of images, does not use this (tuned, the
+    peak of extract on 2000 images varied from 1.5 to 1.9 GB, even trimmed every batch) but runs in
+    passes whose blocks the heap reuses (reuse_heap_blocks, images_per_pass). jemalloc and tcmalloc
     keep freed memory by design. Returns whether the allocator was tuned: not without glibc.
     """
     libc = _glibc()

@@ -30,7 +30,7 @@ import torch
 
 from featurepipe import data as fdata
 from featurepipe import distributed
-from featurepipe.device import autocast, resolve_device, to_device
+from featurepipe.device import autocast, images_per_pass, in_passes, resolve_device, to_device
 from featurepipe.errors import FeaturepipeError
 from featurepipe.models import LAYERS, TTA, fingerprint, load_checkpoint
 from featurepipe.models.embedding import check_choice
@@ -72,6 +72,13 @@ def extract(run: str | Path, batch_size: int = 256, data: str | None = None, out
     net = net.to(memory_format=torch.channels_last)
     class_names = meta["class_names"]
     dim = net.embed_dim(layer, meta["img_size"])
+    one = torch.zeros(1, meta["in_channels"], meta["img_size"], meta["img_size"], dtype=torch.uint8)
+    per_pass = images_per_pass(net, to_device(one, dev), dev, amp)
+
+    def embed(x: torch.Tensor) -> np.ndarray:
+        with autocast(dev, amp):
+            f = in_passes(lambda part: net.embed(part, layer, tta), to_device(x, dev), per_pass)
+        return f.float().cpu().numpy()
 
     if data is None:
         catalog = fdata.scan(cfg["data"]["source"])
@@ -117,8 +124,8 @@ def extract(run: str | Path, batch_size: int = 256, data: str | None = None, out
     try:
         for split, start, end in zip(fdata.SPLITS, starts, starts[1:]):
             idx = splits[split]
-            unreadable = _write_split(h5, split, net, loader, math.ceil((end - start) / batch_size), position, dev,
-                                      amp, layer, tta, len(idx), batch_size, progress[split], policy)
+            unreadable = _write_split(h5, split, embed, loader, math.ceil((end - start) / batch_size), position,
+                                      len(idx), batch_size, progress[split], policy)
             if unreadable:
                 break
             skipped += [fdata.Skipped(ids[split][p], split, class_names[catalog.labels[idx[p]]], why)
@@ -237,29 +244,26 @@ def _relabel(catalog: fdata.Catalog, class_names: list[str]) -> fdata.Catalog:
 
 
 @torch.inference_mode()
-def _write_split(h5: h5py.File | None, split: str, net, batches, n_batches: int, position: np.ndarray, device,
-                 amp: bool | None, layer: str, tta: str, total: int, batch_size: int, progress: _Progress,
-                 policy: str) -> tuple[int, str] | None:
+def _write_split(h5: h5py.File | None, split: str, embed, batches, n_batches: int, position: np.ndarray, total: int,
+                 batch_size: int, progress: _Progress, policy: str) -> tuple[int, str] | None:
     """Embed the split's images from `progress` on; the index moves only once a batch is flushed to the file.
 
-    This rank takes its `n_batches` batches of the split from `batches`. Under torchrun each rank holds
-    the images done + rank, done + rank + world, ...; every rank takes the same number of steps (an
-    empty one where its shard has run out), all ranks see every rank's batch (so all stop together at
-    an unreadable image under the `error` policy), and rank 0 writes the readable rows in image order.
+    `embed` turns a batch into its features. This rank takes its `n_batches` batches of the split from
+    `batches`. Under torchrun each rank holds the images done + rank, done + rank + world, ...; every
+    rank takes the same number of steps (an empty one where its shard has run out), all ranks see every
+    rank's batch (so all stop together at an unreadable image under the `error` policy), and rank 0
+    writes the readable rows in image order.
     Returns (position, reason) of the image that stops the command, else None.
     """
     world = distributed.world_size()
     steps = math.ceil(math.ceil((total - progress.done) / world) / batch_size)
-    net.eval()
     with progress_bar() as bar:
         task = bar.add_task(f"extract {split}", total=total, completed=progress.done, info="")
         for step in range(steps):
             part = (np.zeros((0, 0), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64), [])
             if step < n_batches:
                 x, y, k, why = next(batches)
-                with autocast(device, amp):
-                    f = net.embed(to_device(x, device), layer, tta).float().cpu().numpy()
-                part = (f, y.numpy(), position[k.numpy()], list(why))
+                part = (embed(x), y.numpy(), position[k.numpy()], list(why))
             parts = [p for p in distributed.all_gather_objects(part) if len(p[1])]
             positions = np.concatenate([p[2] for p in parts])
             order = np.argsort(positions, kind="stable")

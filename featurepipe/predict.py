@@ -20,7 +20,7 @@ import torch
 from featurepipe import data as fdata
 from featurepipe.data.images import IMAGE_EXTENSIONS
 from featurepipe.data.sources import FileStore, _images_under
-from featurepipe.device import autocast, resolve_device, to_device
+from featurepipe.device import autocast, images_per_pass, in_passes, resolve_device, to_device
 from featurepipe.errors import FeaturepipeError
 from featurepipe.heads import STACK, full_proba, head_info
 from featurepipe.models import fingerprint, load_checkpoint
@@ -35,6 +35,8 @@ class Predictor:
         checkpoint = require(paths.checkpoint, "trained CNN", f"run featurepipe train-cnn --out {paths.root} first")
         self.net, self.meta = load_checkpoint(checkpoint, device)
         self.net = self.net.to(memory_format=torch.channels_last)
+        one = torch.zeros(1, self.meta["in_channels"], self.meta["img_size"], self.meta["img_size"], dtype=torch.uint8)
+        self.per_pass = images_per_pass(self.net, to_device(one, device), device, amp)
         self.class_names = self.meta["class_names"]
         self.device, self.amp, self.model = device, amp, model
         self.heads: dict[str, Any] = {}
@@ -67,13 +69,14 @@ class Predictor:
         def embedded(layer: str, tta: str) -> np.ndarray:
             if (layer, tta) not in features:
                 with autocast(self.device, self.amp):
-                    features[layer, tta] = self.net.embed(x, layer, tta).float().cpu().numpy()
+                    f = in_passes(lambda part: self.net.embed(part, layer, tta), x, self.per_pass)
+                    features[layer, tta] = f.float().cpu().numpy()
             return features[layer, tta]
 
         def proba(name: str) -> np.ndarray:
             if name == "cnn":
                 with autocast(self.device, self.amp):
-                    logits = self.net(x)
+                    logits = in_passes(self.net, x, self.per_pass)
                 return torch.softmax(logits.float(), dim=1).cpu().numpy().astype(np.float64)
             info, head = self.infos[name], self.heads[name]
             if name == STACK:

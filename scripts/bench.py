@@ -5,8 +5,8 @@
 For sixblock at 28 px (PneumoniaMNIST) and resnet18 at 224 px (a folder of 512x512 JPEGs made
 from the same arrays, upscaled), it prints one table:
   extract   images/s of `extract` (decode, batch, forward, HDF5 write) vs the model's pure forward
-            pass on uint8 tensors already in memory, same batch size and threads, each in a fresh
-            process as a user's command runs;
+            pass on uint8 tensors already in memory, same batch size, passes (device.images_per_pass)
+            and threads, each in a fresh process as a user's command runs;
   train     images/s of a train-cnn epoch's training pass (loader, augmentation, step) vs pure
             forward+backward+step on in-memory tensors;
   memory    peak resident memory of `extract --data` on N and 8N images (separate processes);
@@ -34,19 +34,22 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from featurepipe.device import images_per_pass, in_passes  # noqa: E402
 from featurepipe.extract import CHUNK_BYTES  # noqa: E402
 from featurepipe.models import load_checkpoint  # noqa: E402
 from featurepipe.train import TrainConfig, train  # noqa: E402
 
 
 def pure_forward(net, shape, batch: int, seconds: float = 8.0) -> float:
+    """The model alone, run as extract runs it: on the CPU in passes sized to glibc's heap blocks."""
     x = torch.randint(0, 256, (batch, *shape), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
     net.eval()
+    per_pass = images_per_pass(net, x[:1], torch.device("cpu"))
     with torch.inference_mode():
-        net.forward_features(x)
+        in_passes(net.forward_features, x, per_pass)
         n, t0 = 0, time.perf_counter()
         while time.perf_counter() - t0 < seconds:
-            net.forward_features(x)
+            in_passes(net.forward_features, x, per_pass)
             n += batch
     return n / (time.perf_counter() - t0)
 

@@ -6,7 +6,8 @@ import h5py
 import numpy as np
 import torch
 
-from featurepipe.device import autocast
+from featurepipe.device import autocast, images_per_pass, in_passes
+from featurepipe.models import create_model
 
 from conftest import cli
 
@@ -32,3 +33,17 @@ def test_extract_with_amp_on_the_cpu_gives_bf16_close_features(tiny_run, tmp_pat
             assert not np.array_equal(a, b)  # bf16 did run
             scale = np.abs(b).max()
             np.testing.assert_allclose(a, b, atol=0.05 * scale)  # bf16 keeps ~3 significant digits
+
+
+def test_cpu_inference_runs_in_passes_sized_to_the_activations_and_gives_the_same_features():
+    torch.manual_seed(0)
+    net = create_model("sixblock", 2, 1, [0.5], [0.25]).eval()
+    cpu = torch.device("cpu")
+    small = images_per_pass(net, torch.zeros(1, 1, 28, 28, dtype=torch.uint8), cpu)
+    large = images_per_pass(net, torch.zeros(1, 1, 224, 224, dtype=torch.uint8), cpu)
+    # 64 times the pixels: about 64 times fewer images per pass, and never none.
+    assert small is not None and 1 <= large < small
+    assert 32 <= small // large <= 128
+    x = torch.randint(0, 256, (3 * large + 1, 1, 224, 224), dtype=torch.uint8)
+    with torch.inference_mode():
+        np.testing.assert_allclose(in_passes(net.embed, x, large).numpy(), net.embed(x).numpy(), rtol=1e-5, atol=1e-6)

@@ -5,6 +5,7 @@ import pytest
 from PIL import Image
 
 from featurepipe.data import assign_splits, scan, split_ids
+from featurepipe.data.images import read_file
 from featurepipe.data.splits import stratified_split
 from featurepipe.errors import FeaturepipeError
 
@@ -134,3 +135,15 @@ def test_stratified_split_fractions():
     rare = np.array([0] * 3 + [1] * 50)
     parts = stratified_split(rare, {"test": 0.15, "val": 0.15}, seed=0, rest="train")
     assert all(set(rare[idx]) == {0, 1} for idx in parts.values())  # a rare class still reaches every split
+
+
+def test_grey_image_for_an_rgb_model_is_its_rgb_conversion_resized(tmp_path):
+    # Grey files are resized as one channel and replicated: the same pixels as resizing the RGB image.
+    grey = (np.random.default_rng(0).random((300, 410)) * 255).astype(np.uint8)
+    for name in ("g.jpg", "g.png"):
+        Image.fromarray(grey).save(tmp_path / name)
+        with Image.open(tmp_path / name) as img:
+            if name.endswith(".jpg"):
+                img.draft("RGB", (64, 64))
+            expected = np.asarray(img.convert("RGB").resize((64, 64), Image.BILINEAR))
+        np.testing.assert_array_equal(read_file(str(tmp_path / name), 64, 3), expected)
