@@ -72,8 +72,7 @@ def extract(run: str | Path, batch_size: int = 256, data: str | None = None, out
     net = net.to(memory_format=torch.channels_last)
     class_names = meta["class_names"]
     dim = net.embed_dim(layer, meta["img_size"])
-    one = torch.zeros(1, meta["in_channels"], meta["img_size"], meta["img_size"], dtype=torch.uint8)
-    per_pass = images_per_pass(net, to_device(one, dev), dev, amp)
+    per_pass = images_per_pass(net, meta["img_size"], amp)
 
     def embed(x: torch.Tensor) -> np.ndarray:
         with autocast(dev, amp):

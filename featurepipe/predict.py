@@ -35,8 +35,7 @@ class Predictor:
         checkpoint = require(paths.checkpoint, "trained CNN", f"run featurepipe train-cnn --out {paths.root} first")
         self.net, self.meta = load_checkpoint(checkpoint, device)
         self.net = self.net.to(memory_format=torch.channels_last)
-        one = torch.zeros(1, self.meta["in_channels"], self.meta["img_size"], self.meta["img_size"], dtype=torch.uint8)
-        self.per_pass = images_per_pass(self.net, to_device(one, device), device, amp)
+        self.per_pass = images_per_pass(self.net, self.meta["img_size"], amp)
         self.class_names = self.meta["class_names"]
         self.device, self.amp, self.model = device, amp, model
         self.heads: dict[str, Any] = {}

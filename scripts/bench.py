@@ -44,7 +44,7 @@ def pure_forward(net, shape, batch: int, seconds: float = 8.0) -> float:
     """The model alone, run as extract runs it: on the CPU in passes sized to glibc's heap blocks."""
     x = torch.randint(0, 256, (batch, *shape), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
     net.eval()
-    per_pass = images_per_pass(net, x[:1], torch.device("cpu"))
+    per_pass = images_per_pass(net, shape[-1])
     with torch.inference_mode():
         in_passes(net.forward_features, x, per_pass)
         n, t0 = 0, time.perf_counter()
