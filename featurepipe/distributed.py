@@ -11,6 +11,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from featurepipe.errors import FeaturepipeError
+
 
 def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -30,6 +32,10 @@ def setup(device: torch.device) -> torch.device:
         return device
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
+        per_node, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count()
+        if per_node > gpus:
+            raise FeaturepipeError(f"torchrun started {per_node} processes per node but this machine has {gpus} GPU(s); "
+                                   f"use --nproc_per_node={gpus}, or --device cpu")
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")

@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import h5py
@@ -34,57 +36,76 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from featurepipe.device import images_per_pass, in_passes  # noqa: E402
+from featurepipe.device import autocast, images_per_pass, in_passes, resolve_device  # noqa: E402
 from featurepipe.extract import CHUNK_BYTES  # noqa: E402
 from featurepipe.models import load_checkpoint  # noqa: E402
 from featurepipe.train import TrainConfig, train  # noqa: E402
 
 
 def pure_forward(net, shape, batch: int, seconds: float = 8.0) -> float:
-    """The model alone, run as extract runs it: on the CPU in passes sized to glibc's heap blocks."""
-    x = torch.randint(0, 256, (batch, *shape), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+    """The model alone, run as extract runs it: on its device, with its precision, on the CPU in passes
+    sized to glibc's heap blocks."""
+    device = net.mean.device
+    x = torch.randint(0, 256, (batch, *shape), dtype=torch.uint8, device=device)
+    x = x.contiguous(memory_format=torch.channels_last)
     net.eval()
     per_pass = images_per_pass(net, shape[-1])
+
+    def forward():
+        with autocast(device):
+            return in_passes(net.forward_features, x, per_pass)
+
     with torch.inference_mode():
-        in_passes(net.forward_features, x, per_pass)
-        n, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
-            in_passes(net.forward_features, x, per_pass)
-            n += batch
-    return n / (time.perf_counter() - t0)
+        return _rate(forward, batch, device, seconds)
 
 
 def pure_step(net, shape, batch: int, classes: int, seconds: float = 8.0) -> float:
-    x = torch.randint(0, 256, (batch, *shape), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, classes, (batch,))
+    device = net.mean.device
+    x = torch.randint(0, 256, (batch, *shape), dtype=torch.uint8, device=device)
+    x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, classes, (batch,), device=device)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
     loss_fn = torch.nn.CrossEntropyLoss()
     net.train()
 
     def step():
-        loss = loss_fn(net(x), y)
+        with autocast(device):
+            loss = loss_fn(net(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    step()
+    return _rate(step, batch, device, seconds)
+
+
+def _rate(work, batch: int, device: torch.device, seconds: float) -> float:
+    """Images/s of `work` repeated for `seconds`, after one warm-up call; waits for the GPU to finish."""
+    work()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
-        step()
+        work()
         n += batch
+    sync()
     return n / (time.perf_counter() - t0)
 
 
 def jpeg_folder(npz: Path, out: Path, n: int, size: int) -> Path:
-    """PneumoniaMNIST arrays upscaled to size x size JPEGs in class folders (train split only)."""
+    """n PneumoniaMNIST train images (cycled past its 4708) upscaled to size x size JPEGs in class folders."""
     from PIL import Image
 
     data = np.load(npz)
-    x, y = data["train_images"][:n], data["train_labels"][:n, 0]
-    for i, (img, label) in enumerate(zip(x, y)):
-        path = out / str(label) / f"{i:05d}.jpg"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(img).resize((size, size), Image.BICUBIC).save(path, quality=90)
+    x, y = data["train_images"], data["train_labels"][:, 0]
+
+    def save(i: int) -> None:
+        path = out / str(y[i % len(x)]) / f"{i:05d}.jpg"
+        Image.fromarray(x[i % len(x)]).resize((size, size), Image.BICUBIC).save(path, quality=90)
+
+    for label in np.unique(y):
+        (out / str(label)).mkdir(parents=True, exist_ok=True)
+    with ThreadPoolExecutor(os.cpu_count()) as pool:  # PIL lets go of the GIL to resize and encode
+        list(pool.map(save, range(n)))
     return out
 
 
@@ -96,26 +117,29 @@ def in_fresh_process(code: str) -> str:
     return result.stdout.strip().splitlines()[-1]
 
 
-def extract_rate(run: Path, batch: int) -> float:
+def extract_rate(run: Path, batch: int, device: torch.device) -> float:
+    # The CUDA context is made before the clock starts, as the interpreter and imports are.
+    warm = "torch.zeros(1, device='cuda')\n" if device.type == "cuda" else ""
     return float(in_fresh_process(
-        "import time\nfrom featurepipe.extract import extract, read_split\n"
-        f"t0 = time.perf_counter(); extract({str(run)!r}, batch_size={batch}); t = time.perf_counter() - t0\n"
+        f"import time, torch\nfrom featurepipe.extract import extract, read_split\n{warm}"
+        f"t0 = time.perf_counter(); extract({str(run)!r}, batch_size={batch}, device={device.type!r})\n"
+        "t = time.perf_counter() - t0\n"
         f"print(sum(len(read_split({str(run / 'features.h5')!r}, s).labels) for s in ('train', 'val', 'test')) / t)"))
 
 
-def forward_rate(run: Path, shape: tuple[int, ...], batch: int) -> float:
+def forward_rate(run: Path, shape: tuple[int, ...], batch: int, device: torch.device) -> float:
     return float(in_fresh_process(
         "import torch\nfrom bench import pure_forward\nfrom featurepipe.models import load_checkpoint\n"
-        f"net, _ = load_checkpoint({str(run / 'cnn' / 'model.pt')!r})\n"
+        f"net, _ = load_checkpoint({str(run / 'cnn' / 'model.pt')!r}, {device.type!r})\n"
         f"print(pure_forward(net.to(memory_format=torch.channels_last), {shape!r}, {batch}))"))
 
 
-def peak_rss_of_extract(run: Path, data: Path, out: Path, batch: int) -> float:
+def peak_rss_of_extract(run: Path, data: Path, out: Path, batch: int, device: torch.device) -> float:
     """MiB. VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss across exec, so a child started
     from this (large) process would report this process's peak instead of its own."""
     return int(in_fresh_process(
         "from featurepipe.extract import extract\n"
-        f"extract({str(run)!r}, batch_size={batch}, data={str(data)!r}, out={str(out)!r})\n"
+        f"extract({str(run)!r}, batch_size={batch}, data={str(data)!r}, out={str(out)!r}, device={device.type!r})\n"
         "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))")) / 1024
 
 
@@ -136,24 +160,25 @@ def hdf5_throughput(path: Path, rows: int = 200_000, dim: int = 512, batch: int 
 
 
 def bench(name: str, data: Path, arch: str, img_size: int, batch: int, work: Path, mem_data: tuple[Path, Path],
-          rounds: int):
+          rounds: int, device: torch.device):
     run = work / f"run-{name}"
-    cfg = TrainConfig(arch=arch, img_size=img_size, epochs=rounds, batch_size=64, overwrite=True)
+    cfg = TrainConfig(arch=arch, img_size=img_size, epochs=rounds, batch_size=64, overwrite=True, device=device.type)
     train(str(data), run, cfg)
     with open(run / "cnn" / "history.csv", newline="") as f:
         train_rate = max(float(row["train_images_per_second"]) for row in csv.DictReader(f))  # best epoch
-    net, meta = load_checkpoint(run / "cnn" / "model.pt")
+    net, meta = load_checkpoint(run / "cnn" / "model.pt", device)
     shape = (meta["in_channels"], img_size, img_size)
     net = net.to(memory_format=torch.channels_last)
     # Extraction and its limit each in a fresh process, as the command runs; the training step here,
     # in the state training left this process in.
-    rates = [(extract_rate(run, batch), forward_rate(run, shape, batch), pure_step(net, shape, 64, meta["num_classes"]))
-             for _ in range(rounds)]
+    rates = [(extract_rate(run, batch, device), forward_rate(run, shape, batch, device),
+              pure_step(net, shape, 64, meta["num_classes"])) for _ in range(rounds)]
     extract_img_s, forward_img_s, step_rate = (max(r[i] for r in rates) for i in range(3))
+    print(f"{name}: extract/forward/step images/s per round {rates}", flush=True)
 
     small, big = mem_data
-    mem_n = peak_rss_of_extract(run, small, work / f"{name}-n.h5", batch)
-    mem_8n = peak_rss_of_extract(run, big, work / f"{name}-8n.h5", batch)
+    mem_n = peak_rss_of_extract(run, small, work / f"{name}-n.h5", batch, device)
+    mem_8n = peak_rss_of_extract(run, big, work / f"{name}-8n.h5", batch, device)
     return {
         "config": name, "extract_img_s": extract_img_s, "forward_img_s": forward_img_s,
         "extract_ratio": extract_img_s / forward_img_s, "train_img_s": train_rate, "step_img_s": step_rate,
@@ -168,19 +193,22 @@ def main() -> None:
     parser.add_argument("--mem-n", type=int, default=250, help="N for the memory measurement (and 8N)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per rate (training: epochs); the best is kept")
     parser.add_argument("--quick", action="store_true", help="sixblock only")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (as the commands' --device)")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    device = resolve_device(args.device)
+    gpu = f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores{gpu}")
     rows = []
     with tempfile.TemporaryDirectory(prefix="featurepipe-bench-") as tmp:
         work = Path(tmp)
         small28 = jpeg_folder(args.data, work / "mem28-n", args.mem_n, 28)
         big28 = jpeg_folder(args.data, work / "mem28-8n", 8 * args.mem_n, 28)
-        rows.append(bench("sixblock@28", args.data, "sixblock", 28, 256, work, (small28, big28), args.rounds))
+        rows.append(bench("sixblock@28", args.data, "sixblock", 28, 256, work, (small28, big28), args.rounds, device))
         if not args.quick:
             folder = jpeg_folder(args.data, work / "jpeg512", args.images, 512)
             small = jpeg_folder(args.data, work / "mem512-n", args.mem_n, 512)
             big = jpeg_folder(args.data, work / "mem512-8n", 8 * args.mem_n, 512)
-            rows.append(bench("resnet18@224", folder, "resnet18", 224, 64, work, (small, big), args.rounds))
+            rows.append(bench("resnet18@224", folder, "resnet18", 224, 64, work, (small, big), args.rounds, device))
         write, read = hdf5_throughput(work / "h5bench.h5")
     cols = ["config", "extract_img_s", "forward_img_s", "extract_ratio", "train_img_s", "step_img_s", "train_ratio",
             "mem_n_mib", "mem_8n_mib", "mem_ratio"]

@@ -83,7 +83,8 @@ def test_backbone_without_two_stages_is_refused():
 def test_extract_records_layer_and_tta_and_writes_those_features(tiny_run, tmp_path):
     out = tmp_path / "last2_flip.h5"
     source = json.loads((tiny_run / "config.json").read_text())["data"]["source"]
-    cli("extract", "--run", tiny_run, "--data", source, "--out", out, "--layer", "last2", "--tta", "flip")
+    cli("extract", "--run", tiny_run, "--data", source, "--out", out, "--layer", "last2", "--tta", "flip",
+        "--device", "cpu")
     net, _ = load_checkpoint(tiny_run / "cnn" / "model.pt")
     from featurepipe.data import scan
 

@@ -26,7 +26,7 @@ def test_autocast_default_is_fp32_on_the_cpu_and_amp_asks_for_bf16():
 def test_extract_with_amp_on_the_cpu_gives_bf16_close_features(tiny_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
-    cli("extract", "--run", run, "--amp")
+    cli("extract", "--run", run, "--amp", "--device", "cpu")
     with h5py.File(run / "features.h5") as bf16, h5py.File(tiny_run / "features.h5") as fp32:
         for split in ("train", "val", "test"):
             a, b = bf16[split]["features"][:], fp32[split]["features"][:]

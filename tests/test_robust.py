@@ -182,7 +182,7 @@ def test_unreadable_images_are_skipped_listed_and_shift_nothing(tmp_path):
     assert sum(len(v) for v in splits.values()) == 3 * (12 + 4 + 5)
 
     # Every later command reuses the split: the features hold exactly the readable images, each with its own label.
-    cli("extract", "--run", run)
+    cli("extract", "--run", run, "--device", "cpu")
     with h5py.File(run / "features.h5") as h5:
         for split, ids in splits.items():
             assert list(h5[split]["ids"].asstr()[:]) == ids
@@ -195,7 +195,7 @@ def test_unreadable_images_are_skipped_listed_and_shift_nothing(tmp_path):
     # Another source through the same CNN: the policy applies there too, its list lies beside the output file,
     # and the file holds the readable images only: here the very rows of the run's own features.
     out = tmp_path / "other.h5"
-    cli("extract", "--run", run, "--data", root, "--out", out, "--batch-size", "5")
+    cli("extract", "--run", run, "--data", root, "--out", out, "--batch-size", "5", "--device", "cpu")
     with open(tmp_path / "other.skipped.csv", newline="", encoding="utf-8") as f:
         assert sorted(row["id"] for row in csv.DictReader(f)) == sorted(broken)
     with h5py.File(out) as other, h5py.File(run / "features.h5") as own:

@@ -147,3 +147,26 @@ def test_grey_image_for_an_rgb_model_is_its_rgb_conversion_resized(tmp_path):
                 img.draft("RGB", (64, 64))
             expected = np.asarray(img.convert("RGB").resize((64, 64), Image.BILINEAR))
         np.testing.assert_array_equal(read_file(str(tmp_path / name), 64, 3), expected)
+
+
+def test_loader_batches_from_memory_are_the_images_one_by_one():
+    import torch
+    from torch.utils.data import default_collate
+
+    from featurepipe.data import ImageDataset, make_loader
+    from featurepipe.data.sources import ArrayStore
+
+    rng = np.random.default_rng(0)
+    store = ArrayStore(rng.integers(0, 256, (20, 12, 12, 3), dtype=np.uint8), "arrays")
+    ds = ImageDataset(store, np.arange(19, -1, -1), np.arange(20) % 3, 12, 3)
+    loader = make_loader(ds, 6, shuffle=True, seed=1)
+    seen = []
+    for x, y, k, why in loader:
+        one_by_one = default_collate([ds[int(i)] for i in k])
+        assert torch.equal(x, one_by_one[0]) and torch.equal(y, one_by_one[1]) and why == one_by_one[3]
+        assert x.dtype == torch.uint8 and y.dtype == k.dtype == torch.int64
+        seen += k.tolist()
+    assert sorted(seen) == list(range(20))
+    # Images held at another size are read (resized) one by one, as before.
+    resized = ImageDataset(store, np.arange(20), np.zeros(20), 8, 3)
+    assert next(iter(make_loader(resized, 4)))[0].shape == (4, 3, 8, 8)

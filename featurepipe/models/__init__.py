@@ -7,6 +7,7 @@ self-contained: `net.forward_features(x)` is the embedding, `net(x)` the logits.
 from __future__ import annotations
 
 import hashlib
+import itertools
 from pathlib import Path
 from typing import Any, Callable
 
@@ -99,8 +100,9 @@ def normalisation_for(arch: str, weights: str | None) -> tuple[list[float] | Non
 
 def min_img_size(arch: str) -> int:
     """The smallest input side an architecture accepts (below it a stage has nothing left to pool)."""
-    # densenet121 and convnext_tiny downsample 32x without padding; the others pad their way down.
-    return 32 if arch in ("densenet121", "convnext_tiny") else 28
+    # densenet121 and convnext_tiny downsample 32x without padding; lite0's "same" padding is static,
+    # computed for its 224-px input, and leaves a 5x5 kernel bigger than its input below 32 px.
+    return 32 if arch in ("densenet121", "convnext_tiny", "efficientnet_lite0") else 28
 
 
 def create_model(arch: str, num_classes: int, in_channels: int, mean: list[float], std: list[float],
@@ -134,8 +136,14 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[Net
         raise FeaturepipeError(f"{path}: no checkpoint; run featurepipe train-cnn first") from None
     except Exception as e:
         raise FeaturepipeError(f"{path}: not a featurepipe checkpoint ({type(e).__name__}); re-run train-cnn") from None
-    net = create_model(meta["arch"], meta["num_classes"], meta["in_channels"], meta["mean"], meta["std"])
-    net.load_state_dict(ckpt["state_dict"])
+    # Built on the meta device, then given the checkpoint's tensors: no random initialisation to throw
+    # away (a third of a second for resnet18, more for the larger backbones).
+    with torch.device("meta"):
+        net = create_model(meta["arch"], meta["num_classes"], meta["in_channels"], meta["mean"], meta["std"])
+    net.load_state_dict(ckpt["state_dict"], assign=True)
+    if any(t.is_meta for t in itertools.chain(net.parameters(), net.buffers())):  # a tensor the file does not hold
+        net = create_model(meta["arch"], meta["num_classes"], meta["in_channels"], meta["mean"], meta["std"])
+        net.load_state_dict(ckpt["state_dict"])
     return net.to(device).eval(), meta
 
 
