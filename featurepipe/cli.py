@@ -140,12 +140,14 @@ def extract(
     layer: str = typer.Option("penultimate", help="penultimate, or last2 (the last two blocks' pooled outputs)."),
     tta: str = typer.Option("none", help="Average the embedding over views: none, flip, crops, flip+crops."),
     on_bad_image: str = typer.Option("skip", help=BAD_IMAGE_HELP + " Applies to --data."),
+    compression: str = typer.Option("none", help="HDF5 compression of the features: none, gzip (smaller) or lzf "
+                                                 "(faster)."),
 ) -> None:
     """Write the CNN's embeddings of every split to RUN/features.h5 (resumes an interrupted extract)."""
     from featurepipe.extract import extract as run_extract
 
     run_extract(run, batch_size=batch_size, data=data, out=out, device=device, amp=amp, layer=layer, tta=tta,
-                on_bad_image=on_bad_image)
+                on_bad_image=on_bad_image, compression=compression)
 
 
 @app.command("fit-heads")

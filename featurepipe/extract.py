@@ -39,6 +39,8 @@ from featurepipe.runs import load_config, partial_path, read_json, require, run_
 
 SCHEMA_VERSION = 1
 CHUNK_BYTES = 1 << 20
+# h5py's own filters, readable wherever h5py is: gzip packs tighter, lzf is faster.
+COMPRESSION = ("none", "gzip", "lzf")
 
 
 @dataclass
@@ -50,10 +52,11 @@ class FeatureSplit:
 
 def extract(run: str | Path, batch_size: int = 256, data: str | None = None, out: str | Path | None = None,
             device: str = "auto", amp: bool | None = None, layer: str = "penultimate", tta: str = "none",
-            on_bad_image: str = "skip") -> Path:
+            on_bad_image: str = "skip", compression: str = "none") -> Path:
     """Embed every split of the run's data (or of another source, with `data` and `out`) into HDF5.
 
     Images stream from their files straight into the model, each decoded once and none kept.
+    `compression` (COMPRESSION) applies to the features and labels; readers need nothing to know it.
     `on_bad_image` applies to another source; the run's own images were all readable when the CNN was
     trained, so one that is not now stops the command (the data changed).
     """
@@ -66,6 +69,7 @@ def extract(run: str | Path, batch_size: int = 256, data: str | None = None, out
         raise FeaturepipeError(f"--batch-size {batch_size}: must be at least 1")
     check_choice("--layer", layer, LAYERS)
     check_choice("--tta", tta, TTA)
+    check_choice("--compression", compression, COMPRESSION)
     fdata.check_policy(on_bad_image)
     dev = distributed.setup(resolve_device(device))
     net, meta = load_checkpoint(paths.checkpoint, dev)
@@ -101,7 +105,7 @@ def extract(run: str | Path, batch_size: int = 256, data: str | None = None, out
     # Under torchrun every rank embeds an interleaved shard of each split and rank 0 alone writes the
     # one file, in the same row order as a single process would.
     rank, world = distributed.rank(), distributed.world_size()
-    h5 = _open_partial(partial, attrs, ids, dim) if rank == 0 else None
+    h5 = _open_partial(partial, attrs, ids, dim, compression) if rank == 0 else None
     progress = distributed.broadcast_object({s: _progress(h5[s]) for s in fdata.SPLITS} if h5 is not None else None)
     # One pass over all splits. A model on the CPU decodes in turn with its batches (decode_in_turn says
     # why); otherwise loader workers decode beside it, forked before the first forward pass: forked later,
@@ -188,16 +192,18 @@ def _finish(group: h5py.Group) -> None:
         del group.attrs[key]
 
 
-def _open_partial(path: Path, attrs: dict[str, Any], ids: dict[str, list[str]], dim: int) -> h5py.File:
+def _open_partial(path: Path, attrs: dict[str, Any], ids: dict[str, list[str]], dim: int,
+                  compression: str = "none") -> h5py.File:
     """The unfinished file, continued where it stopped if it was being written from the same checkpoint,
     options and images; otherwise a new one with every split's ids and nothing done."""
+    filters = {} if compression == "none" else {"compression": compression, "shuffle": True}
     if path.exists():
         try:
             h5 = h5py.File(path, "r+")
         except OSError as e:  # killed mid-flush: its index cannot be trusted
             log(f"{path}: unreadable ({e}); starting over")
         else:
-            if _continues(h5, attrs, ids, dim):
+            if _continues(h5, attrs, ids, dim, filters.get("compression")):
                 log(f"resuming {path}: " + ", ".join(f"{s} {h5[s].attrs['done']}/{len(ids[s])}" for s in ids))
                 return h5
             h5.close()
@@ -212,19 +218,23 @@ def _open_partial(path: Path, attrs: dict[str, Any], ids: dict[str, list[str]], 
         group = h5.create_group(split)
         # Chunked and resizable: rows of skipped images are cut off the end once the split is done.
         rows = max(1, min(n, CHUNK_BYTES // (4 * dim)))
-        group.create_dataset("features", shape=(n, dim), maxshape=(None, dim), dtype="float32", chunks=(rows, dim))
-        group.create_dataset("labels", shape=(n,), maxshape=(None,), dtype="int64", chunks=(max(1, min(n, 1 << 16)),))
+        group.create_dataset("features", shape=(n, dim), maxshape=(None, dim), dtype="float32", chunks=(rows, dim),
+                             **filters)
+        group.create_dataset("labels", shape=(n,), maxshape=(None,), dtype="int64", chunks=(max(1, min(n, 1 << 16)),),
+                             **filters)
         group.create_dataset("ids", data=np.array(split_ids, dtype=object), dtype=h5py.string_dtype())
         _save_progress(group, _Progress())
     h5.flush()
     return h5
 
 
-def _continues(h5: h5py.File, attrs: dict[str, Any], ids: dict[str, list[str]], dim: int) -> bool:
+def _continues(h5: h5py.File, attrs: dict[str, Any], ids: dict[str, list[str]], dim: int,
+               compression: str | None) -> bool:
     try:
         return (
             all(k in h5.attrs and np.array_equal(h5.attrs[k], v) for k, v in attrs.items())
-            and all(h5[s]["features"].shape == (len(v), dim) and all(k in h5[s].attrs for k in _PROGRESS_ATTRS)
+            and all(h5[s]["features"].shape == (len(v), dim) and h5[s]["features"].compression == compression
+                    and all(k in h5[s].attrs for k in _PROGRESS_ATTRS)
                     and list(h5[s]["ids"].asstr()[:]) == v for s, v in ids.items())
         )
     except (KeyError, OSError):

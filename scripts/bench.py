@@ -10,7 +10,7 @@ from the same arrays, upscaled), it prints one table:
   train     images/s of a train-cnn epoch's training pass (loader, augmentation, step) vs pure
             forward+backward+step on in-memory tensors;
   memory    peak resident memory of `extract --data` on N and 8N images (separate processes);
-  hdf5      write and full-read throughput of a features file (MB/s).
+  hdf5      write and full-read throughput of a features file (MB/s), per --compression.
 
 Shared and virtual machines vary by tens of percent from minute to minute, so each rate is the
 best of several rounds, taken alternately (--rounds): the least disturbed round of each, measured
@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from featurepipe.device import autocast, images_per_pass, in_passes, resolve_device  # noqa: E402
-from featurepipe.extract import CHUNK_BYTES  # noqa: E402
+from featurepipe.extract import CHUNK_BYTES, COMPRESSION, read_split  # noqa: E402
 from featurepipe.models import load_checkpoint  # noqa: E402
 from featurepipe.train import TrainConfig, train  # noqa: E402
 
@@ -143,20 +143,25 @@ def peak_rss_of_extract(run: Path, data: Path, out: Path, batch: int, device: to
         "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))")) / 1024
 
 
-def hdf5_throughput(path: Path, rows: int = 200_000, dim: int = 512, batch: int = 256) -> tuple[float, float]:
-    block = np.random.default_rng(0).standard_normal((batch, dim)).astype(np.float32)
+def hdf5_throughput(path: Path, features: np.ndarray, compression: str, rows: int = 200_000,
+                    batch: int = 256) -> tuple[float, float, float]:
+    """Write and full-read MB/s of `rows` feature rows (cycling over `features`) in extract's chunks and
+    with its filters, and the file's size over the raw bytes."""
+    dim = features.shape[1]
+    filters = {} if compression == "none" else {"compression": compression, "shuffle": True}
+    mb = rows * dim * 4 / 2**20
     t0 = time.perf_counter()
     with h5py.File(path, "w") as h5:
         ds = h5.create_dataset("features", shape=(rows, dim), dtype="float32",
-                               chunks=(max(1, CHUNK_BYTES // (4 * dim)), dim))
+                               chunks=(max(1, CHUNK_BYTES // (4 * dim)), dim), **filters)
         for start in range(0, rows, batch):
-            ds[start:start + batch] = block[: min(batch, rows - start)]
-    write = rows * dim * 4 / 2**20 / (time.perf_counter() - t0)
+            ds[start:start + batch] = np.take(features, range(start, min(start + batch, rows)), axis=0, mode="wrap")
+    write = mb / (time.perf_counter() - t0)
     t0 = time.perf_counter()
     with h5py.File(path, "r") as h5:
         h5["features"][:]
-    read = rows * dim * 4 / 2**20 / (time.perf_counter() - t0)
-    return write, read
+    read = mb / (time.perf_counter() - t0)
+    return write, read, path.stat().st_size / 2**20 / mb
 
 
 def bench(name: str, data: Path, arch: str, img_size: int, batch: int, work: Path, mem_data: tuple[Path, Path],
@@ -209,14 +214,18 @@ def main() -> None:
             small = jpeg_folder(args.data, work / "mem512-n", args.mem_n, 512)
             big = jpeg_folder(args.data, work / "mem512-8n", 8 * args.mem_n, 512)
             rows.append(bench("resnet18@224", folder, "resnet18", 224, 64, work, (small, big), args.rounds, device))
-        write, read = hdf5_throughput(work / "h5bench.h5")
+        # The 512-d features of the last run when there is one (resnet18), else sixblock's 256-d.
+        real = read_split(work / f"run-{rows[-1]['config']}" / "features.h5", "train").features
+        h5rates = {c: hdf5_throughput(work / "h5bench.h5", real, c) for c in COMPRESSION}
     cols = ["config", "extract_img_s", "forward_img_s", "extract_ratio", "train_img_s", "step_img_s", "train_ratio",
             "mem_n_mib", "mem_8n_mib", "mem_ratio"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:
         print("| " + " | ".join(r[c] if isinstance(r[c], str) else f"{r[c]:.2f}" for c in cols) + " |")
-    print(f"hdf5 features file (200000 x 512 float32, chunked): write {write:.0f} MB/s, full read {read:.0f} MB/s")
+    for c, (write, read, size) in h5rates.items():
+        print(f"hdf5 features file, 200000 x {real.shape[1]} float32 ({rows[-1]['config']} features), compression "
+              f"{c}: write {write:.0f} MB/s, full read {read:.0f} MB/s, size {size:.2f} of raw")
 
 
 if __name__ == "__main__":

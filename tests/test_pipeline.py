@@ -169,6 +169,20 @@ def test_bad_input_gives_one_line_no_traceback(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("compression", ["gzip", "lzf"])
+def test_compressed_features_read_back_the_same(tiny_run, tmp_path, compression):
+    source = json.loads((tiny_run / "config.json").read_text())["data"]["source"]
+    out = tmp_path / f"{compression}.h5"
+    cli("extract", "--run", tiny_run, "--data", source, "--out", out, "--device", "cpu", "--compression", compression)
+    with h5py.File(out) as packed, h5py.File(tiny_run / "features.h5") as plain:
+        for split in ("train", "val", "test"):
+            assert packed[split]["features"].compression == compression
+            np.testing.assert_array_equal(packed[split]["features"][:], plain[split]["features"][:])
+            np.testing.assert_array_equal(packed[split]["labels"][:], plain[split]["labels"][:])
+    r = cli("extract", "--run", tiny_run, "--compression", "zip", ok=False)
+    assert r.exit_code == 2 and "--compression zip: choose one of none, gzip, lzf" in r.output
+
+
 @pytest.mark.parametrize("option,value,message", [
     ("--img-size", "16", "too small"),
     ("--arch", "alexnet9", "--arch alexnet9: choose one of sixblock"),
