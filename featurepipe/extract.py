@@ -193,7 +193,7 @@ def _finish(group: h5py.Group) -> None:
 
 
 def _open_partial(path: Path, attrs: dict[str, Any], ids: dict[str, list[str]], dim: int,
-                  compression: str = "none") -> h5py.File:
+                  compression: str) -> h5py.File:
     """The unfinished file, continued where it stopped if it was being written from the same checkpoint,
     options and images; otherwise a new one with every split's ids and nothing done."""
     filters = {} if compression == "none" else {"compression": compression, "shuffle": True}
