@@ -7,7 +7,12 @@ else is a one-process run (world size 1) and these helpers are no-ops.
 from __future__ import annotations
 
 import os
+import secrets
+import shutil
+import tempfile
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -65,3 +70,40 @@ def all_gather_objects(obj) -> list:
     out = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0")) if world_size() > 1 else 0
+
+
+def local_world_size() -> int:
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if world_size() > 1 else 1
+
+
+def node_shared_array(shape: tuple[int, ...]) -> np.ndarray | None:
+    """A zeroed uint8 array that every process on this machine maps: one copy per machine, which each
+    can fill a share of and all then read. None where neither /dev/shm nor the temp folder has room
+    (each process then keeps its own copy).
+
+    A file, created by the machine's first process and removed as soon as all have mapped it, so
+    nothing is left behind; the memory goes when the last process lets go of it.
+    """
+    nbytes = int(np.prod(shape))
+    if local_world_size() == 1 or nbytes == 0:  # no one to share with (or nothing to map)
+        return np.zeros(shape, np.uint8)
+    token = broadcast_object(secrets.token_hex(8))
+    paths = [Path(folder) / f"featurepipe-{token}.u8" for folder in ("/dev/shm", tempfile.gettempdir())]
+    if local_rank() == 0:
+        for path in paths:
+            # Room to spare: a full tmpfs kills whoever touches an unbacked page (SIGBUS).
+            folder = path.parent
+            if folder.is_dir() and os.access(folder, os.W_OK) and shutil.disk_usage(folder).free > 1.25 * nbytes:
+                np.memmap(path, np.uint8, "w+", shape=shape).flush()
+                break
+    barrier()
+    path = next((p for p in paths if p.exists()), None)
+    array = np.memmap(path, np.uint8, "r+", shape=shape) if path is not None else None
+    barrier()
+    if path is not None and local_rank() == 0:
+        path.unlink()
+    return array

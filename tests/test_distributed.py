@@ -84,3 +84,65 @@ def test_two_process_extract_skips_the_same_unreadable_images(tiny_run, tmp_path
             assert not {str(f.relative_to(folder)) for f in broken} & set(ids)
             np.testing.assert_allclose(two[split]["features"][:], one[split]["features"][:], rtol=1e-5, atol=1e-6)
             np.testing.assert_array_equal(two[split]["labels"][:], one[split]["labels"][:])
+
+
+DECODE_ON_EACH_RANK = """
+import sys, numpy as np, torch.distributed as dist
+from featurepipe.data import scan
+from featurepipe.data.load import decode_all
+from featurepipe.errors import FeaturepipeError
+dist.init_process_group("gloo")
+cat = scan(sys.argv[1])
+images, failed = decode_all(cat.store, np.arange(len(cat)), 24, 1)
+np.savez(f"rank{dist.get_rank()}.npz", images=images.images, failed=sorted(failed),
+         shared=isinstance(images.images, np.memmap))
+try:
+    decode_all(cat.store, np.arange(len(cat)), 24, 1, stop_at_first=True)
+except FeaturepipeError as e:
+    open(f"rank{dist.get_rank()}.error", "w").write(str(e))
+"""
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed support")
+def test_processes_of_one_machine_decode_a_share_each_and_all_see_every_image(class_folders, tmp_path):
+    import numpy as np
+
+    from featurepipe.data import scan
+    from featurepipe.data.load import decode_all
+
+    broken = sorted(class_folders.rglob("*.png"))[1::7]  # on both ranks' shares
+    for f in broken:
+        f.write_bytes(b"not an image")
+    cat = scan(str(class_folders))
+    single, failed = decode_all(cat.store, np.arange(len(cat)), 24, 1)
+    assert len(failed) == len(broken)
+    with pytest.raises(Exception) as first:
+        decode_all(cat.store, np.arange(len(cat)), 24, 1, stop_at_first=True)
+
+    (tmp_path / "decode.py").write_text(DECODE_ON_EACH_RANK)
+    shm = set(Path("/dev/shm").glob("featurepipe-*")) if Path("/dev/shm").is_dir() else set()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "decode.py", str(class_folders)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in (0, 1):
+        mine = np.load(tmp_path / f"rank{rank}.npz")
+        assert mine["shared"]  # one array both map, not a copy each
+        np.testing.assert_array_equal(mine["images"], single.images)  # the other rank's share included
+        assert list(mine["failed"]) == sorted(failed)
+        assert (tmp_path / f"rank{rank}.error").read_text() == str(first.value)  # both stop at the same image
+    if Path("/dev/shm").is_dir():
+        assert set(Path("/dev/shm").glob("featurepipe-*")) == shm  # the shared file is gone
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed support")
+def test_two_process_training_from_image_files_skips_each_unreadable_one_once(class_folders, tmp_path):
+    broken = sorted(class_folders.rglob("*.png"))[::9]
+    for f in broken:
+        f.write_bytes(b"")
+    torchrun("train-cnn", "--data", str(class_folders), "--out", "run", "--epochs", "2", cwd=tmp_path)
+    skipped = (tmp_path / "run" / "skipped.csv").read_text().splitlines()[1:]
+    assert sorted(line.split(",")[0] for line in skipped) == sorted(
+        str(f.relative_to(class_folders)) for f in broken)
+    assert json.loads((tmp_path / "run" / "cnn" / "metrics.json").read_text())["epochs_run"] == 2

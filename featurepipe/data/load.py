@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
+from featurepipe import distributed
 from featurepipe.data.dataset import fits_in_cache, num_workers
 from featurepipe.data.images import UnreadableImage
 from featurepipe.data.sources import SPLITS, ArrayStore, Catalog, FileStore
@@ -79,17 +80,28 @@ def decode_all(store: ArrayStore | FileStore, indices: np.ndarray, size: int, ch
 
     Returns the in-memory copy (row k is indices[k]; None unless `keep`) and {k: reason} for those
     that failed; with `stop_at_first` the first failure raises UnreadableImage instead.
+    Under torchrun the processes of one machine each decode an interleaved share into one array they
+    all map (distributed.node_shared_array): every image is decoded once per machine, held once, and
+    every process sees all of them; the failures are pooled, so all processes agree on them.
     """
-    out = np.zeros((len(indices), size, size, channels), dtype=np.uint8) if keep else None
+    share, shares = distributed.local_rank(), distributed.local_world_size()
+    out = distributed.node_shared_array((len(indices), size, size, channels)) if keep else None
+    if keep and out is None:  # no room to share: each process decodes and keeps everything
+        out, share, shares = np.zeros((len(indices), size, size, channels), dtype=np.uint8), 0, 1
+    mine = np.arange(share, len(indices), shares)
     failed: dict[int, str] = {}
     read = functools.partial(_read, size=size, channels=channels, keep=keep)
-    for k, arr, why in each_image(store, indices, read, description):
-        if why and stop_at_first:
-            raise UnreadableImage(store.describe(int(indices[k])), why)
+    for j, arr, why in each_image(store, indices[mine], read, description):
         if why:
-            failed[k] = why
+            failed[int(mine[j])] = why
+            if stop_at_first:
+                break  # the first failure of this share; the first of all is the least of those
         elif keep:
-            out[k] = arr
+            out[mine[j]] = arr
+    failed = dict(sorted(kv for part in distributed.all_gather_objects(failed) for kv in part.items()))
+    if failed and stop_at_first:
+        k = next(iter(failed))
+        raise UnreadableImage(store.describe(int(indices[k])), failed[k])
     return (ArrayStore(out, f"cached {getattr(store, 'name', 'images')}") if keep else None), failed
 
 
