@@ -1,12 +1,13 @@
 """Throughput and memory of featurepipe's own data path against the model's compute limit.
 
     python scripts/bench.py [--data ../shared/data/pneumoniamnist.npz] [--images 2000] [--quick]
+                            [--device auto|cpu|cuda]
 
 For sixblock at 28 px (PneumoniaMNIST) and resnet18 at 224 px (a folder of 512x512 JPEGs made
 from the same arrays, upscaled), it prints one table:
   extract   images/s of `extract` (decode, batch, forward, HDF5 write) vs the model's pure forward
             pass on uint8 tensors already in memory, same batch size, passes (device.images_per_pass)
-            and threads, each in a fresh process as a user's command runs;
+            and threads (on a GPU: the same autocast), each in a fresh process as a user's command runs;
   train     images/s of a train-cnn epoch's training pass (loader, augmentation, step) vs pure
             forward+backward+step on in-memory tensors;
   memory    peak resident memory of `extract --data` on N and 8N images (separate processes);
