@@ -43,6 +43,11 @@ CHUNK_BYTES = 1 << 20
 COMPRESSION = ("none", "gzip", "lzf")
 
 
+def hdf5_filters(compression: str) -> dict[str, Any]:
+    """create_dataset's arguments for `compression`; byte shuffling first helps floats compress."""
+    return {} if compression == "none" else {"compression": compression, "shuffle": True}
+
+
 @dataclass
 class FeatureSplit:
     features: np.ndarray | h5py.Dataset  # a Dataset (from open_split) reads only the rows sliced from it
@@ -196,7 +201,7 @@ def _open_partial(path: Path, attrs: dict[str, Any], ids: dict[str, list[str]], 
                   compression: str) -> h5py.File:
     """The unfinished file, continued where it stopped if it was being written from the same checkpoint,
     options and images; otherwise a new one with every split's ids and nothing done."""
-    filters = {} if compression == "none" else {"compression": compression, "shuffle": True}
+    filters = hdf5_filters(compression)
     if path.exists():
         try:
             h5 = h5py.File(path, "r+")

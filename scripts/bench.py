@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from featurepipe.device import autocast, images_per_pass, in_passes, resolve_device  # noqa: E402
-from featurepipe.extract import CHUNK_BYTES, COMPRESSION, read_split  # noqa: E402
+from featurepipe.extract import CHUNK_BYTES, COMPRESSION, hdf5_filters, read_split  # noqa: E402
 from featurepipe.models import load_checkpoint  # noqa: E402
 from featurepipe.train import TrainConfig, train  # noqa: E402
 
@@ -149,12 +149,11 @@ def hdf5_throughput(path: Path, features: np.ndarray, compression: str, rows: in
     """Write and full-read MB/s of `rows` feature rows (cycling over `features`) in extract's chunks and
     with its filters, and the file's size over the raw bytes."""
     dim = features.shape[1]
-    filters = {} if compression == "none" else {"compression": compression, "shuffle": True}
     mb = rows * dim * 4 / 2**20
     t0 = time.perf_counter()
     with h5py.File(path, "w") as h5:
         ds = h5.create_dataset("features", shape=(rows, dim), dtype="float32",
-                               chunks=(max(1, CHUNK_BYTES // (4 * dim)), dim), **filters)
+                               chunks=(max(1, CHUNK_BYTES // (4 * dim)), dim), **hdf5_filters(compression))
         for start in range(0, rows, batch):
             ds[start:start + batch] = np.take(features, range(start, min(start + batch, rows)), axis=0, mode="wrap")
     write = mb / (time.perf_counter() - t0)

@@ -6,6 +6,7 @@ self-contained: `net.forward_features(x)` is the embedding, `net(x)` the logits.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 from pathlib import Path
@@ -138,11 +139,13 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[Net
         raise FeaturepipeError(f"{path}: not a featurepipe checkpoint ({type(e).__name__}); re-run train-cnn") from None
     # Built on the meta device, then given the checkpoint's tensors: no random initialisation to throw
     # away (a third of a second for resnet18, more for the larger backbones).
+    build = functools.partial(create_model, meta["arch"], meta["num_classes"], meta["in_channels"], meta["mean"],
+                              meta["std"])
     with torch.device("meta"):
-        net = create_model(meta["arch"], meta["num_classes"], meta["in_channels"], meta["mean"], meta["std"])
+        net = build()
     net.load_state_dict(ckpt["state_dict"], assign=True)
     if any(t.is_meta for t in itertools.chain(net.parameters(), net.buffers())):  # a tensor the file does not hold
-        net = create_model(meta["arch"], meta["num_classes"], meta["in_channels"], meta["mean"], meta["std"])
+        net = build()
         net.load_state_dict(ckpt["state_dict"])
     return net.to(device).eval(), meta
 
