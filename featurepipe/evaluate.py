@@ -53,6 +53,19 @@ def scores(p: Predictions) -> dict[str, float | None]:
     return out
 
 
+def majority_baseline(train_counts: list[int] | np.ndarray, like: Predictions) -> Predictions:
+    """The majority-class baseline on `like`'s images: always the most frequent training class, with
+    the training class frequencies as its probabilities. What a model that learned nothing scores."""
+    prior = np.asarray(train_counts, dtype=np.float64)
+    prior = prior / prior.sum()
+    return Predictions(like.ids, like.y_true, np.tile(prior, (len(like.y_true), 1)), like.class_names)
+
+
+def clearly_above(accuracy: float, baseline: float, n: int) -> bool:
+    """Above the baseline by more than two binomial standard errors of the baseline's accuracy on n images."""
+    return accuracy > baseline + 2 * float(np.sqrt(baseline * (1 - baseline) / max(n, 1)))
+
+
 def per_class(p: Predictions) -> list[dict[str, float | int | str]]:
     """One row per class: precision, recall, F1, support and the one-vs-rest TP, TN, FP, FN."""
     labels = np.arange(len(p.class_names))

@@ -15,7 +15,7 @@ from featurepipe.device import autocast, to_device
 from featurepipe.models import create_model
 from featurepipe.progress import log, progress_bar
 from featurepipe.runs import atomic_path, environment, write_json
-from featurepipe.train import TrainConfig, balanced_class_weights, prepare
+from featurepipe.train import TrainConfig, balanced_class_weights, drops_last, prepare
 
 
 def lr_find(data: str, out: str | Path, cfg: TrainConfig, start: float = 1e-6, end: float = 1.0,
@@ -26,9 +26,10 @@ def lr_find(data: str, out: str | Path, cfg: TrainConfig, start: float = 1e-6, e
     n_classes = len(prep.catalog.class_names)
     train_ds = prep.dataset(prep.splits["train"])
     augment = fdata.augmentation(r["augment"])
-    loader = fdata.make_loader(train_ds, cfg.batch_size, shuffle=True, seed=cfg.seed,
-                               drop_last=len(train_ds) > cfg.batch_size)
-    net = create_model(cfg.arch, n_classes, r["in_channels"], r["mean"], r["std"], cfg.weights)
+    loader = fdata.make_loader(train_ds, r["batch_size"], shuffle=True, seed=cfg.seed,
+                               drop_last=drops_last(len(train_ds), r["batch_size"]))
+    net = create_model(r["arch"], n_classes, r["in_channels"], r["mean"], r["std"], r["weights"],
+                       window=tuple(r["window"]))
     net = net.to(prep.device, memory_format=torch.channels_last).train()
     weights = torch.tensor(balanced_class_weights(train_ds.labels, n_classes), dtype=torch.float32)
     criterion = nn.CrossEntropyLoss(weight=weights.to(prep.device))
@@ -51,7 +52,7 @@ def lr_find(data: str, out: str | Path, cfg: TrainConfig, start: float = 1e-6, e
                 group["lr"] = lr
             x = to_device(x, prep.device)
             if augment is not None:
-                x = augment(x).contiguous(memory_format=torch.channels_last)
+                x = augment(net.scale(x)).contiguous(memory_format=torch.channels_last)
             with autocast(prep.device, cfg.amp):
                 loss = criterion(net(x).float(), y.to(prep.device))
             optimizer.zero_grad(set_to_none=True)
@@ -68,7 +69,7 @@ def lr_find(data: str, out: str | Path, cfg: TrainConfig, start: float = 1e-6, e
                 break
     suggestion = suggest(np.array(lrs), np.array(losses))
     out = Path(out)
-    result = {"suggestion": suggestion, "lrs": lrs, "losses": losses, "arch": cfg.arch, "data": str(data),
+    result = {"suggestion": suggestion, "lrs": lrs, "losses": losses, "arch": r["arch"], "data": str(data),
               "seed": cfg.seed, "environment": environment()}
     write_json(out / "lr_find.json", result)
     _plot(lrs, losses, suggestion, out / "lr_find.png")

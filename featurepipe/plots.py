@@ -58,8 +58,9 @@ def _unit_axis(ax, low: float, top: float) -> None:
 
 
 def metric_bars(values: dict[str, float], path: Path, metric: str = "accuracy", title: str = "",
-                ci: dict[str, list[float]] | None = None) -> None:
-    """Bar chart of one test metric per model, labelled with its value, with 95% CI error bars if given."""
+                ci: dict[str, list[float]] | None = None, baseline: tuple[str, float] | None = None) -> None:
+    """Bar chart of one test metric per model, labelled with its value, with 95% CI error bars if given,
+    and a dashed line at (name, score) of a baseline (the majority class: what learning nothing scores)."""
     names = list(values)
     colors = model_colors(names)
     heights = [values[n] for n in names]
@@ -76,7 +77,13 @@ def metric_bars(values: dict[str, float], path: Path, metric: str = "accuracy", 
         ax.annotate(f"{values[name]:.3f}", (x, top), ha="center", va="bottom", xytext=(0, 3),
                     textcoords="offset points", fontsize=10)
     ax.set_xticks(xs, names)
-    _unit_axis(ax, _floor([ci[n][0] for n in names] if ci else heights), 1.06)
+    lows = [ci[n][0] for n in names] if ci else heights
+    if baseline is not None:
+        name, score = baseline
+        ax.axhline(score, color="#b22222", linestyle="--", linewidth=1.2, label=f"{name}: {score:.3f}", zorder=3)
+        ax.legend(loc="lower right", fontsize=8, frameon=True)
+        lows = [*lows, score]
+    _unit_axis(ax, _floor(lows), 1.06)
     label = _label(metric)
     ax.set_ylabel(f"test {label}")
     ax.set_title(title or f"Test {label} per model" + (" (95% bootstrap CI)" if ci else ""))

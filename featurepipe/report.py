@@ -21,7 +21,7 @@ from sklearn.metrics import confusion_matrix, roc_curve
 
 from featurepipe import plots, stats
 from featurepipe.errors import FeaturepipeError
-from featurepipe.evaluate import Predictions, load_predictions, per_class, report, scores
+from featurepipe.evaluate import Predictions, load_predictions, majority_baseline, per_class, report, scores
 from featurepipe.models import fingerprint
 from featurepipe.progress import log
 from featurepipe.render import Doc, Table
@@ -160,10 +160,22 @@ def evaluate_models(preds: dict[str, Predictions], resamples: int, seed: int) ->
     }
 
 
-def _verdict(t: dict[str, Any]) -> str:
+def _verdict(t: dict[str, Any], cnn_learned: bool = True) -> str:
     if t["mcnemar"]["p_holm"] >= ALPHA:
         return "no significant difference"
-    return "head better" if t["delta_accuracy"] > 0 else "CNN better"
+    if t["delta_accuracy"] > 0:
+        return "head better" if cnn_learned else "head better than a CNN that did not learn"
+    return "CNN better"
+
+
+def baseline(train_counts: list[int], ref: Predictions, cnn: dict[str, Any]) -> dict[str, Any]:
+    """The majority-class baseline on the test images, and whether the CNN is above it: the lower end of
+    its accuracy interval above the baseline's accuracy (the baseline is the same on every stratified
+    resample, so this is the paired test too)."""
+    base = majority_baseline(train_counts, ref)
+    acc = float((base.y_pred == base.y_true).mean())
+    return {"name": "majority class", "class": ref.class_names[int(base.y_pred[0])], "accuracy": acc,
+            "macro_f1": scores(base)["macro_f1"], "cnn_above": bool(cnn["accuracy_ci"][0] > acc)}
 
 
 # ---------------------------------------------------------------------------------------------- one run
@@ -190,6 +202,12 @@ def compare(run: str | Path, out: str | Path | None = None, options: CompareOpti
         "environment": environment(),
     }
 
+    # Runs written before config.json kept class counts: the test split's own majority class instead.
+    train_counts = cfg["data"].get("counts", {}).get("train") or np.bincount(ref.y_true, minlength=len(ref.class_names))
+    summary["baseline"] = baseline(train_counts, ref, summary["models"]["cnn"])
+    if not summary["baseline"]["cnn_above"]:
+        for t in summary["tests"].values():
+            t["verdict"] = _verdict(t, cnn_learned=False)
     figures = _run_figures(paths, preds, summary, out)
     cam_seconds = 0.0
     notes: dict[str, str] = {}
@@ -238,7 +256,8 @@ def _run_figures(paths: RunPaths, preds: dict[str, Predictions], summary: dict[s
         figures[metric] = out / f"{metric}.png"
         plots.metric_bars({k: m[metric] for k, m in models.items()}, figures[metric], metric,
                           f"Test {label}, {n} images ({arch} features), 95% bootstrap CI",
-                          ci={k: m[f"{metric}_ci"] for k, m in models.items()})
+                          ci={k: m[f"{metric}_ci"] for k, m in models.items()},
+                          baseline=(f"majority class ({summary['baseline']['class']})", summary["baseline"][metric]))
     figures["confusion"] = out / "confusion.png"
     plots.confusion_matrices(
         {k: confusion_matrix(p.y_true, p.y_pred, labels=np.arange(len(p.class_names))) for k, p in preds.items()},
@@ -395,15 +414,26 @@ def _duration(seconds: float | None) -> str:
     return "—" if seconds is None else f"{seconds:.1f} s"
 
 
-def takeaway(models: dict[str, dict[str, Any]], tests: dict[str, dict[str, Any]]) -> str:
-    """The result in words: the best model, and which heads differ from the CNN beyond chance."""
+def takeaway(models: dict[str, dict[str, Any]], tests: dict[str, dict[str, Any]],
+             base: dict[str, Any] | None = None) -> str:
+    """The result in words: whether the CNN learned, the best model, and which heads differ from the CNN beyond chance."""
     best = max(models, key=lambda n: models[n]["accuracy"])
-    parts = [f"Best test accuracy: {best} ({models[best]['accuracy']:.4f}, 95% CI "
-             f"{models[best]['accuracy_ci'][0]:.4f}–{models[best]['accuracy_ci'][1]:.4f})."]
+    parts = []
+    if base is not None and not base["cnn_above"]:
+        parts.append(f"The CNN did not learn this task: its test accuracy {models['cnn']['accuracy']:.4f} (95% CI "
+                     f"{models['cnn']['accuracy_ci'][0]:.4f}–{models['cnn']['accuracy_ci'][1]:.4f}) is not above the "
+                     f"majority-class baseline {base['accuracy']:.4f} (always '{base['class']}'). A head beating it "
+                     "is no evidence that heads beat a trained CNN; its features are those of a failed model.")
+    parts.append(f"Best test accuracy: {best} ({models[best]['accuracy']:.4f}, 95% CI "
+                 f"{models[best]['accuracy_ci'][0]:.4f}–{models[best]['accuracy_ci'][1]:.4f})"
+                 + (f"; majority-class baseline {base['accuracy']:.4f}." if base is not None else "."))
     groups = {v: [n for n, t in tests.items() if t["verdict"] == v]
               for v in ("head better", "CNN better", "no significant difference")}
     if groups["head better"]:
         parts.append(f"Significantly better than the CNN: {', '.join(groups['head better'])}.")
+    failed = [n for n, t in tests.items() if t["verdict"] == "head better than a CNN that did not learn"]
+    if failed:
+        parts.append(f"Significantly better than the untrained CNN (not a win over a trained one): {', '.join(failed)}.")
     if groups["CNN better"]:
         parts.append(f"Significantly worse than the CNN: {', '.join(groups['CNN better'])}.")
     if groups["no significant difference"]:
@@ -412,7 +442,7 @@ def takeaway(models: dict[str, dict[str, Any]], tests: dict[str, dict[str, Any]]
 
 
 def headline_table(models: dict[str, dict[str, Any]], tests: dict[str, dict[str, Any]],
-                   label: dict[str, str] | None = None) -> Table:
+                   label: dict[str, str] | None = None, baseline: dict[str, Any] | None = None) -> Table:
     colors = plots.model_colors(list(models))
     rows = []
     order = ["cnn", *sorted((n for n in models if n != "cnn"), key=lambda n: -models[n]["accuracy"])]
@@ -424,6 +454,9 @@ def headline_table(models: dict[str, dict[str, Any]], tests: dict[str, dict[str,
             "—" if t is None else _ci(t["delta_accuracy"], t["delta_accuracy_ci"], signed=True),
             "—" if t is None else _p(t["mcnemar"]["p_holm"]),
         ])
+    if baseline is not None:
+        rows.append([f"baseline: {baseline['name']} ('{baseline['class']}')", _f(baseline["accuracy"]),
+                     _f(baseline["macro_f1"]), "—", "—", "—", "—", "—"])
     return Table(["model", "accuracy [95% CI]", "macro F1 [95% CI]", "balanced accuracy", "ROC-AUC", "ECE",
                   "Δ accuracy vs CNN [95% CI]", "McNemar p (Holm)"], rows, colors)
 
@@ -461,9 +494,9 @@ def run_document(summary: dict[str, Any], cfg: dict[str, Any], figures: dict[str
     doc.para(f"Run {run['path']} · test set {summary['test_size']} images ({counts}) · seed {run['seed']} · "
              f"created {summary['created']}. Every model is scored on the same test images.")
 
-    doc.takeaway(takeaway(models, tests))
+    doc.takeaway(takeaway(models, tests, summary.get("baseline")))
     doc.heading("Results")
-    doc.table(headline_table(models, tests))
+    doc.table(headline_table(models, tests, baseline=summary.get("baseline")))
     doc.para(f"95% intervals: percentile bootstrap, {boot['resamples']} resamples stratified by true class "
              f"(seed {boot['seed']}); differences use the same resamples for both models (paired). McNemar: "
              "exact two-sided test on the images exactly one of the two models gets right; p-values adjusted "

@@ -27,7 +27,8 @@ from featurepipe import distributed
 from featurepipe.device import (autocast, keep_freed_memory, needs_grad_scaler, release_freed_memory, resolve_device,
                                 to_device)
 from featurepipe.errors import FeaturepipeError
-from featurepipe.evaluate import Predictions, save_evaluation, save_predictions, scores
+from featurepipe.evaluate import (Predictions, clearly_above, majority_baseline, save_evaluation, save_predictions,
+                                  scores)
 from featurepipe.models import (
     ARCHS,
     Net,
@@ -37,6 +38,7 @@ from featurepipe.models import (
     normalisation_for,
     save_checkpoint,
 )
+from featurepipe.models.backbones import LITE0_INSTALL, imagenet_weights_file
 from featurepipe.progress import log, progress_bar
 from featurepipe.runs import RunPaths, atomic_path, environment, read_json, run_paths, write_json, write_text
 
@@ -48,11 +50,11 @@ SAMPLERS = ("shuffle", "balanced")
 class TrainConfig:
     """Options of train-cnn. None means: chosen from the data in front of it (see `resolve`)."""
 
-    arch: str = "sixblock"
+    arch: str = "auto"
     weights: str | None = None
     epochs: int | None = None
     freeze_epochs: int | None = None
-    batch_size: int = 64
+    batch_size: int | None = None
     img_size: int | None = None
     lr: float | None = None
     lr_backbone_ratio: float = 0.1
@@ -73,7 +75,7 @@ class TrainConfig:
     resolved: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
-        choices = {"arch": ARCHS, "augment": fdata.AUGMENTATIONS, "monitor": MONITORS, "sampler": SAMPLERS}
+        choices = {"arch": ("auto", *ARCHS), "augment": fdata.AUGMENTATIONS, "monitor": MONITORS, "sampler": SAMPLERS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise FeaturepipeError(f"--{name} {getattr(self, name)}: choose one of {', '.join(allowed)}")
@@ -83,7 +85,9 @@ class TrainConfig:
                 raise FeaturepipeError(f"--{name.replace('_', '-')} {value}: must be at least 1")
         if self.freeze_epochs is not None and self.freeze_epochs < 0:
             raise FeaturepipeError(f"--freeze-epochs {self.freeze_epochs}: must be 0 or more")
-        if self.img_size is not None and self.img_size < min_img_size(self.arch):
+        if self.arch == "auto" and self.weights is not None:
+            raise FeaturepipeError(f"--weights {self.weights}: name the architecture they belong to with --arch")
+        if self.img_size is not None and self.arch != "auto" and self.img_size < min_img_size(self.arch):
             raise FeaturepipeError(f"--img-size {self.img_size}: too small; {self.arch} needs at least "
                                    f"{min_img_size(self.arch)} px")
         fdata.check_policy(self.on_bad_image)
@@ -95,16 +99,59 @@ class TrainConfig:
             raise FeaturepipeError(f"--label-smoothing {self.label_smoothing}: must be in [0, 1)")
 
 
-def auto_img_size(arch: str, short_side: int) -> int:
-    """Native size for small images; large scans are shrunk to what the model can learn from on a CPU."""
-    cap = 128 if arch == "sixblock" else 224
+# --arch auto: pretrained EfficientNet-Lite0 for images of at least this many pixels on their short
+# side and at most this many training images; sixblock from scratch otherwise (see docs/design.md,
+# "Defaults and the measurements behind them").
+AUTO_PRETRAINED_MIN_SIDE = 64
+AUTO_PRETRAINED_MAX_TRAIN = 10_000
+PRETRAINED_ARCH = "efficientnet_lite0"
+
+
+def auto_arch(short_side: int, n_train: int) -> tuple[str, str | None, str]:
+    """(arch, weights, reason) for --arch auto, from the images' median short side and the training set's size."""
+    if short_side < AUTO_PRETRAINED_MIN_SIDE:
+        return "sixblock", None, (f"images of {short_side} px: too small for ImageNet features, trained from "
+                                  "scratch at their own size")
+    if n_train > AUTO_PRETRAINED_MAX_TRAIN:
+        return "sixblock", None, (f"{n_train} training images: enough to train from scratch, at a fraction of a "
+                                  "pretrained backbone's cost")
+    try:
+        imagenet_weights_file(PRETRAINED_ARCH)
+    except FeaturepipeError:
+        return "sixblock", None, (f"{PRETRAINED_ARCH}'s ImageNet weights are not installed ({LITE0_INSTALL}), so "
+                                  "trained from scratch instead")
+    return PRETRAINED_ARCH, "imagenet", (f"{n_train} training images of {short_side} px: few enough that ImageNet "
+                                         "features help")
+
+
+def auto_img_size(arch: str, short_side: int, pretrained: bool = False) -> int:
+    """Native size for small images; large scans are shrunk to what the model can learn from on a CPU.
+    A pretrained backbone stops at 160 px: on 2 CPU cores EfficientNet-Lite0 trains 3x faster there
+    than at 224 px."""
+    cap = 128 if arch == "sixblock" else 160 if pretrained else 224
     return int(min(cap, max(min_img_size(arch), short_side)))
 
 
-def auto_epochs(n_train: int) -> int:
-    # About 80k image presentations, 10 to 60 epochs: 60 for a few hundred images (small data sets
-    # need many passes), 17 for 5 000, 10 from 8 000 on.
-    return int(min(60, max(10, math.ceil(80_000 / n_train))))
+def auto_batch_size(n_train: int) -> int:
+    """64, or for small sets the power of two nearest below a sixth of them (at least 8): a few
+    hundred images still give several optimizer steps an epoch."""
+    return int(min(64, max(8, 2 ** math.floor(math.log2(max(1, n_train // 6))))))
+
+
+def auto_epochs(n_train: int, batch_size: int, pretrained: bool) -> int:
+    """Sized in optimizer steps: about 1 250 from scratch (at least 80 000 image presentations and 10
+    epochs: PneumoniaMNIST's 4 708 images get 17 epochs, as before), 300 for fine-tuning a pretrained
+    backbone (5 to 40 epochs), whose validation loss levels off well before that."""
+    steps = math.ceil(n_train / batch_size)
+    if pretrained:
+        return int(min(40, max(5, math.ceil(300 / steps))))
+    return int(min(200, max(10, min(60, math.ceil(80_000 / n_train)), math.ceil(1_250 / steps))))
+
+
+def drops_last(n: int, batch_size: int) -> bool:
+    """Drop the last partial batch only when it is small (under a quarter of a batch): a batch of one
+    or two images gives BatchNorm nothing to normalise with, but a large remainder is data."""
+    return n > batch_size and n % batch_size < batch_size / 4
 
 
 def seed_everything(seed: int) -> None:
@@ -150,8 +197,9 @@ def prepare(data: str, cfg: TrainConfig, saved_splits: dict[str, list[str]] | No
     # error), and what fits stays in memory, so 2000-px scans are not decoded again every epoch.
     stores, splits, skipped = fdata.load_splits(catalog, splits, r["img_size"], r["in_channels"], cfg.on_bad_image)
     meta = {
-        "arch": cfg.arch, "num_classes": len(catalog.class_names), "in_channels": r["in_channels"],
-        "mean": r["mean"], "std": r["std"], "img_size": r["img_size"], "class_names": catalog.class_names,
+        "arch": r["arch"], "num_classes": len(catalog.class_names), "in_channels": r["in_channels"],
+        "mean": r["mean"], "std": r["std"], "window": r["window"], "img_size": r["img_size"],
+        "class_names": catalog.class_names,
     }
     store, position = catalog.store, np.arange(len(catalog))
     if all(s is not catalog.store for s, _ in stores.values()):
@@ -168,20 +216,30 @@ def resolve(cfg: TrainConfig, catalog: fdata.Catalog, splits: dict[str, np.ndarr
     """Fill every automatic option from the training images and record the choice."""
     train_idx = splits["train"]
     short_side, grey = fdata.describe_images(catalog.store, train_idx, cfg.seed)
-    in_channels = in_channels_for(cfg.arch, grey)
-    img_size = cfg.img_size or auto_img_size(cfg.arch, short_side)
-    mean, std = normalisation_for(cfg.arch, cfg.weights)
-    if mean is None:
-        mean, std = fdata.channel_stats(catalog.store, train_idx, img_size, in_channels, cfg.seed)
     n_train = len(train_idx) + (len(splits["val"]) if cfg.folds > 1 else 0)
-    epochs = cfg.epochs or auto_epochs(n_train)
+    arch, weights, why = (cfg.arch, cfg.weights, "as given") if cfg.arch != "auto" else auto_arch(short_side, n_train)
+    if cfg.img_size is not None and cfg.img_size < min_img_size(arch):
+        raise FeaturepipeError(f"--img-size {cfg.img_size}: too small; {arch} (chosen by --arch auto: {why}) needs "
+                               f"at least {min_img_size(arch)} px")
+    in_channels = in_channels_for(arch, grey)
+    img_size = cfg.img_size or auto_img_size(arch, short_side, weights is not None)
+    pixels = fdata.pixel_sample(catalog.store, train_idx, img_size, in_channels, cfg.seed)
+    intensity = fdata.intensity.measure(pixels)
+    mean, std = normalisation_for(arch, weights)
+    if mean is None:
+        mean, std = fdata.channel_stats(pixels, intensity.window)
+    batch_size = cfg.batch_size or auto_batch_size(n_train)
+    epochs = cfg.epochs or auto_epochs(n_train, batch_size, weights is not None)
     resolved = {
+        "arch": arch, "weights": weights, "arch_reason": why,
         "img_size": img_size, "in_channels": in_channels, "median_short_side": short_side, "grey": grey,
-        "epochs": epochs, "freeze_epochs": cfg.freeze_epochs if cfg.freeze_epochs is not None else
-        (1 if cfg.weights else 0),
-        "lr": cfg.lr or (1e-3 if cfg.weights else 2e-3),
+        "batch_size": batch_size, "epochs": epochs,
+        "freeze_epochs": cfg.freeze_epochs if cfg.freeze_epochs is not None else (1 if weights else 0),
+        "lr": cfg.lr or (1e-3 if weights else 2e-3),
         "patience": cfg.patience or max(8, epochs // 3),
         "augment": fdata.resolve_augmentation(cfg.augment, grey),
+        "intensity": {"high": intensity.high, "levels": intensity.levels, "low_range": intensity.low_range},
+        "window": list(intensity.window),
         "mean": mean, "std": std, "data_fingerprint": data_fingerprint(catalog),
     }
     return replace(cfg, resolved=resolved)
@@ -223,9 +281,13 @@ def train(data: str, out: str | Path, cfg: TrainConfig) -> dict[str, Any]:
         "environment": environment(),
     })
     r = cfg.resolved
-    log(f"training {cfg.arch} on {prep.device.type}: {len(splits['train'])} train / {len(splits['val'])} val "
-        f"images, {r['img_size']} px, {r['in_channels']} channel(s), {r['epochs']} epochs, augment={r['augment']}"
-        + (f", {cfg.folds} folds" if cfg.folds > 1 else ""))
+    if cfg.arch == "auto":
+        log(f"--arch auto: {r['arch']}" + (" (ImageNet weights)" if r["weights"] else "") + f": {r['arch_reason']}")
+    if r["intensity"]["low_range"]:
+        log(f"intensity: {fdata.Intensity(r['intensity']['high'], r['intensity']['levels'], tuple(r['window'])).describe()}")
+    log(f"training {r['arch']} on {prep.device.type}: {len(splits['train'])} train / {len(splits['val'])} val "
+        f"images, {r['img_size']} px, {r['in_channels']} channel(s), {r['epochs']} epochs of batches of "
+        f"{r['batch_size']}, augment={r['augment']}" + (f", {cfg.folds} folds" if cfg.folds > 1 else ""))
     result = cross_validate(prep, run) if cfg.folds > 1 else single(prep, run)
     write_json(run.cnn / "metrics.json", result)
     log(f"test accuracy {result['test']['accuracy']:.4f}, macro F1 {result['test']['macro_f1']:.4f} "
@@ -239,11 +301,26 @@ def single(prep: Prepared, run: RunPaths) -> dict[str, Any]:
     net, fitted = fit(prep, splits["train"], splits["val"], run)
     val = evaluate(prep, net, splits["val"])
     save_predictions(run.predictions("cnn", "val"), val)
+    fitted["val_baseline"] = check_learned(prep, val)
     t0 = time.perf_counter()
     test = evaluate(prep, net, splits["test"])
     predict_seconds = time.perf_counter() - t0
     return {**fitted, "predict_seconds_per_image": predict_seconds / len(test.ids),
             "test": save_evaluation(run.predictions("cnn"), run.report("cnn"), test)}
+
+
+def check_learned(prep: Prepared, val: Predictions) -> dict[str, Any]:
+    """The final CNN against the majority-class baseline on val, with a warning where it is not clearly above."""
+    counts = np.bincount(prep.catalog.labels[prep.splits["train"]], minlength=len(val.class_names))
+    baseline = majority_baseline(counts, val)
+    acc, base = float((val.y_pred == val.y_true).mean()), float((baseline.y_pred == val.y_true).mean())
+    learned = clearly_above(acc, base, len(val.y_true))
+    if not learned:
+        log(f"[bold red]warning[/]: the CNN's val accuracy {acc:.4f} is not clearly above the majority-class baseline "
+            f"{base:.4f} (always '{val.class_names[int(baseline.y_pred[0])]}'): it has not learned the task. Check "
+            "the images (featurepipe data inspect) and the training curves (cnn/curves.png) before trusting any "
+            "comparison built on it.")
+    return {"accuracy": base, "class": val.class_names[int(baseline.y_pred[0])], "cnn_clearly_above": learned}
 
 
 def cross_validate(prep: Prepared, run: RunPaths) -> dict[str, Any]:
@@ -317,11 +394,13 @@ def fit(prep: Prepared, train_idx: np.ndarray, val_idx: np.ndarray, run: RunPath
     elif world > 1:
         sampler = torch.utils.data.DistributedSampler(train_ds, world, distributed.rank(), shuffle=True,
                                                       seed=cfg.seed, drop_last=True)
-    train_loader = fdata.make_loader(train_ds, max(1, cfg.batch_size // world), shuffle=True, seed=cfg.seed,
-                                     pin_memory=pin, drop_last=len(train_ds) > cfg.batch_size, sampler=sampler)
+    train_loader = fdata.make_loader(train_ds, max(1, r["batch_size"] // world), shuffle=True, seed=cfg.seed,
+                                     pin_memory=pin, drop_last=drops_last(len(train_ds), r["batch_size"]),
+                                     sampler=sampler)
     val_loader = fdata.make_loader(prep.dataset(val_idx), 256, pin_memory=pin)
 
-    net = create_model(cfg.arch, n_classes, r["in_channels"], r["mean"], r["std"], cfg.weights)
+    net = create_model(r["arch"], n_classes, r["in_channels"], r["mean"], r["std"], r["weights"],
+                       window=tuple(r["window"]))
     net = net.to(device, memory_format=torch.channels_last)
     model = net
     if world > 1:
@@ -413,10 +492,37 @@ def fit(prep: Prepared, train_idx: np.ndarray, val_idx: np.ndarray, run: RunPath
     distributed.barrier()  # rank 0 has written the best checkpoint that every rank loads now
     best = torch.load(run.checkpoint, map_location="cpu", weights_only=True)
     evaluated.load_state_dict(best["state_dict"])
+    recalibrate_batchnorm(evaluated, prep.dataset(train_idx), device, cfg.amp)
+    save_checkpoint(run.checkpoint, evaluated, prep.meta, epoch=best["epoch"])
     return evaluated, {
         "best_epoch": best["epoch"], "epochs_run": state["epoch"], "monitor": cfg.monitor, "seed": cfg.seed,
         "train_seconds": round(state["seconds"], 1), "val_best": state["history"][best["epoch"] - 1],
     }
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(net: Net, ds: fdata.ImageDataset, device: torch.device, amp: bool | None) -> None:
+    """BatchNorm's running statistics recomputed on the un-augmented training images (as SWA's
+    `update_bn`): during training they follow augmented batches, and the EMA averages them over
+    weights that moved, so eval mode would normalise with statistics of images it never sees."""
+    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = {m: m.momentum for m in norms}
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over all batches
+    training = net.training
+    net.train()
+    try:
+        for x, _, k, why in fdata.make_loader(ds, 256, pin_memory=device.type == "cuda", once=True):
+            ds.check(k, why)
+            with autocast(device, amp):
+                net.forward_features(to_device(x, device))
+    finally:
+        for m in norms:
+            m.momentum = momenta[m]
+        net.train(training)
 
 
 def choose(state: dict[str, Any], epoch: int, score: float, error: float) -> bool:
@@ -503,7 +609,7 @@ def _optimizer(net: Net, cfg: TrainConfig, phase: str, steps_per_epoch: int):
         epochs = r["epochs"]
         groups = [{"params": list(net.head.parameters()), "lr": lr}]
         backbone = [p for p in net.features.parameters()]
-        if cfg.weights:
+        if r["weights"]:
             # Discriminative rates: early layers (generic edges, textures) move least. Three groups,
             # from lr * ratio for the first third to lr * ratio^(1/3) for the last.
             chunks = np.array_split(np.arange(len(backbone)), 3)
@@ -557,8 +663,8 @@ def _train_epoch(net, loader, criterion, optimizer, scheduler, scaler, device, a
     for x, y, k, why in loader:
         loader.dataset.check(k, why)  # only a file changed since prepare() checked it can fail here
         x, y = to_device(x, device), y.to(device, non_blocking=True)
-        if augment is not None:
-            x = augment(x).contiguous(memory_format=torch.channels_last)
+        if augment is not None:  # on the model's own [0, 1] scale (its intensity window applied first)
+            x = augment(getattr(net, "module", net).scale(x)).contiguous(memory_format=torch.channels_last)
         with autocast(device, amp):
             logits = net(x)
             loss = criterion(logits.float(), y)

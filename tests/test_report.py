@@ -19,7 +19,8 @@ from conftest import cli
 HEAD_SKILL = {"cnn": 1.6, "logreg": 1.3, "svm": 1.6, "rf": 0.7}
 
 
-def fake_run(root: Path, n_classes: int = 2, n_test: int = 90, heads=("logreg", "rf", "svm"), seed: int = 0) -> Path:
+def fake_run(root: Path, n_classes: int = 2, n_test: int = 90, heads=("logreg", "rf", "svm"), seed: int = 0,
+             skill: dict[str, float] | None = None) -> Path:
     """A run directory as train-cnn/extract/fit-heads leave it, with made-up predictions that have errors.
 
     The checkpoint is a stand-in (only its fingerprint matters to compare), so Grad-CAM is off for it.
@@ -33,7 +34,8 @@ def fake_run(root: Path, n_classes: int = 2, n_test: int = 90, heads=("logreg", 
              test_images=images, test_labels=y[:, None], class_names=np.array(names))
     ids = [f"test/{i:06d}" for i in range(n_test)]
     (root / "config.json").write_text(json.dumps({
-        "data": {"source": str(root / "data.npz"), "class_names": names},
+        "data": {"source": str(root / "data.npz"), "class_names": names,
+                 "counts": {"train": np.bincount(np.arange(6) % n_classes, minlength=n_classes).tolist()}},
         "train": {"seed": 0}, "model": {"arch": "sixblock", "img_size": 28, "in_channels": 1}}))
     (root / "splits.json").write_text(json.dumps({"train": [f"train/{i:06d}" for i in range(6)], "val": [],
                                                   "test": ids}))
@@ -46,7 +48,7 @@ def fake_run(root: Path, n_classes: int = 2, n_test: int = 90, heads=("logreg", 
         "1,0.9,0.6,0.8,0.62,0.6,0.001,1.0\n2,0.5,0.8,0.6,0.75,0.74,0.001,1.0\n3,0.3,0.9,0.65,0.74,0.73,0.0,1.0\n")
     (root / "heads").mkdir()
     for name in ("cnn", *heads):
-        logits = rng.normal(0, 1, (n_test, n_classes)) + HEAD_SKILL[name] * np.eye(n_classes)[y]
+        logits = rng.normal(0, 1, (n_test, n_classes)) + {**HEAD_SKILL, **(skill or {})}[name] * np.eye(n_classes)[y]
         proba = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
         folder, prefix = (root / "cnn", "") if name == "cnn" else (root / "heads", f"{name}.")
         save_predictions(folder / f"{prefix}test_predictions.csv", Predictions(ids, y, proba, names))
@@ -212,6 +214,23 @@ def test_significance_detects_a_real_difference_and_not_a_null_one(tmp_path):
     # svm is drawn with the CNN's own skill: no difference to find.
     assert tests["svm"]["verdict"] == "no significant difference"
     assert tests["svm"]["delta_accuracy_ci"][0] < 0 < tests["svm"]["delta_accuracy_ci"][1]
+
+
+def test_a_cnn_that_learned_nothing_is_named_and_no_head_wins_over_it(tmp_path):
+    run = fake_run(tmp_path / "failed", n_classes=2, n_test=400, heads=("logreg",), seed=2, skill={"cnn": 0.0})
+    cli("compare", "--run", run, "--no-gradcam")
+    summary = json.loads((run / "compare" / "summary.json").read_text())
+    base = summary["baseline"]
+    assert base["accuracy"] == 0.5 and base["cnn_above"] is False  # balanced test set, CNN guessing
+    assert summary["tests"]["logreg"]["verdict"] == "head better than a CNN that did not learn"
+    for text in ((run / "compare" / "summary.md").read_text(), (run / "compare" / "report.html").read_text()):
+        assert "did not learn" in text and "majority-class baseline" in text
+        assert "Significantly better than the CNN:" not in text
+    # A CNN that learned: above the baseline, and the usual verdicts.
+    ok = fake_run(tmp_path / "ok", n_classes=2, n_test=400, heads=("logreg",), seed=2)
+    cli("compare", "--run", ok, "--no-gradcam")
+    summary = json.loads((ok / "compare" / "summary.json").read_text())
+    assert summary["baseline"]["cnn_above"] is True and "did not learn" not in (ok / "compare" / "summary.md").read_text()
 
 
 def test_heads_scored_on_other_images_are_refused(tmp_path):

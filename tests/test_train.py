@@ -1,11 +1,13 @@
 import json
+import math
 
 import numpy as np
 import pytest
 import torch
 
 from featurepipe import train as train_mod
-from featurepipe.train import TrainConfig, auto_epochs, auto_img_size, train
+from featurepipe.train import (TrainConfig, auto_arch, auto_batch_size, auto_epochs, auto_img_size, drops_last,
+                               train)
 
 from conftest import cli
 
@@ -36,8 +38,33 @@ def test_auto_defaults():
     assert auto_img_size("sixblock", 28) == 28
     assert auto_img_size("sixblock", 1500) == 128
     assert auto_img_size("resnet18", 1500) == 224
-    assert auto_epochs(300) == 60 and auto_epochs(4708) == 17 and auto_epochs(200_000) == 10
-    assert auto_epochs(300) > auto_epochs(2000) > auto_epochs(8000)
+    assert auto_img_size("efficientnet_lite0", 1500, pretrained=True) == 160
+    assert auto_img_size("efficientnet_lite0", 100, pretrained=True) == 100
+
+
+def test_schedule_in_steps():
+    # PneumoniaMNIST's 4 708 images keep batches of 64 and 17 epochs; huge sets are not slowed down.
+    assert auto_batch_size(4708) == 64 and auto_epochs(4708, 64, pretrained=False) == 17
+    assert auto_epochs(200_000, 64, pretrained=False) == 10
+    # A few hundred images: smaller batches and more epochs, so they still get ~1 250 optimizer steps.
+    for n in (60, 178, 240, 700):
+        batch = auto_batch_size(n)
+        assert 8 <= batch <= 64 and math.ceil(n / batch) >= 4
+        epochs = auto_epochs(n, batch, pretrained=False)
+        assert epochs * math.ceil(n / batch) >= 1_000 or epochs == 200
+        tuned = auto_epochs(n, batch, pretrained=True)
+        assert tuned * math.ceil(n / batch) >= 300 or tuned == 40
+    # No epoch silently drops a large share of the images: 178 with batch 64 used to lose 28 %.
+    for n in range(17, 3000):
+        batch = auto_batch_size(n)
+        assert not drops_last(n, batch) or n % batch < batch / 4 and n % batch / n < 0.1
+
+
+def test_auto_arch():
+    assert auto_arch(28, 4708)[0] == "sixblock"  # MedMNIST: too small for ImageNet features
+    assert auto_arch(512, 50_000)[0] == "sixblock"  # enough data to learn from scratch
+    arch, weights, why = auto_arch(224, 240)
+    assert (arch, weights) == ("efficientnet_lite0", "imagenet") and "240" in why
 
 
 def _weights(run):

@@ -14,7 +14,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
+from featurepipe.data import intensity
 from featurepipe.data.images import UnreadableImage
+from featurepipe.data.intensity import FULL_RANGE
 from featurepipe.data.sources import ArrayStore, FileStore
 from featurepipe.errors import FeaturepipeError
 
@@ -156,11 +158,17 @@ def _readable(store: ArrayStore | FileStore, read, picks: np.ndarray) -> list:
     return out
 
 
-def channel_stats(store: ArrayStore | FileStore, indices: np.ndarray, size: int, channels: int,
-                  seed: int, k: int = 1000) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std (0..1 scale) of a sample of the training images."""
+def pixel_sample(store: ArrayStore | FileStore, indices: np.ndarray, size: int, channels: int, seed: int,
+                 k: int = 1000) -> np.ndarray:
+    """Up to k of the images at `indices`, decoded as training will see them: uint8 (n, S, S, C)."""
     picks = indices[sample_positions(len(indices), k, seed)]
-    x = np.stack(_readable(store, lambda i: store.read(i, size, channels), picks)).astype(np.float64) / 255.0
+    return np.stack(_readable(store, lambda i: store.read(i, size, channels), picks))
+
+
+def channel_stats(pixels: np.ndarray, window: tuple[float, float] = FULL_RANGE) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std, on the 0..1 scale the model sees (after its intensity window), of a
+    `pixel_sample` of the training images."""
+    x = intensity.apply(pixels, window)
     mean = x.mean(axis=(0, 1, 2))
     std = np.maximum(x.std(axis=(0, 1, 2)), 1e-3)
     return mean.round(6).tolist(), std.round(6).tolist()

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from featurepipe.data import intensity
+from featurepipe.data.dataset import pixel_sample
 from featurepipe.data.load import Skipped, each_image
 from featurepipe.data.sources import SPLITS, Catalog, scan
 from featurepipe.data.splits import TEST_FRACTION, VAL_FRACTION, assign_splits, broken_groups, check_splits
@@ -39,6 +41,7 @@ class Inspection:
     duplicates: list[list[str]]  # identical images in more than one split: "split:id" each
     repeated: int  # further copies of an image within its own split
     broken_groups: dict[str, dict[str, int]]
+    intensity: str = ""  # what the images use of the 8-bit range (data.intensity)
     problem: str | None = None  # why training would refuse this data
     warnings: list[str] = field(default_factory=list)
 
@@ -62,6 +65,7 @@ class Inspection:
             f"width       {_range(self.width)} px",
             f"height      {_range(self.height)} px",
             "modes       " + ", ".join(f"{m} {n}" for m, n in sorted(self.modes.items(), key=lambda x: -x[1])),
+            f"intensity   {self.intensity}",
             "",
             f"unreadable  {len(self.unreadable)}" + (" (train-cnn skips them, or stops at the first with "
                                                       "--on-bad-image error)" if self.unreadable else ""),
@@ -109,6 +113,8 @@ def inspect(source: str, seed: int = 0) -> Inspection:
         readable = {"all": np.array(sorted(facts), dtype=np.int64)}
 
     sizes = np.array([f[0] for f in facts.values()]).reshape(-1, 2)
+    sample = readable.get("train", readable.get("all"))
+    level = intensity.measure(pixel_sample(catalog.store, sample, 128, 1, seed)) if len(sample) else None
     by_digest: dict[str, list[int]] = {}
     for i, (_, _, digest) in facts.items():
         by_digest.setdefault(digest, []).append(i)
@@ -130,9 +136,12 @@ def inspect(source: str, seed: int = 0) -> Inspection:
         duplicates=[[f"{split_of.get(i, '-')}:{catalog.ids[i]}" for i in ids] for ids in across],
         repeated=sum(len(ids) - len({split_of.get(i) for i in ids}) for ids in copies),
         broken_groups=broken_groups(catalog, splits) if splits is not None else {},
+        intensity=level.describe() if level is not None else "no readable image",
         problem=problem,
-        warnings=[] if not failed or problem else
-        [f"{len(failed)} unreadable image(s) will be left out of training (see above)"],
+        warnings=([] if not failed or problem else
+                  [f"{len(failed)} unreadable image(s) will be left out of training (see above)"])
+        + (["the images are exported with a low dynamic range (see intensity); train-cnn rescales them"]
+           if level is not None and level.low_range else []),
     )
 
 

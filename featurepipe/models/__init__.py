@@ -1,7 +1,9 @@
 """One registry that turns an architecture name into a `Net`, and the checkpoint format.
 
-Every `Net` takes uint8 images (N, C, S, S) and normalises them itself, so a checkpoint is
-self-contained: `net.forward_features(x)` is the embedding, `net(x)` the logits.
+Every `Net` takes uint8 images (N, C, S, S) and brings them to its input range itself (`scale`: the
+intensity window, then `normalize`), so a checkpoint is self-contained and training, extract,
+predict and Grad-CAM see one preprocessing: `net.forward_features(x)` is the embedding, `net(x)` the
+logits. A float input is taken as already scaled to [0, 1] (training augments between the two).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from featurepipe.data.intensity import FULL_RANGE
 from featurepipe.errors import FeaturepipeError
 from featurepipe.models.backbones import (
     IMAGENET_MEAN,
@@ -40,18 +43,28 @@ ARCHS: dict[str, Callable[[int], tuple[nn.Module, int]]] = {
 
 class Net(nn.Module):
     def __init__(self, features: nn.Module, dim: int, num_classes: int, mean: list[float], std: list[float],
-                 dropout: float = 0.3) -> None:
+                 dropout: float = 0.3, window: tuple[float, float] = FULL_RANGE) -> None:
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        # Not in the state dict (older checkpoints have none): the checkpoint's meta carries it.
+        self.window = (float(window[0]), float(window[1]))
         self.features = features
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(dim, num_classes))
         self.embedding_dim = dim
 
+    def scale(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels → [0, 1] through the intensity window (see data.intensity): a data set exported
+        with grey levels 0-2 reaches the model as 0, 0.5 and 1, wherever the image comes from."""
+        if x.dtype != torch.uint8:
+            return x
+        lo, hi = self.window
+        if (lo, hi) == FULL_RANGE:
+            return x.float().div_(255.0)
+        return x.float().sub_(lo).div_(hi - lo).clamp_(0.0, 1.0)
+
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.uint8:
-            x = x.float().div_(255.0)
-        return (x - self.mean) / self.std
+        return (self.scale(x) - self.mean) / self.std
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(self.normalize(x))
@@ -107,7 +120,7 @@ def min_img_size(arch: str) -> int:
 
 
 def create_model(arch: str, num_classes: int, in_channels: int, mean: list[float], std: list[float],
-                 weights: str | None = None) -> Net:
+                 weights: str | None = None, window: tuple[float, float] = FULL_RANGE) -> Net:
     if arch not in ARCHS:
         raise FeaturepipeError(f"--arch {arch}: unknown architecture; choose one of {', '.join(ARCHS)}")
     features, dim = ARCHS[arch](in_channels)
@@ -118,11 +131,11 @@ def create_model(arch: str, num_classes: int, in_channels: int, mean: list[float
         if any(k.startswith(prefix) for k in state):  # a featurepipe checkpoint: take its backbone only
             state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         load_weights(features, state, str(path))
-    return Net(features, dim, num_classes, mean, std)
+    return Net(features, dim, num_classes, mean, std, window=window)
 
 
 def save_checkpoint(path: Path, net: Net, meta: dict[str, Any], **extra: Any) -> None:
-    """meta: arch, num_classes, in_channels, mean, std, img_size, class_names (all JSON-able)."""
+    """meta: arch, num_classes, in_channels, mean, std, window, img_size, class_names (all JSON-able)."""
     from featurepipe.runs import atomic_path
 
     with atomic_path(path) as tmp:
@@ -140,7 +153,7 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[Net
     # Built on the meta device, then given the checkpoint's tensors: no random initialisation to throw
     # away (a third of a second for resnet18, more for the larger backbones).
     build = functools.partial(create_model, meta["arch"], meta["num_classes"], meta["in_channels"], meta["mean"],
-                              meta["std"])
+                              meta["std"], window=tuple(meta.get("window", FULL_RANGE)))
     with torch.device("meta"):
         net = build()
     net.load_state_dict(ckpt["state_dict"], assign=True)
