@@ -18,7 +18,7 @@ from conftest import cli
 
 def _cfg(**resolved):
     cfg = TrainConfig(weights="x", lr_backbone_ratio=0.1)
-    cfg.resolved = {"lr": 1e-3, "epochs": 2, "freeze_epochs": 1, **resolved}
+    cfg.resolved = {"lr": 1e-3, "epochs": 2, "freeze_epochs": 1, "weights": cfg.weights, **resolved}
     return cfg
 
 

@@ -185,7 +185,7 @@ def test_compressed_features_read_back_the_same(tiny_run, tmp_path, compression)
 
 @pytest.mark.parametrize("option,value,message", [
     ("--img-size", "16", "too small"),
-    ("--arch", "alexnet9", "--arch alexnet9: choose one of sixblock"),
+    ("--arch", "alexnet9", "--arch alexnet9: choose one of auto, sixblock"),
     ("--device", "tpu", "choose auto, cpu or cuda"),
     ("--augment", "heavy", "--augment heavy"),
 ])

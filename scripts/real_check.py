@@ -1,0 +1,93 @@
+"""The four commands with default options on the real data sets in ../shared/data, timed, with issue 13's floors.
+
+    python scripts/real_check.py [--sets brain,dark,pneumonia] [--seeds 0,1,2] [--work DIR]
+
+brain      ../shared/data/brain-mri4-small (4 classes, 224-px JPEGs, 240 / 80 / 400)
+dark       the same images with every pixel integer-divided by 100 (grey levels 0-2), as PNG: a
+           mis-exported archive, made under --work
+pneumonia  ../shared/data/pneumoniamnist.npz (28 px, 4 708 / 524 / 624)
+
+Prints one row per data set and seed: the architecture --arch auto chose, the CNN's and the best
+head's test accuracy, the majority-class baseline, and the seconds of each command. Exits 1 where a
+floor is missed: brain CNN and best head >= 0.85, dark within 0.03 of brain, PneumoniaMNIST CNN
+>= 0.92. Takes about half an hour on 2 CPU cores; time it on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+FEATUREPIPE = [sys.executable, "-m", "featurepipe"]
+
+
+def dark_copy(src: Path, dst: Path) -> Path:
+    if not dst.exists():
+        for path in sorted(src.rglob("*.jpg")):
+            out = (dst / path.relative_to(src)).with_suffix(".png")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.asarray(Image.open(path).convert("L")) // 100).save(out)
+    return dst
+
+
+def pipeline(data: Path, run: Path, seed: int) -> dict:
+    seconds = {}
+    for name, args in (("train-cnn", ["--data", data, "--out", run, "--overwrite", "--seed", seed]),
+                       ("extract", ["--run", run]), ("fit-heads", ["--run", run, "--heads", "svm,rf,logreg"]),
+                       ("compare", ["--run", run, "--no-gradcam"])):
+        t0 = time.perf_counter()
+        subprocess.run([*FEATUREPIPE, name, *map(str, args)], check=True, stdout=subprocess.DEVNULL)
+        seconds[name] = round(time.perf_counter() - t0)
+    summary = json.loads((run / "compare" / "summary.json").read_text())
+    resolved = json.loads((run / "config.json").read_text())["train"]["resolved"]
+    models = {k: v["accuracy"] for k, v in summary["models"].items()}
+    return {"arch": resolved["arch"], "img_size": resolved["img_size"], "cnn": models.pop("cnn"),
+            "best_head": max(models.values()), "baseline": summary["baseline"]["accuracy"], "seconds": seconds}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sets", default="brain,dark,pneumonia")
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "featurepipe-real-check")
+    args = parser.parse_args()
+    sources = {"brain": SHARED / "brain-mri4-small", "pneumonia": SHARED / "pneumoniamnist.npz"}
+    missing = [str(p) for p in sources.values() if not p.exists()]
+    if missing:
+        print(f"real data not found: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    sources["dark"] = dark_copy(sources["brain"], args.work / "brain-dark")
+    rows, failures = {}, []
+    print("| data set | seed | arch | CNN | best head | baseline | train-cnn s | extract s | fit-heads s | compare s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name in args.sets.split(","):
+        for seed in map(int, args.seeds.split(",")):
+            r = rows[name, seed] = pipeline(sources[name], args.work / f"{name}-{seed}", seed)
+            s = r["seconds"]
+            print(f"| {name} | {seed} | {r['arch']} @ {r['img_size']} | {r['cnn']:.4f} | {r['best_head']:.4f} | "
+                  f"{r['baseline']:.4f} | {s['train-cnn']} | {s['extract']} | {s['fit-heads']} | {s['compare']} |",
+                  flush=True)
+            if name == "brain" and min(r["cnn"], r["best_head"]) < 0.85:
+                failures.append(f"brain seed {seed}: CNN {r['cnn']:.4f}, best head {r['best_head']:.4f} (floor 0.85)")
+            if name == "pneumonia" and r["cnn"] < 0.92:
+                failures.append(f"pneumonia seed {seed}: CNN {r['cnn']:.4f} (floor 0.92)")
+            if name == "dark" and ("brain", seed) in rows:
+                gap = max(rows["brain", seed][k] - r[k] for k in ("cnn", "best_head"))
+                if gap > 0.03:
+                    failures.append(f"dark seed {seed}: {gap:.4f} below brain (at most 0.03)")
+    for failure in failures:
+        print(f"MISSED: {failure}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
