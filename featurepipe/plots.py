@@ -81,7 +81,8 @@ def metric_bars(values: dict[str, float], path: Path, metric: str = "accuracy", 
     if baseline is not None:
         name, score = baseline
         ax.axhline(score, color="#b22222", linestyle="--", linewidth=1.2, label=f"{name}: {score:.3f}", zorder=3)
-        ax.legend(loc="lower right", fontsize=8, frameon=True)
+        # Below the axis, where no bar can hide it (bbox_inches="tight" keeps it in the picture).
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), fontsize=8, frameon=False)
         lows = [*lows, score]
     _unit_axis(ax, _floor(lows), 1.06)
     label = _label(metric)

@@ -104,10 +104,19 @@ def model_cost(paths: RunPaths, name: str) -> dict[str, float | None]:
 
 
 def score_run(paths: RunPaths, preds: dict[str, Predictions], resamples: int, seed: int) -> dict[str, Any]:
-    """`evaluate_models` with each model's fit and prediction times added to its scores."""
+    """`evaluate_models` with each model's fit and prediction times added to its scores, and the
+    majority-class baseline (verdicts against a CNN that is not above it say so)."""
     evaluated = evaluate_models(preds, resamples, seed)
     for name, scores_ in evaluated["models"].items():
         scores_.update(model_cost(paths, name))
+    ref = preds["cnn"]
+    # Runs written before config.json kept class counts: the test split's own majority class instead.
+    train_counts = load_config(paths)["data"].get("counts", {}).get("train") or \
+        np.bincount(ref.y_true, minlength=len(ref.class_names))
+    evaluated["baseline"] = baseline(train_counts, ref, evaluated["models"]["cnn"])
+    if not evaluated["baseline"]["cnn_above"]:
+        for t in evaluated["tests"].values():
+            t["verdict"] = _verdict(t, cnn_learned=False)
     return evaluated
 
 
@@ -202,12 +211,6 @@ def compare(run: str | Path, out: str | Path | None = None, options: CompareOpti
         "environment": environment(),
     }
 
-    # Runs written before config.json kept class counts: the test split's own majority class instead.
-    train_counts = cfg["data"].get("counts", {}).get("train") or np.bincount(ref.y_true, minlength=len(ref.class_names))
-    summary["baseline"] = baseline(train_counts, ref, summary["models"]["cnn"])
-    if not summary["baseline"]["cnn_above"]:
-        for t in summary["tests"].values():
-            t["verdict"] = _verdict(t, cnn_learned=False)
     figures = _run_figures(paths, preds, summary, out)
     cam_seconds = 0.0
     notes: dict[str, str] = {}
@@ -597,7 +600,8 @@ def compare_runs(runs: list[str | Path], out: str | Path | None, options: Compar
         evaluated = score_run(paths, preds, options.resamples, cfg["train"]["seed"])
         results[label] = {"path": str(paths.root), "arch": cfg["model"]["arch"], "seed": cfg["train"]["seed"],
                           "data": cfg["data"]["source"], "test_size": len(preds["cnn"].ids),
-                          "models": evaluated["models"], "tests": evaluated["tests"]}
+                          "models": evaluated["models"], "tests": evaluated["tests"],
+                          "baseline": evaluated["baseline"]}
     same = len({tuple(ids) for ids in test_ids.values()}) == 1
     summary = {"class_names": class_names, "same_test_images": same, "runs": results,
                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "environment": environment()}
@@ -644,6 +648,13 @@ def runs_document(summary: dict[str, Any], figures: dict[str, Path]) -> Doc:
             rows.append([label if k == 0 else "", name, _ci(m["accuracy"], m["accuracy_ci"]),
                          _ci(m["macro_f1"], m["macro_f1_ci"]), _f(m["balanced_accuracy"]), _f(m["roc_auc"]),
                          _f(m["ece"]), "—" if t is None else _p(t["mcnemar"]["p_holm"])])
+        base = r["baseline"]
+        rows.append(["", f"baseline: {base['name']} ('{base['class']}')", _f(base["accuracy"]), _f(base["macro_f1"]),
+                     "—", "—", "—", "—"])
+    failed = [label for label, r in runs.items() if not r["baseline"]["cnn_above"]]
+    if failed:
+        doc.para(f"The CNN did not learn in {', '.join(failed)}: its test accuracy is not above the majority-class "
+                 "baseline, so its heads' scores are no evidence that heads beat a trained CNN.")
     doc.table(Table(["run", "model", "accuracy [95% CI]", "macro F1 [95% CI]", "balanced accuracy", "ROC-AUC",
                      "ECE", "McNemar p vs its CNN (Holm)"], rows, colors, swatch_column=1, label_columns=2))
     doc.para("Intervals: stratified percentile bootstrap per run. McNemar compares each head with the CNN of "

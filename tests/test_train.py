@@ -131,3 +131,43 @@ def test_one_standard_error_rule():
     assert choose(state, 3, 0.885, 0.03)         # within 0.02 of the best: the later epoch is kept
     assert not choose(state, 4, 0.87, 0.01)      # worse than best - SE: not kept
     assert state["best"] == 0.90 and state["best_epoch"] == 3
+
+
+def test_auto_arch_without_the_lite0_extra_falls_back_and_says_so(monkeypatch):
+    import featurepipe.train as train_module
+    from featurepipe.errors import FeaturepipeError
+
+    def missing(arch):
+        raise FeaturepipeError(f"--weights imagenet for {arch} needs the extra")
+
+    monkeypatch.setattr(train_module, "imagenet_weights_file", missing)
+    arch, weights, why = train_module.auto_arch(224, 240)
+    assert (arch, weights) == ("sixblock", None) and "not installed" in why
+
+
+def test_auto_arch_is_printed_and_saved_with_its_reason(tmp_path):
+    from conftest import write_images
+
+    write_images(tmp_path / "data", 8, size=64)
+    r = cli("train-cnn", "--data", tmp_path / "data", "--out", tmp_path / "run", "--epochs", "1")
+    assert "--arch auto: efficientnet_lite0" in r.output
+    train_cfg = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
+    assert train_cfg["arch"] == "auto"  # as given; the choice is in resolved
+    resolved = train_cfg["resolved"]
+    assert (resolved["arch"], resolved["weights"], resolved["img_size"]) == ("efficientnet_lite0", "imagenet", 64)
+    assert "training images of 64 px" in resolved["arch_reason"]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["model"]["arch"] == "efficientnet_lite0"
+
+
+def test_train_cnn_warns_when_the_cnn_is_not_above_the_majority_class(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(60):  # noise, labels unrelated to it: nothing to learn
+        path = tmp_path / "data" / ("a" if i % 3 else "b") / f"{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(path)
+    r = cli("train-cnn", "--data", tmp_path / "data", "--out", tmp_path / "run", "--epochs", "1")
+    assert "not clearly above the majority-class baseline" in r.output
+    baseline = json.loads((tmp_path / "run" / "cnn" / "metrics.json").read_text())["val_baseline"]
+    assert baseline["class"] == "a" and baseline["cnn_clearly_above"] is False
