@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 import joblib
 import numpy as np
+import skops.io as sio
 from joblib import Parallel, delayed, parallel_config
 from sklearn.base import clone
 from sklearn.calibration import CalibratedClassifierCV
@@ -207,6 +208,25 @@ _STACK = HeadSpec(
     {"clf__C": [0.01, 0.1, 1.0, 10.0]},
 )
 NAMES = (*HEADS, STACK)
+
+# What a head's .skops file may hold beyond skops's default-trusted scikit-learn types: the inner parts
+# of the estimators above, and featurepipe's own two. Nothing else is ever instantiated on loading, so
+# a planted or edited file cannot run code (the .joblib export can: featurepipe never loads it).
+TRUSTED_TYPES = [
+    "featurepipe.heads.CappedPCA",
+    "featurepipe.heads._log_proba",
+    "sklearn.calibration._CalibratedClassifier",
+    "sklearn.calibration._SigmoidCalibration",
+    "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
+    "sklearn.metrics._dist_metrics.EuclideanDistance64",
+    "sklearn.neighbors._ball_tree.BallTree",
+    "sklearn.neighbors._kd_tree.KDTree",
+    "sklearn.tree._tree.Tree",
+]
+
+
+class SkipHead(Exception):
+    """A head that cannot be fitted on these training vectors; fit-heads says why and goes on."""
 
 
 @dataclass
@@ -432,6 +452,18 @@ def head_info(paths: RunPaths, name: str, current: str) -> dict[str, Any]:
     return info
 
 
+def load_head(paths: RunPaths, name: str):
+    """A fitted head, from its .skops file with only TRUSTED_TYPES allowed: never code from the run folder."""
+    path = require(paths.head_safe(name), f"safe copy of head '{name}'",
+                   f"re-fit it: featurepipe fit-heads --run {paths.root} --heads {name}")
+    try:
+        return sio.load(path, trusted=TRUSTED_TYPES)
+    except Exception as e:  # untrusted types, a damaged zip, another skops version's format, ...
+        why = (str(e).splitlines() or [""])[0][:200]
+        raise FeaturepipeError(f"{path}: not a head featurepipe can load safely ({type(e).__name__}: {why}); "
+                               f"re-fit it: featurepipe fit-heads --run {paths.root} --heads {name}") from None
+
+
 def fit_heads(run: str | Path, names: list[str], config: HeadsConfig | None = None) -> dict[str, dict[str, float]]:
     config = config or HeadsConfig()
     config.validate()
@@ -517,6 +549,8 @@ def _save_head(paths: RunPaths, name: str, model, info: dict[str, Any], fit_seco
 def _write_head(paths: RunPaths, name: str, model, info: dict[str, Any], fit_seconds: float,
                 predict_seconds: float, val: Predictions, test: Predictions) -> dict[str, float]:
     """The files every head leaves, the ones compare and predict read: model, json, predictions, report."""
+    with atomic_path(paths.head_safe(name)) as tmp:
+        sio.dump(model, tmp)
     with atomic_path(paths.head_model(name)) as tmp:
         joblib.dump(model, tmp)
     save_predictions(paths.predictions(name, "val"), val)

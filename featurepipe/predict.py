@@ -22,7 +22,7 @@ from featurepipe.data.images import IMAGE_EXTENSIONS
 from featurepipe.data.sources import FileStore, _images_under
 from featurepipe.device import autocast, images_per_pass, in_passes, resolve_device, to_device
 from featurepipe.errors import FeaturepipeError
-from featurepipe.heads import STACK, full_proba, head_info
+from featurepipe.heads import NAMES, STACK, full_proba, head_info, load_head
 from featurepipe.models import fingerprint, load_checkpoint
 from featurepipe.progress import log, progress_bar
 from featurepipe.runs import RunPaths, require, run_paths, write_text
@@ -48,7 +48,7 @@ class Predictor:
 
     def _load(self, paths: RunPaths, name: str, current: str) -> dict[str, Any]:
         if name not in self.infos:
-            if not paths.head_model(name).exists():
+            if name not in NAMES or not paths.head_model(name).exists():
                 fitted = sorted(p.stem for p in paths.heads.glob("*.joblib")) if paths.heads.exists() else []
                 raise FeaturepipeError(f"--model {name}: not a model of {paths.root}; choose cnn"
                                        + (f" or a fitted head: {', '.join(fitted)}" if fitted else ""))
@@ -57,7 +57,7 @@ class Predictor:
                 raise FeaturepipeError(f"{paths.head_info(name)}: its classes differ from the CNN's; "
                                        f"re-run featurepipe fit-heads --run {paths.root}")
             self.infos[name] = info
-            self.heads[name] = joblib.load(paths.head_model(name))
+            self.heads[name] = load_head(paths, name)
         return self.infos[name]
 
     @torch.inference_mode()

@@ -76,7 +76,16 @@ class RunPaths:
         return self._model_dir(model) / f"{_prefix(model)}classification_report.txt"
 
     def head_model(self, name: str) -> Path:
+        """The joblib export of a head, for users; featurepipe itself never loads it (see head_safe)."""
         return self.heads / f"{name}.joblib"
+
+    def head_safe(self, name: str) -> Path:
+        """The same head in skops format: what predict loads, with an explicit list of trusted types."""
+        return self.heads / f"{name}.skops"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / ".lock"
 
     def head_info(self, name: str) -> Path:
         return self.heads / f"{name}.json"

@@ -338,7 +338,7 @@ def fit(prep: Prepared, train_idx: np.ndarray, val_idx: np.ndarray, run: RunPath
     state = {"epoch": 0, "best": None, "best_se": 0.0, "best_epoch": 0, "history": []}
     optimizer = scheduler = phase = None
     if cfg.resume and run.last_checkpoint.exists():
-        ckpt = torch.load(run.last_checkpoint, map_location="cpu", weights_only=False)
+        ckpt = _load_resume_state(run.last_checkpoint)
         net.load_state_dict(ckpt["train_state_dict"])
         if ema is not None:
             ema.load_state_dict(ckpt["ema"])
@@ -529,6 +529,46 @@ def _check_run_dir(run: RunPaths, data: str, cfg: TrainConfig) -> None:
         raise FeaturepipeError(
             f"--out {run.root}: already holds a trained CNN; pass --overwrite to replace it, or --resume to continue"
         )
+    others = sorted(p.name for p in run.root.iterdir() if p.name != ".lock") if run.root.is_dir() else []
+    if others and not is_run(run.root) and not cfg.overwrite:
+        raise FeaturepipeError(f"--out {run.root}: holds other files ({', '.join(others[:3])}"
+                               f"{', ...' if len(others) > 3 else ''}) and is no featurepipe run; give a new or "
+                               "empty folder, or pass --overwrite")
+    return cfg
+
+
+def _resumed_options(cfg: TrainConfig, old: dict[str, Any]) -> TrainConfig:
+    """Options left automatic take the run's; one given otherwise than the run had is refused."""
+    cfg = replace(cfg, **{k: old[k] for k in RESUME_KEEPS if k in old and getattr(cfg, k) is None})
+    for k in RESUME_KEEPS:
+        was = old.get(k) if old.get(k) is not None else old.get("resolved", {}).get(k)
+        if k in old and getattr(cfg, k) is not None and getattr(cfg, k) != was:
+            raise FeaturepipeError(f"--resume: --{k.replace('_', '-')} {getattr(cfg, k)} differs from the run's {was}; "
+                                   "resume with the run's options, or start over with --overwrite")
+    return cfg
+
+
+def _start_over(run: RunPaths) -> None:
+    """A run trained again forgets that it was finished and where it stopped, before anything else is
+    written: an interrupted --overwrite must neither pass for finished nor resume the previous run."""
+    for path in (run.cnn_metrics, run.last_checkpoint, *run.root.glob("folds/*/cnn/last.pt"),
+                 *run.root.glob("folds/*/cnn/metrics.json")):
+        path.unlink(missing_ok=True)
+
+
+def _diverged(what: str, value: float, lr: float) -> FeaturepipeError:
+    return FeaturepipeError(f"training diverged: {what} became {value} (peak learning rate {lr:g}); "
+                            "lower --lr, or check the images for extreme values")
+
+
+def _load_resume_state(path: Path) -> dict[str, Any]:
+    """last.pt with weights_only=True: tensors and plain containers only, so a planted file runs no code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        why = (str(e).splitlines() or [""])[0][:160]
+        raise FeaturepipeError(f"{path}: cannot be loaded safely as a featurepipe resume state ({type(e).__name__}: "
+                               f"{why}); start over with --overwrite") from None
 
 
 def _images_per_epoch(loader) -> int:
@@ -610,7 +650,13 @@ def _write_history(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def _get_rng() -> dict[str, Any]:
-    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every generator's state as tensors and plain numbers, so last.pt loads with weights_only=True."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, state, python_gauss = random.getstate()
+    rng = {"torch": torch.get_rng_state(),
+           "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                     "gauss": float(gauss)},
+           "python": {"version": version, "state": torch.tensor(state, dtype=torch.int64), "gauss": python_gauss}}
     if torch.cuda.is_available():  # augmentation draws on the training device
         rng["cuda"] = torch.cuda.get_rng_state_all()
     return rng
@@ -618,7 +664,8 @@ def _get_rng() -> dict[str, Any]:
 
 def _set_rng(rng: dict[str, Any]) -> None:
     torch.set_rng_state(rng["torch"])
-    np.random.set_state(rng["numpy"])
-    random.setstate(rng["python"])
+    n, p = rng["numpy"], rng["python"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    random.setstate((p["version"], tuple(p["state"].tolist()), p["gauss"]))
     if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(rng["cuda"])
