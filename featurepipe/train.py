@@ -70,6 +70,7 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False
     on_bad_image: str = "skip"
+    allow_outside: bool = False  # CSV rows may name files outside the CSV's folder
     resolved: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -142,7 +143,7 @@ def prepare(data: str, cfg: TrainConfig, saved_splits: dict[str, list[str]] | No
     if device.type == "cpu":
         keep_freed_memory()
     seed_everything(cfg.seed)
-    catalog = fdata.scan(data)
+    catalog = fdata.scan(data, cfg.allow_outside)
     splits = fdata.assign_splits(catalog, cfg.seed, saved_splits)
     cfg = resolve(cfg, catalog, splits)
     r = cfg.resolved
@@ -197,7 +198,10 @@ def data_fingerprint(catalog: fdata.Catalog) -> str:
         h.update(np.ascontiguousarray(catalog.store.images).data)
     else:
         for path in catalog.store.paths:
-            h.update(str(Path(path).stat().st_size).encode())
+            try:
+                h.update(str(Path(path).stat().st_size).encode())
+            except OSError:  # gone or unreadable: load_splits skips it (or stops) and says why
+                h.update(b"-")
     return h.hexdigest()[:16]
 
 
