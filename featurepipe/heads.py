@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -294,7 +295,13 @@ def choose(spec: HeadSpec, X: np.ndarray, y: np.ndarray, X_val: np.ndarray | Non
            ) -> tuple[dict[str, Any], list[dict[str, Any]], Pipeline | None]:
     """The chosen params, every candidate's score (macro F1 on val, or its mean over stratified CV folds
     of train) and, tuned on val without calibration, the winner already fitted on train."""
-    candidates = spec.candidates(tune)
+    smallest = int(np.bincount(y)[np.unique(y)].min())
+    if tune == "cv" and smallest < 2:
+        log("--tune cv: a class has fewer than 2 training vectors; default hyperparameters instead")
+        tune = "none"
+    # The fewest vectors any fit sees: a CV fold's training part (n minus its largest held-out fold), or all.
+    fitted_on = len(y) - math.ceil(len(y) / min(cv_folds, smallest)) if tune == "cv" else len(y)
+    candidates = fit_to_data(spec.candidates(tune), fitted_on, smallest, len(np.unique(y)))
     if len(candidates) == 1:
         return candidates[0], [], None
     base = spec.build(seed, 1)  # the parallelism is across candidates, not inside them
@@ -312,6 +319,21 @@ def choose(spec: HeadSpec, X: np.ndarray, y: np.ndarray, X_val: np.ndarray | Non
     return candidates[best], table, results[best][1] if tune == "val" else None
 
 
+def fit_to_data(candidates: list[dict[str, Any]], n: int, smallest: int, n_classes: int) -> list[dict[str, Any]]:
+    """The grid points a small training set can take: k-NN's k at most the `n` vectors it is fitted on,
+    and boosting without its inner early-stopping split where that split could not hold every class."""
+    out: list[dict[str, Any]] = []
+    for params in candidates:
+        params = dict(params)
+        if "clf__n_neighbors" in params:
+            params["clf__n_neighbors"] = min(params["clf__n_neighbors"], n)
+        if "clf__max_leaf_nodes" in params and (smallest < 2 or math.ceil(0.1 * n) < n_classes):
+            params["clf__early_stopping"] = False
+        if params not in out:
+            out.append(params)
+    return out
+
+
 def _folds(y: np.ndarray, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     smallest = int(np.bincount(y)[np.unique(y)].min())
     if smallest < 2:
@@ -324,8 +346,11 @@ def fit_chosen(spec: HeadSpec, params: dict[str, Any], X: np.ndarray, y: np.ndar
                jobs: int) -> Pipeline:
     model = spec.build(seed, jobs).set_params(**params)
     if spec.calibrate:
-        clf = CalibratedClassifierCV(model.named_steps["clf"], method="sigmoid", cv=CV_FOLDS, ensemble=False,
-                                     n_jobs=jobs)
+        smallest = int(np.bincount(y)[np.unique(y)].min())
+        if smallest < 2:
+            raise SkipHead("a class has 1 training vector; Platt calibration needs 2 per class")
+        clf = CalibratedClassifierCV(model.named_steps["clf"], method="sigmoid", cv=min(CV_FOLDS, smallest),
+                                     ensemble=False, n_jobs=jobs)
         model = Pipeline([*model.steps[:-1], ("clf", clf)])
     return model.fit(X, y)
 
@@ -495,7 +520,13 @@ def fit_heads(run: str | Path, names: list[str], config: HeadsConfig | None = No
             for name in base:
                 bar.update(task, info=name)
                 t0 = time.perf_counter()
-                model, info = _fit_one(name, train, val, paths.features, len(class_names), seed, config, out_of_core)
+                try:
+                    model, info = _fit_one(name, train, val, paths.features, len(class_names), seed, config,
+                                           out_of_core)
+                except SkipHead as e:
+                    log(f"{name}: skipped: {e}")
+                    bar.advance(task)
+                    continue
                 fit_seconds = time.perf_counter() - t0
                 results[name] = _save_head(paths, name, model, info | common, fit_seconds, val, test, class_names,
                                            config.chunk_rows)
