@@ -38,7 +38,8 @@ from featurepipe.models import (
     save_checkpoint,
 )
 from featurepipe.progress import log, progress_bar
-from featurepipe.runs import RunPaths, atomic_path, environment, read_json, run_paths, write_json, write_text
+from featurepipe.runs import (RunPaths, atomic_path, environment, is_finished, is_run, read_json, require,
+                              run_paths, write_json, write_text)
 
 MONITORS = ("none", "loss", "macro_f1")
 SAMPLERS = ("shuffle", "balanced")
@@ -88,8 +89,12 @@ class TrainConfig:
             raise FeaturepipeError(f"--img-size {self.img_size}: too small; {self.arch} needs at least "
                                    f"{min_img_size(self.arch)} px")
         fdata.check_policy(self.on_bad_image)
-        if self.lr is not None and not self.lr > 0:
-            raise FeaturepipeError(f"--lr {self.lr}: must be positive")
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
+            raise FeaturepipeError(f"--lr {self.lr}: must be a positive number")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise FeaturepipeError(f"--weight-decay {self.weight_decay}: must be 0 or a positive number")
+        if not 0 <= self.seed < 2**32:
+            raise FeaturepipeError(f"--seed {self.seed}: must be in 0..{2**32 - 1}")
         if not 0 < self.lr_backbone_ratio <= 1:
             raise FeaturepipeError(f"--lr-backbone-ratio {self.lr_backbone_ratio}: must be in (0, 1]")
         if not 0 <= self.label_smoothing < 1:
@@ -188,15 +193,16 @@ def resolve(cfg: TrainConfig, catalog: fdata.Catalog, splits: dict[str, np.ndarr
     return replace(cfg, resolved=resolved)
 
 
-def data_fingerprint(catalog: fdata.Catalog) -> str:
-    """A hash of ids, labels and content (arrays) or sizes (files): tells whether two runs saw the same data."""
+def data_fingerprint(catalog: fdata.Catalog, contents: bool = True) -> str:
+    """A hash of ids, labels and content (arrays) or sizes (files): tells whether two runs saw the same data.
+    Without `contents`, of the index alone (ids, labels, classes)."""
     h = hashlib.sha256()
     h.update("\n".join(catalog.ids).encode())
     h.update(np.asarray(catalog.labels, dtype=np.int64).tobytes())
     h.update("\n".join(catalog.class_names).encode())
-    if catalog.store.in_memory:
+    if contents and catalog.store.in_memory:
         h.update(np.ascontiguousarray(catalog.store.images).data)
-    else:
+    elif contents:
         for path in catalog.store.paths:
             try:
                 h.update(str(Path(path).stat().st_size).encode())
@@ -205,12 +211,31 @@ def data_fingerprint(catalog: fdata.Catalog) -> str:
     return h.hexdigest()[:16]
 
 
+def check_same_data(config: dict[str, Any], catalog: fdata.Catalog, where: str) -> None:
+    """Compare the data read again with config.json's fingerprints: other ids, labels or classes (an image
+    moved to another class) are refused; files changed under the same ids and labels are a warning, and
+    each image is then read (or found unreadable) as it is now. Runs without the index fingerprint
+    (older ones) refuse any change."""
+    data, now = config["data"], data_fingerprint(catalog)
+    index = data.get("index_fingerprint")
+    if (index is not None and index != data_fingerprint(catalog, contents=False)) or \
+            (index is None and data.get("fingerprint") not in (None, now)):
+        raise FeaturepipeError(f"{where}: {catalog.source} changed since the run was trained (its images, labels or "
+                               f"classes differ from config.json's fingerprint); train a new run on it")
+    if data.get("fingerprint") not in (None, now):
+        log(f"warning: {where}: files of {catalog.source} changed since the run was trained (sizes or pixels); "
+            "ids and labels are the same")
+
+
 def train(data: str, out: str | Path, cfg: TrainConfig) -> dict[str, Any]:
     run = run_paths(out)
-    _check_run_dir(run, data, cfg)
+    cfg = _check_run_dir(run, data, cfg)
     prep = prepare(data, cfg, read_json(run.splits) if cfg.resume and run.splits.exists() else None)
     cfg, catalog, splits = prep.cfg, prep.catalog, prep.splits
-    if not cfg.resume:  # a resumed run keeps the list its first start wrote
+    if cfg.resume:
+        check_same_data(read_json(run.config), catalog, "--resume")
+    else:  # a resumed run keeps the list its first start wrote
+        _start_over(run)
         fdata.save_skipped(run.skipped, prep.skipped)
     write_json(run.splits, fdata.split_ids(catalog, splits))
     write_json(run.config, {
@@ -219,6 +244,7 @@ def train(data: str, out: str | Path, cfg: TrainConfig) -> dict[str, Any]:
         "data": {
             "source": catalog.source, "kind": catalog.kind, "class_names": catalog.class_names,
             "fingerprint": cfg.resolved["data_fingerprint"],
+            "index_fingerprint": data_fingerprint(catalog, contents=False),
             "counts": {s: np.bincount(catalog.labels[idx], minlength=len(catalog.class_names)).tolist()
                        for s, idx in splits.items()},
         },
@@ -262,6 +288,10 @@ def cross_validate(prep: Prepared, run: RunPaths) -> dict[str, Any]:
     cfg, splits = prep.cfg, prep.splits
     pool = np.concatenate([splits["train"], splits["val"]])
     labels = prep.catalog.labels[pool]
+    fewest = int(np.bincount(labels).min())
+    if fewest < cfg.folds:
+        raise FeaturepipeError(f"--folds {cfg.folds}: a class has only {fewest} image(s) in train and val; "
+                               "use fewer folds")
     if prep.catalog.groups is None:
         folds = StratifiedKFold(cfg.folds, shuffle=True, random_state=cfg.seed).split(pool, labels)
     else:
@@ -380,6 +410,8 @@ def fit(prep: Prepared, train_idx: np.ndarray, val_idx: np.ndarray, run: RunPath
                                                  device, cfg.amp, phase == "head", bar, task, ema, augment)
             train_seconds = time.perf_counter() - t0
             val = predict(evaluated, val_loader, device, cfg.amp, ids=None, class_names=prep.catalog.class_names)
+            if not np.isfinite(val.proba).all():
+                raise _diverged("the validation predictions", float("nan"), r["lr"])
             val_loss, val_loss_se = _val_loss(val, class_weights)
             row = {
                 "epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc,
@@ -521,15 +553,29 @@ def _optimizer(net: Net, cfg: TrainConfig, phase: str, steps_per_epoch: int):
     return optimizer, scheduler
 
 
-def _check_run_dir(run: RunPaths, data: str, cfg: TrainConfig) -> None:
+# Options a resumed run must share with its first start (device, amp and --on-bad-image may change).
+RESUME_KEEPS = ("arch", "weights", "epochs", "freeze_epochs", "batch_size", "img_size", "lr", "lr_backbone_ratio",
+                "weight_decay", "label_smoothing", "augment", "sampler", "monitor", "patience", "ema", "folds", "seed")
+
+
+def _resumable(run: RunPaths) -> bool:
+    return run.last_checkpoint.exists() or any(run.root.glob("folds/*/cnn/last.pt"))
+
+
+def _check_run_dir(run: RunPaths, data: str, cfg: TrainConfig) -> TrainConfig:
+    """The options to train with: as given, or on --resume the run's own where one is left out."""
     if cfg.resume:
-        if not run.last_checkpoint.exists() and not any(run.root.glob("folds/*/cnn/last.pt")):
+        if not _resumable(run):
             raise FeaturepipeError(f"--resume: {run.last_checkpoint} does not exist; start the run without --resume")
-        old = read_json(run.config)
+        old = read_json(require(run.config, "run config", "start the run over without --resume"))
         if old["data"]["source"] not in (data, str(Path(data).expanduser())):
-            raise FeaturepipeError(f"--resume: {run.root} was trained on {old['data']['source']}, not {data}")
-        return
-    if run.checkpoint.exists() and not cfg.overwrite:
+            # Moved data are fine; other data are not (the fingerprint tells them apart).
+            catalog = fdata.scan(data, cfg.allow_outside)
+            if data_fingerprint(catalog) != old["data"].get("fingerprint"):
+                raise FeaturepipeError(f"--resume: {run.root} was trained on {old['data']['source']}, not {data}")
+            log(f"warning: {run.root} was trained on {old['data']['source']}; {data} holds the same data")
+        return _resumed_options(cfg, old["train"])
+    if (is_finished(run) or _resumable(run)) and not cfg.overwrite:
         raise FeaturepipeError(
             f"--out {run.root}: already holds a trained CNN; pass --overwrite to replace it, or --resume to continue"
         )
@@ -614,7 +660,10 @@ def _train_epoch(net, loader, criterion, optimizer, scheduler, scaler, device, a
         if ema is not None:
             ema.update_parameters(getattr(net, "module", net))
         n = len(y)
-        total_loss += loss.item() * n
+        value = loss.item()
+        if not math.isfinite(value) and not scaler.is_enabled():  # fp16's scaler skips such steps itself
+            raise _diverged("the training loss", value, max(g["lr"] for g in optimizer.param_groups))
+        total_loss += value * n
         correct += int((logits.argmax(1) == y).sum())
         seen += n
         bar.update(task, advance=n, info=f"loss {total_loss / seen:.4f}")
