@@ -32,7 +32,7 @@ import torch
 from featurepipe import data as fdata
 from featurepipe import distributed
 from featurepipe.device import autocast, images_per_pass, in_passes, resolve_device, to_device
-from featurepipe.errors import FeaturepipeError
+from featurepipe.errors import FeaturepipeError, first_line
 from featurepipe.models import LAYERS, TTA, fingerprint, load_checkpoint
 from featurepipe.models.embedding import check_choice
 from featurepipe.progress import log, progress_bar
@@ -210,7 +210,7 @@ def _damaged_if_failed(partial: Path, h5) -> Iterator[None]:
             with contextlib.suppress(Exception):
                 file.close()
         partial.unlink(missing_ok=True)
-        why = os.strerror(e.errno) if getattr(e, "errno", None) else (message.splitlines() or [""])[0][:160]
+        why = os.strerror(e.errno) if getattr(e, "errno", None) else first_line(e, 160)
         raise FeaturepipeError(f"{partial}: cannot write ({why}); free space and re-run extract "
                                "(it starts this file over)") from None
 

@@ -42,7 +42,7 @@ from sklearn.svm import SVC, LinearSVC
 from sklearn.utils.class_weight import compute_class_weight
 from threadpoolctl import threadpool_limits
 
-from featurepipe.errors import FeaturepipeError
+from featurepipe.errors import FeaturepipeError, first_line
 from featurepipe.evaluate import Predictions, load_predictions, save_evaluation, save_predictions, scores
 from featurepipe.extract import FeatureSplit, open_split, read_attrs
 from featurepipe.models import fingerprint
@@ -484,8 +484,7 @@ def load_head(paths: RunPaths, name: str):
     try:
         return sio.load(path, trusted=TRUSTED_TYPES)
     except Exception as e:  # untrusted types, a damaged zip, another skops version's format, ...
-        why = (str(e).splitlines() or [""])[0][:200]
-        raise FeaturepipeError(f"{path}: not a head featurepipe can load safely ({type(e).__name__}: {why}); "
+        raise FeaturepipeError(f"{path}: not a head featurepipe can load safely ({first_line(e)}); "
                                f"re-fit it: featurepipe fit-heads --run {paths.root} --heads {name}") from None
 
 

@@ -138,11 +138,11 @@ def predict(run: str | Path, model: str, inputs: list[str], out: str | Path | No
                 probas.append(predictor(x[good]))
                 kept += [int(k[j]) for j in good]
             bar.advance(task, len(x))
-    if skipped:
+    if skipped and out is not None:
+        fdata.save_skipped(skipped_beside(out), skipped)  # and warns, naming the first
+    elif skipped:
         log(f"warning: skipped {len(skipped)} unreadable image(s): "
             + "; ".join(f"{s.id}: {s.reason}" for s in skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
-        if out is not None:
-            fdata.save_skipped(skipped_beside(out), skipped)
     if not kept:  # nothing to predict: the first image's reason is the error
         raise fdata.UnreadableImage(skipped[0].id, skipped[0].reason)
     proba = np.concatenate(probas)

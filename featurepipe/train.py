@@ -26,7 +26,7 @@ from featurepipe import data as fdata
 from featurepipe import distributed
 from featurepipe.device import (autocast, keep_freed_memory, needs_grad_scaler, release_freed_memory, resolve_device,
                                 to_device)
-from featurepipe.errors import FeaturepipeError
+from featurepipe.errors import FeaturepipeError, first_line
 from featurepipe.evaluate import Predictions, save_evaluation, save_predictions, scores
 from featurepipe.models import (
     ARCHS,
@@ -616,9 +616,8 @@ def _load_resume_state(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        why = (str(e).splitlines() or [""])[0][:160]
-        raise FeaturepipeError(f"{path}: cannot be loaded safely as a featurepipe resume state ({type(e).__name__}: "
-                               f"{why}); start over with --overwrite") from None
+        raise FeaturepipeError(f"{path}: cannot be loaded safely as a featurepipe resume state ({first_line(e)}); "
+                               "start over with --overwrite") from None
 
 
 def _images_per_epoch(loader) -> int:

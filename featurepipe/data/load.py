@@ -151,8 +151,9 @@ def save_skipped(path: Path, skipped: list[Skipped]) -> None:
     writer.writerows([csv_cell(str(v)) for v in astuple(s)] for s in skipped)
     write_text(path, buf.getvalue())
     if skipped:
-        per_split = ", ".join(f"{split} {n}" for split, n in Counter(s.split for s in skipped).items())
-        log(f"warning: skipped {len(skipped)} unreadable image(s) ({per_split}), e.g. {skipped[0].id}: "
+        per_split = ", ".join(f"{split} {n}" for split, n in Counter(s.split for s in skipped).items() if split)
+        log(f"warning: skipped {len(skipped)} unreadable image(s)" + (f" ({per_split})" if per_split else "")
+            + f", e.g. {skipped[0].id}: "
             f"{skipped[0].reason}; all listed in {path}")
 
 
