@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 from pathlib import Path
@@ -13,6 +14,8 @@ from featurepipe.errors import FeaturepipeError
 
 BAD_IMAGE_HELP = ("skip: leave unreadable images out (warns once, lists them in skipped.csv); "
                   "error: stop at the first.")
+ALLOW_OUTSIDE = typer.Option(False, help="Let a CSV manifest name files outside its own folder (../x.png, /abs/x.png); "
+                                         "only for manifests you trust.")
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -40,14 +43,14 @@ def _cli(fn):
 
 def _train_config(arch, weights, epochs, freeze_epochs, batch_size, img_size, lr, lr_backbone_ratio, weight_decay,
                   label_smoothing, augment, sampler, monitor, patience, folds, seed, device, amp, resume=False,
-                  overwrite=False, ema=True, on_bad_image="skip"):
+                  overwrite=False, ema=True, on_bad_image="skip", allow_outside=False):
     from featurepipe.train import TrainConfig
 
     return TrainConfig(arch=arch, weights=weights, epochs=epochs, freeze_epochs=freeze_epochs, batch_size=batch_size,
                        img_size=img_size, lr=lr, lr_backbone_ratio=lr_backbone_ratio, weight_decay=weight_decay,
                        label_smoothing=label_smoothing, augment=augment, sampler=sampler, monitor=monitor,
                        patience=patience, folds=folds, seed=seed, device=device, amp=amp, resume=resume,
-                       overwrite=overwrite, ema=ema, on_bad_image=on_bad_image)
+                       overwrite=overwrite, ema=ema, on_bad_image=on_bad_image, allow_outside=allow_outside)
 
 
 DATA = typer.Option(..., "--data", help="Image folder, CSV manifest (path,label[,split]), .npz, or 'demo'.")
@@ -92,13 +95,19 @@ def train_cnn(
     resume: bool = typer.Option(False, help="Continue an interrupted run from its last epoch."),
     overwrite: bool = typer.Option(False, help="Replace a run directory that already holds a trained CNN."),
     on_bad_image: str = typer.Option("skip", help=BAD_IMAGE_HELP),
+    allow_outside: bool = ALLOW_OUTSIDE,
 ) -> None:
     """Train the end-to-end CNN (final weights, or chosen on val with --monitor) and evaluate it on test."""
+    from featurepipe.runs import check_outside, run_lock
     from featurepipe.train import train
 
-    train(data, out, _train_config(arch, weights, epochs, freeze_epochs, batch_size, img_size, lr, lr_backbone_ratio,
-                                   weight_decay, label_smoothing, augment, sampler, monitor, patience, folds, seed,
-                                   device, amp, resume, overwrite, ema, on_bad_image))
+    cfg = _train_config(arch, weights, epochs, freeze_epochs, batch_size, img_size, lr, lr_backbone_ratio,
+                        weight_decay, label_smoothing, augment, sampler, monitor, patience, folds, seed, device, amp,
+                        resume, overwrite, ema, on_bad_image, allow_outside)
+    cfg.validate()
+    check_outside(out, data)
+    with run_lock(out, "--out", create=True):
+        train(data, out, cfg)
 
 
 @app.command("lr-find")
@@ -109,12 +118,13 @@ def lr_find(
     arch: str = ARCH, weights: Optional[str] = WEIGHTS, batch_size: Optional[int] = BATCH, img_size: Optional[int] = IMG_SIZE,
     weight_decay: float = WD, augment: str = AUGMENT, seed: int = SEED, device: str = DEVICE, amp: Optional[bool] = AMP,
     steps: int = typer.Option(100, help="Batches in the sweep."),
+    allow_outside: bool = ALLOW_OUTSIDE,
 ) -> None:
     """Learning-rate range test: plots loss against learning rate and suggests one for --lr."""
     from featurepipe.lr_find import lr_find as run_lr_find
 
     cfg = _train_config(arch, weights, None, None, batch_size, img_size, None, 0.1, weight_decay, 0.0, augment,
-                        "shuffle", "none", None, 1, seed, device, amp)
+                        "shuffle", "none", None, 1, seed, device, amp, allow_outside=allow_outside)
     run_lr_find(data, out, cfg, steps=steps)
 
 
@@ -145,12 +155,17 @@ def extract(
     on_bad_image: str = typer.Option("skip", help=BAD_IMAGE_HELP + " Applies to --data."),
     compression: str = typer.Option("none", help="HDF5 compression of the features: none, gzip (smaller) or lzf "
                                                  "(faster)."),
+    allow_outside: bool = ALLOW_OUTSIDE,
+    overwrite: bool = typer.Option(False, help="Replace an existing --out file."),
 ) -> None:
     """Write the CNN's embeddings of every split to RUN/features.h5 (resumes an interrupted extract)."""
     from featurepipe.extract import extract as run_extract
+    from featurepipe.runs import run_lock
 
-    run_extract(run, batch_size=batch_size, data=data, out=out, device=device, amp=amp, layer=layer, tta=tta,
-                on_bad_image=on_bad_image, compression=compression)
+    with run_lock(run):
+        run_extract(run, batch_size=batch_size, data=data, out=out, device=device, amp=amp, layer=layer, tta=tta,
+                    on_bad_image=on_bad_image, compression=compression, allow_outside=allow_outside,
+                    overwrite=overwrite)
 
 
 @app.command("fit-heads")
@@ -166,8 +181,11 @@ def fit_heads(
 ) -> None:
     """Fit scikit-learn heads on the train embeddings; `stack` combines the CNN and the other heads on val."""
     from featurepipe.heads import HeadsConfig, fit_heads as run_fit, parse_heads
+    from featurepipe.runs import run_lock
 
-    run_fit(run, parse_heads(heads), HeadsConfig(tune=tune, jobs=jobs, out_of_core=out_of_core, chunk_rows=chunk_rows))
+    with run_lock(run):
+        run_fit(run, parse_heads(heads), HeadsConfig(tune=tune, jobs=jobs, out_of_core=out_of_core,
+                                                     chunk_rows=chunk_rows))
 
 
 @app.command()
@@ -180,11 +198,15 @@ def predict(
     batch_size: int = typer.Option(256, help="Images per forward pass."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     amp: Optional[bool] = AMP,
+    on_bad_image: str = typer.Option("skip", help="skip: leave unreadable images out (listed on stderr and in "
+                                                  "OUT.skipped.csv); error: stop at the first."),
+    overwrite: bool = typer.Option(False, help="Replace an existing --out file."),
 ) -> None:
     """Classify new images: a CSV of id, predicted class and per-class probabilities."""
     from featurepipe.predict import predict as run_predict
 
-    run_predict(run, model, inputs, out=out, batch_size=batch_size, device=device, amp=amp)
+    run_predict(run, model, inputs, out=out, batch_size=batch_size, device=device, amp=amp, on_bad_image=on_bad_image,
+                overwrite=overwrite)
 
 
 @app.command()
@@ -198,8 +220,14 @@ def compare(
     """Heads against the CNN on the same test images: intervals, paired tests, per-class tables, charts,
     report.html. With several --run: one table and chart of all runs."""
     from featurepipe.report import CompareOptions, compare_runs
+    from featurepipe.runs import check_output, run_lock
 
-    compare_runs(run, out, CompareOptions(resamples=bootstrap, gradcam=gradcam))
+    if out is not None:
+        check_output(out, "--out", folder=True)
+    with contextlib.ExitStack() as locks:
+        for r in dict.fromkeys(run):
+            locks.enter_context(run_lock(r))
+        compare_runs(run, out, CompareOptions(resamples=bootstrap, gradcam=gradcam))
 
 
 data_app = typer.Typer(no_args_is_help=True, help="Look at a data source before training on it.")
@@ -212,14 +240,18 @@ def data_inspect(
     data: str = typer.Option(..., "--data", help="Image folder, CSV manifest, .npz, or 'demo'."),
     seed: int = typer.Option(0, help="Seed of the split featurepipe would make (as train-cnn --seed)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the full report to this JSON file."),
+    allow_outside: bool = ALLOW_OUTSIDE,
 ) -> None:
     """Class counts per split, sizes and modes, unreadable files, duplicates and groups across splits.
 
     Exits with 2 where train-cnn would refuse the data.
     """
     from featurepipe.data.inspect import inspect
+    from featurepipe.runs import check_output
 
-    report = inspect(data, seed=seed)
+    if json_out is not None:
+        check_output(json_out, "--json", overwrite=True)
+    report = inspect(data, seed=seed, allow_outside=allow_outside)
     typer.echo(report.format())
     if json_out is not None:
         report.save(json_out)

@@ -11,7 +11,7 @@ from sklearn import metrics
 
 from featurepipe import stats
 from featurepipe.errors import FeaturepipeError
-from featurepipe.runs import atomic_path, write_text
+from featurepipe.runs import atomic_path, csv_cell, read_cell, write_text
 
 
 @dataclass
@@ -98,7 +98,8 @@ def save_predictions(path: Path, p: Predictions) -> None:
         w = csv.writer(f)
         w.writerow(["id", "true", "pred", *(f"p_{c}" for c in p.class_names)])
         for id_, t, k, row in zip(p.ids, p.y_true, p.y_pred, p.proba):
-            w.writerow([id_, p.class_names[t], p.class_names[k], *(f"{v:.6g}" for v in row)])
+            w.writerow([csv_cell(id_), csv_cell(p.class_names[t]), csv_cell(p.class_names[k]),
+                        *(f"{v:.6g}" for v in row)])
 
 
 def load_predictions(path: Path, class_names: list[str]) -> Predictions:
@@ -113,8 +114,8 @@ def load_predictions(path: Path, class_names: list[str]) -> Predictions:
         raise FeaturepipeError(f"{path}: its classes differ from the run's; re-run the command that wrote it")
     body = rows[1:]
     return Predictions(
-        ids=[r[0] for r in body],
-        y_true=np.array([index[r[1]] for r in body], dtype=np.int64),
+        ids=[read_cell(r[0]) for r in body],
+        y_true=np.array([index[read_cell(r[1])] for r in body], dtype=np.int64),
         proba=np.array([[float(v) for v in r[3:]] for r in body], dtype=np.float64).reshape(len(body), -1),
         class_names=class_names,
     )

@@ -21,7 +21,10 @@ from featurepipe.runs import RunPaths, read_json
 
 def read_test_images(paths: RunPaths, config: dict[str, Any], ids: list[str]) -> list[np.ndarray]:
     """The run's test images with these ids, as the CNN saw them: (S, S, C) uint8 at the run's size."""
-    catalog = fdata.scan(config["data"]["source"])
+    from featurepipe.train import check_same_data
+
+    catalog = fdata.scan(config["data"]["source"], config["train"].get("allow_outside", False))
+    check_same_data(config, catalog, "compare")  # else the gallery would show other images under these ids
     test = fdata.assign_splits(catalog, config["train"]["seed"], read_json(paths.splits))["test"]
     position = {catalog.ids[i]: int(i) for i in test}
     model = config["model"]

@@ -17,6 +17,7 @@ up front, so the split's ids are rewritten and its datasets cut to length once i
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -31,11 +32,12 @@ import torch
 from featurepipe import data as fdata
 from featurepipe import distributed
 from featurepipe.device import autocast, images_per_pass, in_passes, resolve_device, to_device
-from featurepipe.errors import FeaturepipeError
+from featurepipe.errors import FeaturepipeError, first_line
 from featurepipe.models import LAYERS, TTA, fingerprint, load_checkpoint
 from featurepipe.models.embedding import check_choice
 from featurepipe.progress import log, progress_bar
-from featurepipe.runs import load_config, partial_path, read_json, require, run_paths, skipped_beside
+from featurepipe.runs import (WRITE_ERRNOS, cannot_write, check_output, load_config, partial_path, read_json, require,
+                              run_paths, skipped_beside)
 
 SCHEMA_VERSION = 1
 CHUNK_BYTES = 1 << 20
@@ -57,7 +59,8 @@ class FeatureSplit:
 
 def extract(run: str | Path, batch_size: int = 256, data: str | None = None, out: str | Path | None = None,
             device: str = "auto", amp: bool | None = None, layer: str = "penultimate", tta: str = "none",
-            on_bad_image: str = "skip", compression: str = "none") -> Path:
+            on_bad_image: str = "skip", compression: str = "none", allow_outside: bool = False,
+            overwrite: bool = False) -> Path:
     """Embed every split of the run's data (or of another source, with `data` and `out`) into HDF5.
 
     Images stream from their files straight into the model, each decoded once and none kept.
@@ -76,6 +79,8 @@ def extract(run: str | Path, batch_size: int = 256, data: str | None = None, out
     check_choice("--tta", tta, TTA)
     check_choice("--compression", compression, COMPRESSION)
     fdata.check_policy(on_bad_image)
+    if out is not None:
+        check_output(Path(out), "--out", overwrite=overwrite)
     dev = distributed.setup(resolve_device(device))
     net, meta = load_checkpoint(paths.checkpoint, dev)
     net = net.to(memory_format=torch.channels_last)
@@ -89,13 +94,16 @@ def extract(run: str | Path, batch_size: int = 256, data: str | None = None, out
         return f.float().cpu().numpy()
 
     if data is None:
-        catalog = fdata.scan(cfg["data"]["source"])
+        from featurepipe.train import check_same_data
+
+        catalog = fdata.scan(cfg["data"]["source"], cfg["train"].get("allow_outside", False))
+        check_same_data(cfg, catalog, f"extract --run {paths.root}")
         if catalog.class_names != class_names:
             raise FeaturepipeError(f"{cfg['data']['source']}: its classes changed since training; train a new run")
         splits = fdata.assign_splits(catalog, cfg["train"]["seed"], read_json(paths.splits))
         target, policy = paths.features, "error"
     else:
-        catalog = _relabel(fdata.scan(data), class_names)
+        catalog = _relabel(fdata.scan(data, allow_outside), class_names)
         splits = fdata.assign_splits(catalog, cfg["train"]["seed"])
         target, policy = Path(out), on_bad_image
 
@@ -110,7 +118,10 @@ def extract(run: str | Path, batch_size: int = 256, data: str | None = None, out
     # Under torchrun every rank embeds an interleaved shard of each split and rank 0 alone writes the
     # one file, in the same row order as a single process would.
     rank, world = distributed.rank(), distributed.world_size()
-    h5 = _open_partial(partial, attrs, ids, dim, compression) if rank == 0 else None
+    if rank == 0:
+        _reserve(partial, sum(len(v) for v in ids.values()) * (4 * dim + 8 + 64) + (1 << 20))
+    with cannot_write(partial):
+        h5 = _open_partial(partial, attrs, ids, dim, compression) if rank == 0 else None
     progress = distributed.broadcast_object({s: _progress(h5[s]) for s in fdata.SPLITS} if h5 is not None else None)
     # One pass over all splits. A model on the CPU decodes in turn with its batches (decode_in_turn says
     # why); otherwise loader workers decode beside it, forked before the first forward pass: forked later,
@@ -130,18 +141,19 @@ def extract(run: str | Path, batch_size: int = 256, data: str | None = None, out
     skipped: list[fdata.Skipped] = []
     unreadable = None
     try:
-        for split, start, end in zip(fdata.SPLITS, starts, starts[1:]):
-            idx = splits[split]
-            unreadable = _write_split(h5, split, embed, loader, math.ceil((end - start) / batch_size), position,
-                                      len(idx), batch_size, progress[split], policy)
-            if unreadable:
-                break
-            skipped += [fdata.Skipped(ids[split][p], split, class_names[catalog.labels[idx[p]]], why)
-                        for p, why in progress[split].skipped]
-        else:
-            if h5 is not None:
-                for split in fdata.SPLITS:
-                    _finish(h5[split])
+        with _damaged_if_failed(partial, lambda: h5):
+            for split, start, end in zip(fdata.SPLITS, starts, starts[1:]):
+                idx = splits[split]
+                unreadable = _write_split(h5, split, embed, loader, math.ceil((end - start) / batch_size), position,
+                                          len(idx), batch_size, progress[split], policy)
+                if unreadable:
+                    break
+                skipped += [fdata.Skipped(ids[split][p], split, class_names[catalog.labels[idx[p]]], why)
+                            for p, why in progress[split].skipped]
+            else:
+                if h5 is not None:
+                    for split in fdata.SPLITS:
+                        _finish(h5[split])
     finally:
         del loader  # its workers, forked while the file was open, hold the file's lock until they exit
         if h5 is not None:
@@ -150,13 +162,57 @@ def extract(run: str | Path, batch_size: int = 256, data: str | None = None, out
         p, why = unreadable
         raise fdata.UnreadableImage(catalog.store.describe(int(splits[split][p])), why)
     if rank == 0:
-        os.replace(partial, target)
+        with cannot_write(target):
+            os.replace(partial, target)
     if data is not None:
         fdata.save_skipped(skipped_beside(target), skipped)
     distributed.barrier()
     n = sum(len(v) for v in splits.values()) - len(skipped)
     log(f"features of {n} images ({dim}-d, {layer}, tta {tta}) → {target}")
     return target
+
+
+def _reserve(partial: Path, nbytes: int) -> None:
+    """Claim the space the features need (uncompressed) once, and give it back, before HDF5 writes any.
+
+    A full disk in the middle of the HDF5 library's writes surfaces as errors it cannot report (then a
+    crash, and a damaged file); here it is one line before any work. Another program can still fill
+    the disk later: then `_damaged_if_failed` and the checks on resuming (`_continues`) take over."""
+    need = nbytes - (partial.stat().st_size if partial.exists() else 0)
+    probe = partial.with_name(f".{partial.name}.space")
+    try:
+        with cannot_write(partial):
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                if need > 0:
+                    os.posix_fallocate(fd, 0, need)
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system without fallocate
+                    raise
+            finally:
+                os.close(fd)
+    finally:
+        probe.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _damaged_if_failed(partial: Path, h5) -> Iterator[None]:
+    """A write that fails (disk full, quota) may leave the HDF5 file's own index half-updated: drop the
+    partial file, so the next run starts it over instead of trusting it, and say so in one line."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:  # h5py reports a failed write as either
+        message = str(e)
+        if not (getattr(e, "errno", None) in WRITE_ERRNOS or "write failed" in message or "Can't write" in message):
+            raise  # not a write (a model or loader error): the partial file is intact
+        file = h5()
+        if file is not None:
+            with contextlib.suppress(Exception):
+                file.close()
+        partial.unlink(missing_ok=True)
+        why = os.strerror(e.errno) if getattr(e, "errno", None) else first_line(e, 160)
+        raise FeaturepipeError(f"{partial}: cannot write ({why}); free space and re-run extract "
+                               "(it starts this file over)") from None
 
 
 @dataclass
@@ -240,10 +296,20 @@ def _continues(h5: h5py.File, attrs: dict[str, Any], ids: dict[str, list[str]], 
             all(k in h5.attrs and np.array_equal(h5.attrs[k], v) for k, v in attrs.items())
             and all(h5[s]["features"].shape == (len(v), dim) and h5[s]["features"].compression == compression
                     and all(k in h5[s].attrs for k in _PROGRESS_ATTRS)
-                    and list(h5[s]["ids"].asstr()[:]) == v for s, v in ids.items())
+                    and list(h5[s]["ids"].asstr()[:]) == v and _last_rows_read(h5[s]) for s, v in ids.items())
         )
-    except (KeyError, OSError):
+    except Exception:  # a damaged file raises anything from KeyError to "addr overflow": start it over
         return False
+
+
+def _last_rows_read(group: h5py.Group) -> bool:
+    """The rows the index says are written can be read back (a file cut short by a full disk cannot)."""
+    rows = int(group.attrs["rows"])
+    if not 0 <= rows <= len(group["features"]) or int(group.attrs["done"]) > len(group["ids"]):
+        return False
+    group["features"][max(0, rows - 1):rows]
+    group["labels"][max(0, rows - 1):rows]
+    return True
 
 
 def _relabel(catalog: fdata.Catalog, class_names: list[str]) -> fdata.Catalog:

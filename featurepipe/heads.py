@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from typing import Any, Callable
 
 import joblib
 import numpy as np
+import skops.io as sio
 from joblib import Parallel, delayed, parallel_config
 from sklearn.base import clone
 from sklearn.calibration import CalibratedClassifierCV
@@ -40,7 +42,7 @@ from sklearn.svm import SVC, LinearSVC
 from sklearn.utils.class_weight import compute_class_weight
 from threadpoolctl import threadpool_limits
 
-from featurepipe.errors import FeaturepipeError
+from featurepipe.errors import FeaturepipeError, first_line
 from featurepipe.evaluate import Predictions, load_predictions, save_evaluation, save_predictions, scores
 from featurepipe.extract import FeatureSplit, open_split, read_attrs
 from featurepipe.models import fingerprint
@@ -208,6 +210,25 @@ _STACK = HeadSpec(
 )
 NAMES = (*HEADS, STACK)
 
+# What a head's .skops file may hold beyond skops's default-trusted scikit-learn types: the inner parts
+# of the estimators above, and featurepipe's own two. Nothing else is ever instantiated on loading, so
+# a planted or edited file cannot run code (the .joblib export can: featurepipe never loads it).
+TRUSTED_TYPES = [
+    "featurepipe.heads.CappedPCA",
+    "featurepipe.heads._log_proba",
+    "sklearn.calibration._CalibratedClassifier",
+    "sklearn.calibration._SigmoidCalibration",
+    "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
+    "sklearn.metrics._dist_metrics.EuclideanDistance64",
+    "sklearn.neighbors._ball_tree.BallTree",
+    "sklearn.neighbors._kd_tree.KDTree",
+    "sklearn.tree._tree.Tree",
+]
+
+
+class SkipHead(Exception):
+    """A head that cannot be fitted on these training vectors; fit-heads says why and goes on."""
+
 
 @dataclass
 class HeadsConfig:
@@ -274,7 +295,13 @@ def choose(spec: HeadSpec, X: np.ndarray, y: np.ndarray, X_val: np.ndarray | Non
            ) -> tuple[dict[str, Any], list[dict[str, Any]], Pipeline | None]:
     """The chosen params, every candidate's score (macro F1 on val, or its mean over stratified CV folds
     of train) and, tuned on val without calibration, the winner already fitted on train."""
-    candidates = spec.candidates(tune)
+    smallest = int(np.bincount(y)[np.unique(y)].min())
+    if tune == "cv" and smallest < 2:
+        log("--tune cv: a class has fewer than 2 training vectors; default hyperparameters instead")
+        tune = "none"
+    # The fewest vectors any fit sees: a CV fold's training part (n minus its largest held-out fold), or all.
+    fitted_on = len(y) - math.ceil(len(y) / min(cv_folds, smallest)) if tune == "cv" else len(y)
+    candidates = fit_to_data(spec.candidates(tune), fitted_on, smallest, len(np.unique(y)))
     if len(candidates) == 1:
         return candidates[0], [], None
     base = spec.build(seed, 1)  # the parallelism is across candidates, not inside them
@@ -292,6 +319,21 @@ def choose(spec: HeadSpec, X: np.ndarray, y: np.ndarray, X_val: np.ndarray | Non
     return candidates[best], table, results[best][1] if tune == "val" else None
 
 
+def fit_to_data(candidates: list[dict[str, Any]], n: int, smallest: int, n_classes: int) -> list[dict[str, Any]]:
+    """The grid points a small training set can take: k-NN's k at most the `n` vectors it is fitted on,
+    and boosting without its inner early-stopping split where that split could not hold every class."""
+    out: list[dict[str, Any]] = []
+    for params in candidates:
+        params = dict(params)
+        if "clf__n_neighbors" in params:
+            params["clf__n_neighbors"] = min(params["clf__n_neighbors"], n)
+        if "clf__max_leaf_nodes" in params and (smallest < 2 or math.ceil(0.1 * n) < n_classes):
+            params["clf__early_stopping"] = False
+        if params not in out:
+            out.append(params)
+    return out
+
+
 def _folds(y: np.ndarray, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     smallest = int(np.bincount(y)[np.unique(y)].min())
     if smallest < 2:
@@ -304,8 +346,11 @@ def fit_chosen(spec: HeadSpec, params: dict[str, Any], X: np.ndarray, y: np.ndar
                jobs: int) -> Pipeline:
     model = spec.build(seed, jobs).set_params(**params)
     if spec.calibrate:
-        clf = CalibratedClassifierCV(model.named_steps["clf"], method="sigmoid", cv=CV_FOLDS, ensemble=False,
-                                     n_jobs=jobs)
+        smallest = int(np.bincount(y)[np.unique(y)].min())
+        if smallest < 2:
+            raise SkipHead("a class has 1 training vector; Platt calibration needs 2 per class")
+        clf = CalibratedClassifierCV(model.named_steps["clf"], method="sigmoid", cv=min(CV_FOLDS, smallest),
+                                     ensemble=False, n_jobs=jobs)
         model = Pipeline([*model.steps[:-1], ("clf", clf)])
     return model.fit(X, y)
 
@@ -432,6 +477,17 @@ def head_info(paths: RunPaths, name: str, current: str) -> dict[str, Any]:
     return info
 
 
+def load_head(paths: RunPaths, name: str):
+    """A fitted head, from its .skops file with only TRUSTED_TYPES allowed: never code from the run folder."""
+    path = require(paths.head_safe(name), f"safe copy of head '{name}'",
+                   f"re-fit it: featurepipe fit-heads --run {paths.root} --heads {name}")
+    try:
+        return sio.load(path, trusted=TRUSTED_TYPES)
+    except Exception as e:  # untrusted types, a damaged zip, another skops version's format, ...
+        raise FeaturepipeError(f"{path}: not a head featurepipe can load safely ({first_line(e)}); "
+                               f"re-fit it: featurepipe fit-heads --run {paths.root} --heads {name}") from None
+
+
 def fit_heads(run: str | Path, names: list[str], config: HeadsConfig | None = None) -> dict[str, dict[str, float]]:
     config = config or HeadsConfig()
     config.validate()
@@ -463,7 +519,13 @@ def fit_heads(run: str | Path, names: list[str], config: HeadsConfig | None = No
             for name in base:
                 bar.update(task, info=name)
                 t0 = time.perf_counter()
-                model, info = _fit_one(name, train, val, paths.features, len(class_names), seed, config, out_of_core)
+                try:
+                    model, info = _fit_one(name, train, val, paths.features, len(class_names), seed, config,
+                                           out_of_core)
+                except SkipHead as e:
+                    log(f"{name}: skipped: {e}")
+                    bar.advance(task)
+                    continue
                 fit_seconds = time.perf_counter() - t0
                 results[name] = _save_head(paths, name, model, info | common, fit_seconds, val, test, class_names,
                                            config.chunk_rows)
@@ -517,6 +579,8 @@ def _save_head(paths: RunPaths, name: str, model, info: dict[str, Any], fit_seco
 def _write_head(paths: RunPaths, name: str, model, info: dict[str, Any], fit_seconds: float,
                 predict_seconds: float, val: Predictions, test: Predictions) -> dict[str, float]:
     """The files every head leaves, the ones compare and predict read: model, json, predictions, report."""
+    with atomic_path(paths.head_safe(name)) as tmp:
+        sio.dump(model, tmp)
     with atomic_path(paths.head_model(name)) as tmp:
         joblib.dump(model, tmp)
     save_predictions(paths.predictions(name, "val"), val)

@@ -14,13 +14,18 @@ from featurepipe import data as fdata
 from featurepipe.device import autocast, to_device
 from featurepipe.models import create_model
 from featurepipe.progress import log, progress_bar
-from featurepipe.runs import atomic_path, environment, write_json
+from featurepipe.errors import FeaturepipeError
+from featurepipe.runs import atomic_path, check_output, check_outside, environment, write_json
 from featurepipe.train import TrainConfig, balanced_class_weights, drops_last, prepare
 
 
 def lr_find(data: str, out: str | Path, cfg: TrainConfig, start: float = 1e-6, end: float = 1.0,
             steps: int = 100) -> dict[str, Any]:
     """Writes OUT/lr_find.png and OUT/lr_find.json; returns the suggestion and the curve."""
+    if steps < 2:
+        raise FeaturepipeError(f"--steps {steps}: the sweep needs at least 2 batches")
+    check_outside(Path(out), data)
+    check_output(Path(out), "--out", folder=True)
     prep = prepare(data, cfg)
     r = prep.cfg.resolved
     n_classes = len(prep.catalog.class_names)

@@ -12,6 +12,8 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
+# Class names, ids and run labels are data: `$...$` in them is text, not mathtext to parse (or fail on).
+matplotlib.rcParams["text.parse_math"] = False
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import joblib
 import numpy as np
 import torch
 
@@ -22,16 +21,17 @@ from featurepipe.data.images import IMAGE_EXTENSIONS
 from featurepipe.data.sources import FileStore, _images_under
 from featurepipe.device import autocast, images_per_pass, in_passes, resolve_device, to_device
 from featurepipe.errors import FeaturepipeError
-from featurepipe.heads import STACK, full_proba, head_info
+from featurepipe.heads import NAMES, STACK, full_proba, head_info, load_head
 from featurepipe.models import fingerprint, load_checkpoint
 from featurepipe.progress import log, progress_bar
-from featurepipe.runs import RunPaths, require, run_paths, write_text
+from featurepipe.runs import RunPaths, check_output, csv_cell, load_config, require, run_paths, skipped_beside, write_text
 
 
 class Predictor:
     """Probabilities of one model of a run for uint8 image batches, as the run's own files were made."""
 
     def __init__(self, paths: RunPaths, model: str, device: torch.device, amp: bool | None = None) -> None:
+        load_config(paths)  # refuses a run whose training did not finish
         checkpoint = require(paths.checkpoint, "trained CNN", f"run featurepipe train-cnn --out {paths.root} first")
         self.net, self.meta = load_checkpoint(checkpoint, device)
         self.net = self.net.to(memory_format=torch.channels_last)
@@ -48,7 +48,7 @@ class Predictor:
 
     def _load(self, paths: RunPaths, name: str, current: str) -> dict[str, Any]:
         if name not in self.infos:
-            if not paths.head_model(name).exists():
+            if name not in NAMES or not paths.head_model(name).exists():
                 fitted = sorted(p.stem for p in paths.heads.glob("*.joblib")) if paths.heads.exists() else []
                 raise FeaturepipeError(f"--model {name}: not a model of {paths.root}; choose cnn"
                                        + (f" or a fitted head: {', '.join(fitted)}" if fitted else ""))
@@ -57,7 +57,7 @@ class Predictor:
                 raise FeaturepipeError(f"{paths.head_info(name)}: its classes differ from the CNN's; "
                                        f"re-run featurepipe fit-heads --run {paths.root}")
             self.infos[name] = info
-            self.heads[name] = joblib.load(paths.head_model(name))
+            self.heads[name] = load_head(paths, name)
         return self.infos[name]
 
     @torch.inference_mode()
@@ -108,10 +108,17 @@ def image_files(inputs: list[str]) -> list[Path]:
 
 
 def predict(run: str | Path, model: str, inputs: list[str], out: str | Path | None = None, batch_size: int = 256,
-            device: str = "auto", amp: bool | None = None) -> tuple[list[str], np.ndarray, list[str]]:
-    """Write the CSV to `out` (stdout without it); returns ids, probabilities and class names."""
+            device: str = "auto", amp: bool | None = None, on_bad_image: str = "skip",
+            overwrite: bool = False) -> tuple[list[str], np.ndarray, list[str]]:
+    """Write the CSV to `out` (stdout without it); returns ids, probabilities and class names.
+
+    Unreadable images are left out (listed on stderr and, with `out`, in OUT.skipped.csv), or stop the
+    command with on_bad_image="error"."""
     if batch_size < 1:
         raise FeaturepipeError(f"--batch-size {batch_size}: must be at least 1")
+    fdata.check_policy(on_bad_image)
+    if out is not None:  # refused before any work, not after it
+        out = check_output(Path(out), "--out", overwrite=overwrite)
     paths = run_paths(run)
     dev = resolve_device(device)
     predictor = Predictor(paths, model, dev, amp)
@@ -119,15 +126,27 @@ def predict(run: str | Path, model: str, inputs: list[str], out: str | Path | No
     ds = fdata.ImageDataset(FileStore(files), np.arange(len(files)), np.zeros(len(files)), predictor.meta["img_size"],
                             predictor.meta["in_channels"])
     loader = fdata.make_loader(ds, batch_size, pin_memory=dev.type == "cuda", once=True)
-    probas = []
+    probas, kept, skipped = [], [], []
     with progress_bar() as bar:
         task = bar.add_task(f"predict {model}", total=len(files), info="")
         for x, _, k, why in loader:
-            ds.check(k, why)
-            probas.append(predictor(x))
+            if on_bad_image == "error":
+                ds.check(k, why)
+            good = [j for j, w in enumerate(why) if not w]
+            skipped += [fdata.Skipped(str(files[int(k[j])]), "", "", w) for j, w in enumerate(why) if w]
+            if good:
+                probas.append(predictor(x[good]))
+                kept += [int(k[j]) for j in good]
             bar.advance(task, len(x))
+    if skipped and out is not None:
+        fdata.save_skipped(skipped_beside(out), skipped)  # and warns, naming the first
+    elif skipped:
+        log(f"warning: skipped {len(skipped)} unreadable image(s): "
+            + "; ".join(f"{s.id}: {s.reason}" for s in skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
+    if not kept:  # nothing to predict: the first image's reason is the error
+        raise fdata.UnreadableImage(skipped[0].id, skipped[0].reason)
     proba = np.concatenate(probas)
-    ids = [str(f) for f in files]
+    ids = [str(files[i]) for i in kept]
     text = prediction_csv(ids, proba, predictor.class_names)
     if out is None:
         sys.stdout.write(text)
@@ -142,5 +161,5 @@ def prediction_csv(ids: list[str], proba: np.ndarray, class_names: list[str]) ->
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["id", "pred", *(f"p_{c}" for c in class_names)])
     for id_, row in zip(ids, proba):
-        w.writerow([id_, class_names[int(row.argmax())], *(f"{v:.6g}" for v in row)])
+        w.writerow([csv_cell(id_), csv_cell(class_names[int(row.argmax())]), *(f"{v:.6g}" for v in row)])
     return buf.getvalue()

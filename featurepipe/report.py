@@ -27,6 +27,7 @@ from featurepipe.progress import log
 from featurepipe.render import Doc, Table
 from featurepipe.runs import (
     RunPaths,
+    csv_cell,
     environment,
     load_config,
     read_json,
@@ -377,7 +378,7 @@ def _per_class_csv(tables: dict[str, list[dict[str, Any]]]) -> str:
     w.writerow(["model", *PER_CLASS_FIELDS])
     for model, rows in tables.items():
         for r in rows:
-            w.writerow([model, *(r[k] for k in PER_CLASS_FIELDS)])
+            w.writerow([model, *(csv_cell(r[k]) if k == "class" else r[k] for k in PER_CLASS_FIELDS)])
     return buf.getvalue()
 
 

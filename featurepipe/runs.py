@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
 import os
 import platform
@@ -76,7 +78,16 @@ class RunPaths:
         return self._model_dir(model) / f"{_prefix(model)}classification_report.txt"
 
     def head_model(self, name: str) -> Path:
+        """The joblib export of a head, for users; featurepipe itself never loads it (see head_safe)."""
         return self.heads / f"{name}.joblib"
+
+    def head_safe(self, name: str) -> Path:
+        """The same head in skops format: what predict loads, with an explicit list of trusted types."""
+        return self.heads / f"{name}.skops"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / ".lock"
 
     def head_info(self, name: str) -> Path:
         return self.heads / f"{name}.json"
@@ -110,16 +121,109 @@ def atomic_path(path: Path) -> Iterator[Path]:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with cannot_write(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; results are for sharing
     try:
-        yield tmp
-        if is_main():
-            os.replace(tmp, path)
+        with cannot_write(path):
+            yield tmp
+            if is_main():
+                os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+# A full disk, a quota, a file-size limit, a read-only or foreign folder: the user's to fix, in one line.
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+@contextlib.contextmanager
+def cannot_write(path: Path) -> Iterator[None]:
+    """Turn a write that fails for lack of space or permission into one line naming `path`."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        raise FeaturepipeError(f"{path}: cannot write ({os.strerror(e.errno)}); free space or fix the "
+                               "permissions, then re-run the command (finished files are intact)") from None
+
+
+def check_output(path: Path, option: str, *, folder: bool = False, overwrite: bool = False) -> Path:
+    """Refuse, before any work, an output that cannot or must not be written: a folder where a file is
+    wanted (or the reverse), a path below a file, a read-only place, or (for files) an existing file
+    without --overwrite. A file belonging to a run (inside a folder with config.json) is never replaced
+    by another command's --out."""
+    path = Path(path).expanduser()
+    if path.exists() and path.is_dir() != folder:
+        raise FeaturepipeError(f"{option} {path}: is {'a file' if folder else 'a folder'}; give "
+                               f"{'a folder' if folder else 'a file name'}")
+    parent = path if folder else path.parent
+    existing = next((p for p in (parent, *parent.parents) if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise FeaturepipeError(f"{option} {path}: {existing} is a file, not a folder; choose another place")
+    if not os.access(existing, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise FeaturepipeError(f"{option} {path}: {path if path.exists() else existing} is not writable; "
+                               "choose another place or fix its permissions")
+    if not folder and path.exists():
+        owner = next((p for p in path.parents if is_run(p)), None)
+        if owner is not None:
+            raise FeaturepipeError(f"{option} {path}: is a file of the run {owner}; write elsewhere")
+        if not overwrite:
+            raise FeaturepipeError(f"{option} {path}: already exists; pass --overwrite to replace it")
+    return path
+
+
+def check_outside(path: Path, data: str | os.PathLike, option: str = "--out") -> None:
+    """An output inside an image folder would be read back as data (a run folder becomes a class)."""
+    source = Path(data).expanduser()
+    if not source.is_dir():
+        return
+    out, source = Path(os.path.abspath(Path(path).expanduser())), Path(os.path.abspath(source))
+    if out == source or source in out.parents:
+        raise FeaturepipeError(f"{option} {path}: is inside --data {data}, where it would be read as images; "
+                               "write it elsewhere")
+
+
+@contextlib.contextmanager
+def run_lock(root: Path, option: str = "--run", create: bool = False) -> Iterator[None]:
+    """Hold RUN/.lock exclusively while a command writes into the run; a second one is refused at once.
+
+    The lock is the kernel's (flock): it goes with the process, however it ends, so no stale lock is
+    ever left. Under torchrun, rank 0 holds it for all ranks. Without `create`, a missing run is left
+    for the command to report, and a read-only one (nothing can be written there) is not locked."""
+    root = Path(root).expanduser()
+    if os.environ.get("RANK", "0") != "0" or (not create and not root.is_dir()):
+        yield
+        return
+    if create:
+        check_output(root, option, folder=True)
+    lock = RunPaths(root).lock
+    made = not root.exists()
+    try:
+        with cannot_write(lock):
+            root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    except FeaturepipeError:
+        if create:
+            raise
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FeaturepipeError(f"{root}: another featurepipe command is writing this run (it holds {lock}); "
+                                   "wait for it to finish") from None
+        yield
+    finally:
+        os.close(fd)
+        if made and [p.name for p in root.iterdir()] == [lock.name]:  # refused before writing: leave no trace
+            lock.unlink(missing_ok=True)
+            root.rmdir()
 
 
 def partial_path(path: Path) -> Path:
@@ -151,9 +255,13 @@ def write_json(path: Path, obj: Any) -> None:
 
 def read_json(path: Path) -> Any:
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise FeaturepipeError(f"{path}: not valid JSON ({e}); delete it and re-run the command that writes it")
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FeaturepipeError(f"{path}: not valid JSON ({e}); delete it and re-run the command that writes it") from None
+    if not isinstance(obj, dict):  # every JSON file featurepipe writes holds one object
+        raise FeaturepipeError(f"{path}: not the JSON object featurepipe writes; delete it and re-run the command "
+                               "that writes it")
+    return obj
 
 
 def _jsonable(obj: Any) -> Any:
@@ -202,5 +310,37 @@ def _git_commit() -> str | None:
 
 
 def load_config(run: RunPaths) -> dict[str, Any]:
+    """The config of a finished run: one whose training was interrupted is refused (see is_finished)."""
     require(run.config, "run config", f"train a CNN first: featurepipe train-cnn --data SRC --out {run.root}")
-    return read_json(run.config)
+    config = read_json(run.config)
+    if not is_finished(run):
+        raise FeaturepipeError(
+            f"{run.root}: its training did not finish (no {run.cnn_metrics}); continue it with featurepipe "
+            f"train-cnn --data {config.get('data', {}).get('source', 'SRC')} --out {run.root} --resume")
+    return config
+
+
+def is_run(root: Path) -> bool:
+    """A folder train-cnn made: its config.json is featurepipe's (a user's own config.json is not)."""
+    try:
+        return json.loads((Path(root) / "config.json").read_text(encoding="utf-8")).get("command") == "train-cnn"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def is_finished(run: RunPaths) -> bool:
+    """train-cnn writes cnn/metrics.json last, and removes it first when it starts a run over."""
+    return run.cnn_metrics.is_file()
+
+
+# CSV cells a spreadsheet would run as a formula (OWASP "CSV injection"): prefixed with an apostrophe,
+# which spreadsheets hide. A cell that starts with an apostrophe gets one more, so read_cell reverses it.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "'")
+
+
+def csv_cell(text: str) -> str:
+    return f"'{text}" if text.startswith(_FORMULA_START) else text
+
+
+def read_cell(cell: str) -> str:
+    return cell[1:] if cell.startswith("'") and cell[1:].startswith(_FORMULA_START) else cell

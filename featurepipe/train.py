@@ -26,7 +26,7 @@ from featurepipe import data as fdata
 from featurepipe import distributed
 from featurepipe.device import (autocast, keep_freed_memory, needs_grad_scaler, release_freed_memory, resolve_device,
                                 to_device)
-from featurepipe.errors import FeaturepipeError
+from featurepipe.errors import FeaturepipeError, first_line
 from featurepipe.evaluate import (Predictions, clearly_above, majority_baseline, save_evaluation, save_predictions,
                                   scores)
 from featurepipe.models import (
@@ -40,7 +40,8 @@ from featurepipe.models import (
 )
 from featurepipe.models.backbones import LITE0_INSTALL, imagenet_weights_file
 from featurepipe.progress import log, progress_bar
-from featurepipe.runs import RunPaths, atomic_path, environment, read_json, run_paths, write_json, write_text
+from featurepipe.runs import (RunPaths, atomic_path, environment, is_finished, is_run, read_json, require,
+                              run_paths, write_json, write_text)
 
 MONITORS = ("none", "loss", "macro_f1")
 SAMPLERS = ("shuffle", "balanced")
@@ -72,6 +73,7 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False
     on_bad_image: str = "skip"
+    allow_outside: bool = False  # CSV rows may name files outside the CSV's folder
     resolved: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -91,8 +93,12 @@ class TrainConfig:
             raise FeaturepipeError(f"--img-size {self.img_size}: too small; {self.arch} needs at least "
                                    f"{min_img_size(self.arch)} px")
         fdata.check_policy(self.on_bad_image)
-        if self.lr is not None and not self.lr > 0:
-            raise FeaturepipeError(f"--lr {self.lr}: must be positive")
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
+            raise FeaturepipeError(f"--lr {self.lr}: must be a positive number")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise FeaturepipeError(f"--weight-decay {self.weight_decay}: must be 0 or a positive number")
+        if not 0 <= self.seed < 2**32:
+            raise FeaturepipeError(f"--seed {self.seed}: must be in 0..{2**32 - 1}")
         if not 0 < self.lr_backbone_ratio <= 1:
             raise FeaturepipeError(f"--lr-backbone-ratio {self.lr_backbone_ratio}: must be in (0, 1]")
         if not 0 <= self.label_smoothing < 1:
@@ -189,7 +195,7 @@ def prepare(data: str, cfg: TrainConfig, saved_splits: dict[str, list[str]] | No
     if device.type == "cpu":
         keep_freed_memory()
     seed_everything(cfg.seed)
-    catalog = fdata.scan(data)
+    catalog = fdata.scan(data, cfg.allow_outside)
     splits = fdata.assign_splits(catalog, cfg.seed, saved_splits)
     cfg = resolve(cfg, catalog, splits)
     r = cfg.resolved
@@ -245,26 +251,49 @@ def resolve(cfg: TrainConfig, catalog: fdata.Catalog, splits: dict[str, np.ndarr
     return replace(cfg, resolved=resolved)
 
 
-def data_fingerprint(catalog: fdata.Catalog) -> str:
-    """A hash of ids, labels and content (arrays) or sizes (files): tells whether two runs saw the same data."""
+def data_fingerprint(catalog: fdata.Catalog, contents: bool = True) -> str:
+    """A hash of ids, labels and content (arrays) or sizes (files): tells whether two runs saw the same data.
+    Without `contents`, of the index alone (ids, labels, classes)."""
     h = hashlib.sha256()
     h.update("\n".join(catalog.ids).encode())
     h.update(np.asarray(catalog.labels, dtype=np.int64).tobytes())
     h.update("\n".join(catalog.class_names).encode())
-    if catalog.store.in_memory:
+    if contents and catalog.store.in_memory:
         h.update(np.ascontiguousarray(catalog.store.images).data)
-    else:
+    elif contents:
         for path in catalog.store.paths:
-            h.update(str(Path(path).stat().st_size).encode())
+            try:
+                h.update(str(Path(path).stat().st_size).encode())
+            except OSError:  # gone or unreadable: load_splits skips it (or stops) and says why
+                h.update(b"-")
     return h.hexdigest()[:16]
+
+
+def check_same_data(config: dict[str, Any], catalog: fdata.Catalog, where: str) -> None:
+    """Compare the data read again with config.json's fingerprints: other ids, labels or classes (an image
+    moved to another class) are refused; files changed under the same ids and labels are a warning, and
+    each image is then read (or found unreadable) as it is now. Runs without the index fingerprint
+    (older ones) refuse any change."""
+    data, now = config["data"], data_fingerprint(catalog)
+    index = data.get("index_fingerprint")
+    if (index is not None and index != data_fingerprint(catalog, contents=False)) or \
+            (index is None and data.get("fingerprint") not in (None, now)):
+        raise FeaturepipeError(f"{where}: {catalog.source} changed since the run was trained (its images, labels or "
+                               f"classes differ from config.json's fingerprint); train a new run on it")
+    if data.get("fingerprint") not in (None, now):
+        log(f"warning: {where}: files of {catalog.source} changed since the run was trained (sizes or pixels); "
+            "ids and labels are the same")
 
 
 def train(data: str, out: str | Path, cfg: TrainConfig) -> dict[str, Any]:
     run = run_paths(out)
-    _check_run_dir(run, data, cfg)
+    cfg = _check_run_dir(run, data, cfg)
     prep = prepare(data, cfg, read_json(run.splits) if cfg.resume and run.splits.exists() else None)
     cfg, catalog, splits = prep.cfg, prep.catalog, prep.splits
-    if not cfg.resume:  # a resumed run keeps the list its first start wrote
+    if cfg.resume:
+        check_same_data(read_json(run.config), catalog, "--resume")
+    else:  # a resumed run keeps the list its first start wrote
+        _start_over(run)
         fdata.save_skipped(run.skipped, prep.skipped)
     write_json(run.splits, fdata.split_ids(catalog, splits))
     write_json(run.config, {
@@ -273,6 +302,7 @@ def train(data: str, out: str | Path, cfg: TrainConfig) -> dict[str, Any]:
         "data": {
             "source": catalog.source, "kind": catalog.kind, "class_names": catalog.class_names,
             "fingerprint": cfg.resolved["data_fingerprint"],
+            "index_fingerprint": data_fingerprint(catalog, contents=False),
             "counts": {s: np.bincount(catalog.labels[idx], minlength=len(catalog.class_names)).tolist()
                        for s, idx in splits.items()},
         },
@@ -335,6 +365,10 @@ def cross_validate(prep: Prepared, run: RunPaths) -> dict[str, Any]:
     cfg, splits = prep.cfg, prep.splits
     pool = np.concatenate([splits["train"], splits["val"]])
     labels = prep.catalog.labels[pool]
+    fewest = int(np.bincount(labels).min())
+    if fewest < cfg.folds:
+        raise FeaturepipeError(f"--folds {cfg.folds}: a class has only {fewest} image(s) in train and val; "
+                               "use fewer folds")
     if prep.catalog.groups is None:
         folds = StratifiedKFold(cfg.folds, shuffle=True, random_state=cfg.seed).split(pool, labels)
     else:
@@ -417,7 +451,7 @@ def fit(prep: Prepared, train_idx: np.ndarray, val_idx: np.ndarray, run: RunPath
     state = {"epoch": 0, "best": None, "best_se": 0.0, "best_epoch": 0, "history": []}
     optimizer = scheduler = phase = None
     if cfg.resume and run.last_checkpoint.exists():
-        ckpt = torch.load(run.last_checkpoint, map_location="cpu", weights_only=False)
+        ckpt = _load_resume_state(run.last_checkpoint)
         net.load_state_dict(ckpt["train_state_dict"])
         if ema is not None:
             ema.load_state_dict(ckpt["ema"])
@@ -455,6 +489,8 @@ def fit(prep: Prepared, train_idx: np.ndarray, val_idx: np.ndarray, run: RunPath
                                                  device, cfg.amp, phase == "head", bar, task, ema, augment)
             train_seconds = time.perf_counter() - t0
             val = predict(evaluated, val_loader, device, cfg.amp, ids=None, class_names=prep.catalog.class_names)
+            if not np.isfinite(val.proba).all():
+                raise _diverged("the validation predictions", float("nan"), r["lr"])
             val_loss, val_loss_se = _val_loss(val, class_weights)
             row = {
                 "epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc,
@@ -623,18 +659,74 @@ def _optimizer(net: Net, cfg: TrainConfig, phase: str, steps_per_epoch: int):
     return optimizer, scheduler
 
 
-def _check_run_dir(run: RunPaths, data: str, cfg: TrainConfig) -> None:
+# Options a resumed run must share with its first start (device, amp and --on-bad-image may change).
+RESUME_KEEPS = ("arch", "weights", "epochs", "freeze_epochs", "batch_size", "img_size", "lr", "lr_backbone_ratio",
+                "weight_decay", "label_smoothing", "augment", "sampler", "monitor", "patience", "ema", "folds", "seed")
+
+
+def _resumable(run: RunPaths) -> bool:
+    return run.last_checkpoint.exists() or any(run.root.glob("folds/*/cnn/last.pt"))
+
+
+def _check_run_dir(run: RunPaths, data: str, cfg: TrainConfig) -> TrainConfig:
+    """The options to train with: as given, or on --resume the run's own where one is left out."""
     if cfg.resume:
-        if not run.last_checkpoint.exists() and not any(run.root.glob("folds/*/cnn/last.pt")):
+        if not _resumable(run):
             raise FeaturepipeError(f"--resume: {run.last_checkpoint} does not exist; start the run without --resume")
-        old = read_json(run.config)
+        old = read_json(require(run.config, "run config", "start the run over without --resume"))
         if old["data"]["source"] not in (data, str(Path(data).expanduser())):
-            raise FeaturepipeError(f"--resume: {run.root} was trained on {old['data']['source']}, not {data}")
-        return
-    if run.checkpoint.exists() and not cfg.overwrite:
+            # Moved data are fine; other data are not (the fingerprint tells them apart).
+            catalog = fdata.scan(data, cfg.allow_outside)
+            if data_fingerprint(catalog) != old["data"].get("fingerprint"):
+                raise FeaturepipeError(f"--resume: {run.root} was trained on {old['data']['source']}, not {data}")
+            log(f"warning: {run.root} was trained on {old['data']['source']}; {data} holds the same data")
+        return _resumed_options(cfg, old["train"])
+    if (is_finished(run) or _resumable(run)) and not cfg.overwrite:
         raise FeaturepipeError(
             f"--out {run.root}: already holds a trained CNN; pass --overwrite to replace it, or --resume to continue"
         )
+    others = sorted(p.name for p in run.root.iterdir() if p.name != ".lock") if run.root.is_dir() else []
+    if others and not is_run(run.root) and not cfg.overwrite:
+        raise FeaturepipeError(f"--out {run.root}: holds other files ({', '.join(others[:3])}"
+                               f"{', ...' if len(others) > 3 else ''}) and is no featurepipe run; give a new or "
+                               "empty folder, or pass --overwrite")
+    return cfg
+
+
+def _resumed_options(cfg: TrainConfig, old: dict[str, Any]) -> TrainConfig:
+    """Options left automatic take the run's; one given otherwise than the run had is refused."""
+    # --arch's default is "auto", not None: left out (or auto), it means the run's own.
+    left_out = {k for k in RESUME_KEEPS if getattr(cfg, k) is None or (k == "arch" and cfg.arch == "auto")}
+    cfg = replace(cfg, **{k: old[k] for k in left_out if k in old})
+    for k in RESUME_KEEPS:
+        was = old.get(k) if old.get(k) is not None else old.get("resolved", {}).get(k)
+        # An option the run left to auto may be given as what auto chose (--arch efficientnet_lite0).
+        if k in old and getattr(cfg, k) is not None and getattr(cfg, k) not in (was, old.get("resolved", {}).get(k)):
+            raise FeaturepipeError(f"--resume: --{k.replace('_', '-')} {getattr(cfg, k)} differs from the run's {was}; "
+                                   "resume with the run's options, or start over with --overwrite")
+    return cfg
+
+
+def _start_over(run: RunPaths) -> None:
+    """A run trained again forgets that it was finished and where it stopped, before anything else is
+    written: an interrupted --overwrite must neither pass for finished nor resume the previous run."""
+    for path in (run.cnn_metrics, run.last_checkpoint, *run.root.glob("folds/*/cnn/last.pt"),
+                 *run.root.glob("folds/*/cnn/metrics.json")):
+        path.unlink(missing_ok=True)
+
+
+def _diverged(what: str, value: float, lr: float) -> FeaturepipeError:
+    return FeaturepipeError(f"training diverged: {what} became {value} (peak learning rate {lr:g}); "
+                            "lower --lr, or check the images for extreme values")
+
+
+def _load_resume_state(path: Path) -> dict[str, Any]:
+    """last.pt with weights_only=True: tensors and plain containers only, so a planted file runs no code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise FeaturepipeError(f"{path}: cannot be loaded safely as a featurepipe resume state ({first_line(e)}); "
+                               "start over with --overwrite") from None
 
 
 def _images_per_epoch(loader) -> int:
@@ -676,7 +768,10 @@ def _train_epoch(net, loader, criterion, optimizer, scheduler, scaler, device, a
         if ema is not None:
             ema.update_parameters(getattr(net, "module", net))
         n = len(y)
-        total_loss += loss.item() * n
+        value = loss.item()
+        if not math.isfinite(value) and not scaler.is_enabled():  # fp16's scaler skips such steps itself
+            raise _diverged("the training loss", value, max(g["lr"] for g in optimizer.param_groups))
+        total_loss += value * n
         correct += int((logits.argmax(1) == y).sum())
         seen += n
         bar.update(task, advance=n, info=f"loss {total_loss / seen:.4f}")
@@ -716,7 +811,13 @@ def _write_history(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def _get_rng() -> dict[str, Any]:
-    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every generator's state as tensors and plain numbers, so last.pt loads with weights_only=True."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, state, python_gauss = random.getstate()
+    rng = {"torch": torch.get_rng_state(),
+           "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                     "gauss": float(gauss)},
+           "python": {"version": version, "state": torch.tensor(state, dtype=torch.int64), "gauss": python_gauss}}
     if torch.cuda.is_available():  # augmentation draws on the training device
         rng["cuda"] = torch.cuda.get_rng_state_all()
     return rng
@@ -724,7 +825,8 @@ def _get_rng() -> dict[str, Any]:
 
 def _set_rng(rng: dict[str, Any]) -> None:
     torch.set_rng_state(rng["torch"])
-    np.random.set_state(rng["numpy"])
-    random.setstate(rng["python"])
+    n, p = rng["numpy"], rng["python"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    random.setstate((p["version"], tuple(p["state"].tolist()), p["gauss"]))
     if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(rng["cuda"])

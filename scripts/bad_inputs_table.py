@@ -5,20 +5,26 @@ sees) on tiny generated data under a temporary folder:
 
   python scripts/bad_inputs_table.py [--keep DIR]
 
-A row is "crashed" if the command printed a Python traceback or died of something else than the signal
-the case sends.
+A row is "crashed" if the command printed a Python traceback, died of something else than the signal
+the case sends, or ran code planted in a run folder (a PWNED_* file appeared). The last line counts
+the rows, those that held and those that crashed.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
+import json
 import os
+import resource
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -46,11 +52,22 @@ def manifest(path: Path, rows: list[tuple[str, ...]], header: str = "path,label"
     return path
 
 
+class Planted:
+    """Pickled, it runs code when loaded: it creates the file `marker`."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
 class Cases:
     """Each method builds one bad input under `tmp` and returns (description, featurepipe arguments)."""
 
     def __init__(self, tmp: Path, run: Path) -> None:
         self.tmp, self.run = tmp, run
+        self.limit = None  # a file-size limit (bytes) for the next case's command: a full disk
 
     def d(self, name: str) -> Path:
         return self.tmp / name
@@ -237,11 +254,227 @@ class Cases:
         (run / "features.h5").unlink()
         return "extract killed (SIGKILL) mid-run, then re-run", ["extract", "--run", run, "--batch-size", "8"]
 
+    # ---- issue 14: hostile and unlucky input ----
+
+    def copy_run(self, name: str) -> Path:
+        run = self.d(name)
+        shutil.copytree(self.run, run)
+        return run
+
+    def planted_head(self):
+        import joblib
+
+        run = self.copy_run("planted_head_run")
+        joblib.dump(Planted(self.d("PWNED_BY_HEAD")), run / "heads" / "logreg.joblib")
+        return ("a code-running pickle planted as heads/logreg.joblib (its json copied from a real head)",
+                ["predict", "--run", run, "--model", "logreg", self.tmp / "good" / "a"])
+
+    def planted_resume_state(self):
+        import torch
+
+        run = self.copy_run("planted_resume_run")
+        torch.save({"x": Planted(self.d("PWNED_BY_RESUME"))}, run / "cnn" / "last.pt")
+        return ("a code-running pickle planted as cnn/last.pt", ["train-cnn", "--data", self.tmp / "good", "--out", run,
+                                                                 "--epochs", "2", "--resume"])
+
+    def csv_outside(self):
+        files = images(self.d("csvo"), n=4)
+        images(self.d("outside"), n=1, classes=("a",))
+        rows = [(p.relative_to(self.d("csvo")).as_posix(), p.parent.name) for p in files]
+        m = manifest(self.d("csvo") / "m.csv", rows + [("../outside/a/0_000.png", "a"), ("/etc/passwd", "b")])
+        return "CSV rows ../outside/a/0_000.png and /etc/passwd", ["train-cnn", "--data", m, "--out", self.d("r")]
+
+    def csv_not_utf8(self):
+        files = images(self.d("csvl"), n=4)
+        rows = "".join(f"{p.relative_to(self.tmp).as_posix()},{p.parent.name}\n" for p in files) + "caf\u00e9.png,a\n"
+        m = self.d("latin1.csv")
+        m.write_bytes(("path,label\n" + rows).encode("latin-1"))
+        return "a latin-1 CSV", ["train-cnn", "--data", m, "--out", self.d("r")]
+
+    def csv_two_spellings(self):
+        files = images(self.d("csvs"), n=4)
+        rows = [(p.relative_to(self.tmp).as_posix(), p.parent.name) for p in files]
+        m = manifest(self.d("spell.csv"), rows + [("./" + rows[0][0], rows[0][1]), (rows[1][0].replace("/", "//"), "a")])
+        return "CSV naming one file as a/1.png and ./a/1.png", ["train-cnn", "--data", m, "--out", self.d("r")]
+
+    def decompression_bomb(self):
+        root = self.d("bomb")
+        images(root)
+        small = root / "a" / "0_000.png"
+        data = bytearray(small.read_bytes())
+        data[16:24] = struct.pack(">II", 30000, 30000)
+        data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])) & 0xFFFFFFFF)
+        (root / "a" / "bomb.png").write_bytes(bytes(data))
+        return "a 1 KB PNG whose header claims 30000x30000 pixels", ["data", "inspect", "--data", root]
+
+    def formula_names(self):
+        root = self.d("formula")
+        images(root, n=3, classes=("=1+1",))
+        (root / "=1+1" / "0_000.png").rename(root / "=1+1" / "=HYPERLINK(1).png")
+        (root / "=1+1" / "@x.png").write_bytes(b"")
+        out = self.d("formula.csv")
+        return ("files =HYPERLINK(1).png and @x.png (empty) predicted into a CSV",
+                ["predict", "--run", self.run, root, "--out", out])
+
+    def locked_run(self):
+        run = self.copy_run("locked_run")
+        self.held = open(run / ".lock", "a")  # this script holds the lock while featurepipe runs
+        fcntl.flock(self.held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return "fit-heads while another command holds the run", ["fit-heads", "--run", run, "--heads", "logreg"]
+
+    def predict_over_model(self):
+        return "predict --out RUN/cnn/model.pt --overwrite", ["predict", "--run", self.run, self.tmp / "good" / "a",
+                                                              "--out", self.run / "cnn" / "model.pt", "--overwrite"]
+
+    def predict_over_csv(self):
+        (self.d("mine.csv")).write_text("my notes")
+        return "predict --out an existing CSV", ["predict", "--run", self.run, self.tmp / "good" / "a", "--out",
+                                                 self.d("mine.csv")]
+
+    def extract_over_features(self):
+        return "extract --data OTHER --out RUN/features.h5", ["extract", "--run", self.run, "--data",
+                                                               self.tmp / "good", "--out", self.run / "features.h5"]
+
+    def train_into_user_folder(self):
+        (self.d("mine")).mkdir()
+        (self.d("mine") / "config.json").write_text('{"mine": 1}')
+        return "train-cnn --out a folder holding a user's config.json", ["train-cnn", "--data", self.tmp / "good",
+                                                                          "--out", self.d("mine")]
+
+    def out_inside_data(self):
+        images(self.d("inside"))
+        return "train-cnn --out inside --data", ["train-cnn", "--data", self.d("inside"), "--out",
+                                                 self.d("inside") / "run"]
+
+    def changed_data(self):
+        data = self.d("changed_data")
+        shutil.copytree(self.tmp / "good", data)
+        run = self.copy_run("changed_run")
+        config = json.loads((run / "config.json").read_text())
+        config["data"]["source"] = str(data)
+        (run / "config.json").write_text(json.dumps(config))
+        (data / "a" / "0_000.png").rename(data / "b" / "moved.png")
+        return "an image moved to another class after training", ["extract", "--run", run]
+
+    def full_disk_extract(self):
+        run = self.copy_run("full_run")
+        (run / "features.h5").unlink()
+        self.limit = 40_000
+        return "extract with 40 KB of disk left (RLIMIT_FSIZE)", ["extract", "--run", run]
+
+    def unfinished_run(self):
+        run = self.copy_run("unfinished_run")
+        (run / "cnn" / "metrics.json").unlink()
+        return "extract on a run whose training was killed", ["extract", "--run", run]
+
+    def resume_other_epochs(self):
+        run = self.copy_run("resume_epochs_run")
+        return "--resume with another --epochs", ["train-cnn", "--data", self.tmp / "good", "--out", run, "--epochs",
+                                                  "5", "--resume"]
+
+    def resume_without_config(self):
+        run = self.copy_run("noconfig_run")
+        (run / "config.json").unlink()
+        return "--resume without config.json", ["train-cnn", "--data", self.tmp / "good", "--out", run, "--resume"]
+
+    def damaged_splits(self):
+        run = self.copy_run("damaged_splits_run")
+        (run / "splits.json").write_text("[1, 2]")
+        (run / "features.h5").unlink()
+        return "splits.json holding a list", ["extract", "--run", run]
+
+    def damaged_head_json(self):
+        run = self.copy_run("damaged_head_run")
+        (run / "heads" / "logreg.json").write_bytes(b"\xff\xfe{")
+        return "a head json that is not UTF-8", ["predict", "--run", run, "--model", "logreg", self.tmp / "good" / "a"]
+
+    def npz_fractional_labels(self):
+        x = np.zeros((9, 8, 8), np.uint8)
+        np.savez(self.d("frac.npz"), train_images=x, train_labels=np.arange(9) % 3 + 0.7, test_images=x,
+                 test_labels=np.arange(9) % 3)
+        return ".npz labels 0.7, 1.7, 2.7", ["data", "inspect", "--data", self.d("frac.npz")]
+
+    def npz_object_array(self):
+        x = np.zeros((3, 8, 8), np.uint8)
+        np.savez(self.d("obj.npz"), train_images=x, train_labels=np.array([0, "a", None], dtype=object),
+                 test_images=x, test_labels=np.arange(3))
+        return ".npz with an object (pickled) array", ["data", "inspect", "--data", self.d("obj.npz")]
+
+    def npz_mixed_sizes(self):
+        np.savez(self.d("mixed.npz"), train_images=np.zeros((9, 8, 8), np.uint8), train_labels=np.arange(9) % 3,
+                 test_images=np.zeros((9, 10, 10), np.uint8), test_labels=np.arange(9) % 3)
+        return ".npz whose splits have other image sizes", ["data", "inspect", "--data", self.d("mixed.npz")]
+
+    def npz_class_names(self):
+        x = np.zeros((9, 8, 8), np.uint8)
+        np.savez(self.d("names.npz"), train_images=x, train_labels=np.arange(9) % 3, test_images=x,
+                 test_labels=np.arange(9) % 3, class_names=np.array(["a", "b"]))
+        return ".npz with 2 class_names for 3 labels", ["data", "inspect", "--data", self.d("names.npz")]
+
+    def seed_negative(self):
+        return "--seed -1", ["train-cnn", "--data", self.tmp / "good", "--out", self.d("r"), "--seed", "-1"]
+
+    def weight_decay_negative(self):
+        return "--weight-decay -1", ["train-cnn", "--data", self.tmp / "good", "--out", self.d("r"), "--weight-decay",
+                                     "-1"]
+
+    def folds_50(self):
+        return "--folds 50 on 30 images a class", ["train-cnn", "--data", self.tmp / "good", "--out", self.d("r_f"),
+                                                   "--folds", "50", "--epochs", "1"]
+
+    def lr_find_one_step(self):
+        return "lr-find --steps 1", ["lr-find", "--data", self.tmp / "good", "--out", self.d("lr"), "--steps", "1"]
+
+    def inspect_json_dir(self):
+        return "data inspect --json DIR", ["data", "inspect", "--data", self.tmp / "good", "--json", self.tmp]
+
+    def out_below_file(self):
+        (self.d("afile")).write_text("x")
+        return "--out below a file", ["train-cnn", "--data", self.tmp / "good", "--out", self.d("afile") / "run"]
+
+    def lr_inf(self):
+        return "--lr inf", ["train-cnn", "--data", self.tmp / "good", "--out", self.d("r"), "--lr", "inf"]
+
+    def diverged(self):
+        return "--lr 1e30 (training diverges)", ["train-cnn", "--data", self.tmp / "good", "--out", self.d("r_div"),
+                                                 "--lr", "1e30", "--epochs", "2"]
+
+    def heads_small_data(self):
+        root, run = self.d("small"), self.d("small_run")
+        images(root / "train", n=2)
+        images(root / "val", n=2, seed=1)
+        images(root / "test", n=2, seed=2)
+        for args in (["train-cnn", "--data", root, "--out", run, "--epochs", "1"], ["extract", "--run", run]):
+            featurepipe(args, check=True)
+        return "knn, svm, hgb with --tune cv on 2 images a class", ["fit-heads", "--run", run, "--heads",
+                                                                     "knn,svm,hgb", "--tune", "cv"]
+
+    def mathtext_class(self):
+        root, run = self.d("math"), self.d("math_run")
+        images(root, classes=("$\\undefinedcmd{x}$", "b", "c"))
+        for args in (["train-cnn", "--data", root, "--out", run, "--epochs", "1"], ["extract", "--run", run],
+                     ["fit-heads", "--run", run, "--heads", "logreg"]):
+            featurepipe(args, check=True)
+        return "a class named $\\undefinedcmd{x}$ (mathtext)", ["compare", "--run", run, "--no-gradcam"]
+
+    def predict_empty_image(self):
+        root = self.d("pred_empty")
+        images(root, n=3, classes=("x",))
+        (root / "x" / "0_001.png").write_bytes(b"")
+        return "predict on a folder with one 0-byte image", ["predict", "--run", self.run, root / "x", "--out",
+                                                             self.d("pred_empty.csv")]
+
     def ctrl_c_train(self):
         root = self.d("ctrlc")
         images(root, n=150)
         return "Ctrl-C (SIGINT) during train-cnn, then --resume", ["train-cnn", "--data", root, "--out",
                                                                    self.d("r_ctrlc"), "--epochs", "3"]
+
+
+def _file_size_limit(nbytes: int) -> None:
+    """In the child: writes past `nbytes` fail with EFBIG, as on a full disk."""
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, nbytes))
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
 
 def featurepipe(args, **kw) -> subprocess.CompletedProcess:
@@ -262,13 +495,13 @@ def said(r) -> str:
 KILL_ON_THIRD_BATCH = """
 import os, signal, sys
 from featurepipe.models import Net
-forward, calls = Net.forward_features, []
-def dying(self, x):
+embed, calls = Net.embed, []
+def dying(self, *args, **kwargs):
     calls.append(1)
     if len(calls) == 3:
         os.kill(os.getpid(), signal.SIGKILL)
-    return forward(self, x)
-Net.forward_features = dying
+    return embed(self, *args, **kwargs)
+Net.embed = dying
 from featurepipe.cli import main
 sys.argv = ["featurepipe", *sys.argv[1:]]
 main()
@@ -303,7 +536,8 @@ def main() -> None:
     cases = Cases(tmp, run)
     print("| bad input | command | what featurepipe did | exit code | crashed |")
     print("|---|---|---|---|---|")
-    names = [m for m in vars(Cases) if not m.startswith("_") and m != "d"]
+    names = [m for m in vars(Cases) if not m.startswith("_") and m not in ("d", "copy_run")]
+    rows = held = crashed_rows = 0
     for name in a.only.split(",") if a.only else names:
         what, args = getattr(cases, name)()
         if name == "killed_extract":
@@ -326,11 +560,19 @@ def main() -> None:
             did = f"Ctrl-C: exit {r1.returncode}, {said(r1)}; --resume: exit {r2.returncode}, {said(r2)}"
             crashed = "Traceback" in r1.stderr + r2.stderr or r1.returncode != 130
         else:
-            r = featurepipe(args)
-            did, crashed = said(r), "Traceback" in r.stderr + r.stdout
+            limit, cases.limit = cases.limit, None
+            r = featurepipe(args, preexec_fn=(lambda: _file_size_limit(limit)) if limit else None)
+            did, crashed = said(r), "Traceback" in r.stderr + r.stdout or r.returncode < 0
+            ran = [m.name for m in tmp.glob("PWNED_*")]
+            if ran:
+                did, crashed = f"CODE RAN ({', '.join(ran)}); {did}", True
+        rows += 1
+        held += not crashed
+        crashed_rows += crashed
         shown = " ".join(str(x).replace(str(tmp) + "/", "") for x in args[:2])
         print(f"| {what} | `featurepipe {shown} …` | {did.replace(str(tmp) + '/', '')} | {r.returncode} "
               f"| {'YES' if crashed else 'no'} |", flush=True)
+    print(f"\n{rows} rows, {held} held, {crashed_rows} crashed", flush=True)
     if a.keep is None:
         shutil.rmtree(tmp)
 

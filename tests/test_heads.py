@@ -31,6 +31,7 @@ def synthetic_run(root: Path, dim: int = 12, classes: int = 3, sizes: dict | Non
     (root / "cnn").mkdir(parents=True)
     (root / "cnn" / "model.pt").write_bytes(rng.bytes(64))
     (root / "config.json").write_text(json.dumps({"data": {"class_names": names}, "train": {"seed": 0}}))
+    (root / "cnn" / "metrics.json").write_text("{}")  # a finished run
     with h5py.File(root / "features.h5", "w") as h5:
         h5.attrs.update({"class_names": json.dumps(names), "arch": "synthetic", "layer": "penultimate",
                          "tta": "none", "checkpoint": fingerprint(root / "cnn" / "model.pt"), "img_size": 28})

@@ -14,9 +14,19 @@ from featurepipe.errors import FeaturepipeError
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".ppm", ".pgm"})
 
-# Whole-slide-sized scans are welcome (PIL's default guard stops at 179 Mpx), but a corrupt header that
-# claims billions of pixels must be refused before it is allocated: PIL raises above twice this.
-Image.MAX_IMAGE_PIXELS = 1 << 30
+# An image whose header claims more pixels than this is refused before it is decoded (a decompression
+# bomb: a 1 MB PNG can claim 30000 x 30000 pixels). The default is PIL's own hard limit (about 179 Mpx,
+# e.g. 13 000 x 13 000); FEATUREPIPE_MAX_IMAGE_PIXELS raises or lowers it.
+DEFAULT_MAX_PIXELS = 2 * 89_478_485
+
+
+def max_image_pixels() -> int:
+    value = os.environ.get("FEATUREPIPE_MAX_IMAGE_PIXELS", "")
+    try:
+        return int(value) if value else DEFAULT_MAX_PIXELS
+    except ValueError:
+        raise FeaturepipeError(f"FEATUREPIPE_MAX_IMAGE_PIXELS={value}: give a whole number of pixels") from None
+
 
 GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 
@@ -77,7 +87,12 @@ def open_image(path: str) -> Iterator[Image.Image]:
             warnings.simplefilter("ignore")
             # A file object, not the path: PIL memory-maps uncompressed files it opens by path, and on
             # that route (Pillow 13) a TIFF's EXIF orientation is lost for L, P, RGBA, CMYK and I;16.
+            limit = max_image_pixels()
+            Image.MAX_IMAGE_PIXELS = None  # PIL's guard (warning, then an error without the size) is ours below
             with open(path, "rb") as f, Image.open(f) as img:
+                if img.width * img.height > limit:
+                    raise UnreadableImage(path, f"header claims {img.width}x{img.height} pixels, more than the "
+                                                f"limit of {limit:,} (FEATUREPIPE_MAX_IMAGE_PIXELS)")
                 yield img
     except UnreadableImage:
         raise
@@ -91,7 +106,7 @@ def why_unreadable(path: str, e: Exception) -> str:
     if isinstance(e, UnidentifiedImageError):
         return "empty file (0 bytes)" if _size(path) == 0 else "not an image format PIL can read"
     if isinstance(e, Image.DecompressionBombError):
-        return f"header claims more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels"
+        return f"header claims more than {max_image_pixels():,} pixels"
     message = str(e).replace(repr(str(path)), "").replace(str(path), "").strip(" :")
     return f"{type(e).__name__}: {message}" if message else type(e).__name__
 

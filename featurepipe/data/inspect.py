@@ -86,8 +86,8 @@ class Inspection:
         return "\n".join(lines)
 
 
-def inspect(source: str, seed: int = 0) -> Inspection:
-    catalog = scan(source)
+def inspect(source: str, seed: int = 0, allow_outside: bool = False) -> Inspection:
+    catalog = scan(source, allow_outside)
     everything = np.arange(len(catalog))
     facts: dict[int, tuple] = {}
     failed: dict[int, str] = {}

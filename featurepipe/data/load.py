@@ -27,7 +27,7 @@ from featurepipe.data.sources import SPLITS, ArrayStore, Catalog, FileStore
 from featurepipe.data.splits import check_splits
 from featurepipe.errors import FeaturepipeError
 from featurepipe.progress import log, progress_bar
-from featurepipe.runs import write_text
+from featurepipe.runs import csv_cell, read_cell, write_text
 
 BAD_IMAGE_POLICIES = ("skip", "error")
 
@@ -148,11 +148,12 @@ def save_skipped(path: Path, skipped: list[Skipped]) -> None:
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow([f.name for f in fields(Skipped)])
-    writer.writerows(astuple(s) for s in skipped)
+    writer.writerows([csv_cell(str(v)) for v in astuple(s)] for s in skipped)
     write_text(path, buf.getvalue())
     if skipped:
-        per_split = ", ".join(f"{split} {n}" for split, n in Counter(s.split for s in skipped).items())
-        log(f"warning: skipped {len(skipped)} unreadable image(s) ({per_split}), e.g. {skipped[0].id}: "
+        per_split = ", ".join(f"{split} {n}" for split, n in Counter(s.split for s in skipped).items() if split)
+        log(f"warning: skipped {len(skipped)} unreadable image(s)" + (f" ({per_split})" if per_split else "")
+            + f", e.g. {skipped[0].id}: "
             f"{skipped[0].reason}; all listed in {path}")
 
 
@@ -160,4 +161,4 @@ def read_skipped(path: Path) -> list[Skipped]:
     if not Path(path).exists():
         return []
     with open(path, newline="", encoding="utf-8") as f:
-        return [Skipped(**row) for row in csv.DictReader(f)]
+        return [Skipped(**{k: read_cell(v) for k, v in row.items()}) for row in csv.DictReader(f)]

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,8 +111,9 @@ class Catalog:
         return len(self.ids)
 
 
-def scan(source: str) -> Catalog:
-    """Read a source's index (not its pixels)."""
+def scan(source: str, allow_outside: bool = False) -> Catalog:
+    """Read a source's index (not its pixels). A CSV's rows must name files inside its folder unless
+    `allow_outside` (--allow-outside)."""
     if source == "demo":
         return _demo()
     path = Path(source).expanduser()
@@ -119,7 +122,7 @@ def scan(source: str) -> Catalog:
     if path.is_file() and path.suffix.lower() == ".npz":
         return _npz(path)
     if path.is_file() and path.suffix.lower() == ".csv":
-        return _csv(path)
+        return _csv(path, allow_outside)
     if path.is_dir():
         return _folder(path)
     raise FeaturepipeError(f"--data {source}: unknown data source; give an image folder, a .csv manifest, an .npz or 'demo'")
@@ -142,30 +145,59 @@ def _demo() -> Catalog:
 
 def _npz(path: Path) -> Catalog:
     try:
-        data = np.load(path)
-    except (OSError, ValueError) as e:
-        raise FeaturepipeError(f"{path}: cannot read .npz ({e})") from None
-    present = [s for s in SPLITS if f"{s}_images" in data and f"{s}_labels" in data]
+        data = np.load(path, allow_pickle=False)
+        present = [s for s in SPLITS if f"{s}_images" in data and f"{s}_labels" in data]
+        arrays = {k: np.asarray(data[k]) for s in present for k in (f"{s}_images", f"{s}_labels")}
+        given_names = np.asarray(data["class_names"]) if "class_names" in data else None
+    except (OSError, ValueError, EOFError) as e:  # object arrays: ValueError (pickles are never loaded)
+        raise FeaturepipeError(f"{path}: cannot read .npz ({e}); store plain numeric arrays") from None
     if not present:
         raise FeaturepipeError(f"{path}: no 'train_images'/'train_labels' keys; expected a MedMNIST-style .npz")
     images, labels, ids, split = [], [], [], []
     for s in present:
-        x, y = data[f"{s}_images"], np.asarray(data[f"{s}_labels"]).reshape(-1)
+        x, y = arrays[f"{s}_images"], _npz_labels(path, s, arrays[f"{s}_labels"])
+        if x.dtype.kind not in "uifb":
+            raise FeaturepipeError(f"{path}: {s}_images holds {x.dtype} values; images must be numbers")
         if len(x) != len(y):
             raise FeaturepipeError(f"{path}: {s}_images has {len(x)} rows but {s}_labels has {len(y)}")
+        if images and x.shape[1:] != images[0].shape[1:]:
+            raise FeaturepipeError(f"{path}: {s}_images are {x.shape[1:]} but {present[0]}_images "
+                                   f"{images[0].shape[1:]}; every split needs the same image shape")
         images.append(x)
-        labels.append(y.astype(np.int64))
+        labels.append(y)
         ids += [f"{s}/{i:06d}" for i in range(len(x))]
         split += [s] * len(x)
     y = np.concatenate(labels)
     names = [str(c) for c in range(int(y.max()) + 1)]
-    if "class_names" in data:
-        names = [str(c) for c in data["class_names"]]
+    if given_names is not None:
+        names = [str(c) for c in given_names.reshape(-1)]
+        if len(names) <= int(y.max()) or len(set(names)) < len(names):
+            raise FeaturepipeError(f"{path}: class_names has {len(names)} entries ({len(set(names))} distinct) "
+                                   f"but the labels go up to {int(y.max())}; give one distinct name per label")
     return Catalog(str(path), "npz", ids, y, names, ArrayStore(np.concatenate(images), path.name), split)
 
 
-def _csv(path: Path) -> Catalog:
-    with path.open(newline="", encoding="utf-8-sig") as f:
+def _npz_labels(path: Path, split: str, y: np.ndarray) -> np.ndarray:
+    """Integer class indices 0..K-1, one per image; anything else is refused, not truncated."""
+    if y.ndim == 2 and y.shape[1] != 1:
+        raise FeaturepipeError(f"{path}: {split}_labels has shape {y.shape}; give one label per image")
+    y = y.reshape(-1)
+    if y.dtype.kind not in "uifb":
+        raise FeaturepipeError(f"{path}: {split}_labels holds {y.dtype} values; labels must be class "
+                               "indices 0..K-1 (put the names in a class_names array)")
+    if len(y) and (not np.all(np.isfinite(y)) or np.any(y != np.round(y)) or y.min() < 0):
+        bad = y[~np.isfinite(y) | (y != np.round(y)) | (y < 0)][0]
+        raise FeaturepipeError(f"{path}: {split}_labels holds {bad}; labels must be whole numbers 0..K-1")
+    return y.astype(np.int64)
+
+
+def _csv(path: Path, allow_outside: bool = False) -> Catalog:
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise FeaturepipeError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#x} at offset {e.start}); "
+                               "save the manifest as UTF-8") from None
+    with io.StringIO(text, newline="") as f:
         reader = csv.DictReader(f)
         cols = {c.strip().lower(): c for c in reader.fieldnames or []}
         for alias in PATH_ALIASES:  # e.g. Kvasir-Capsule's filename,label
@@ -180,10 +212,21 @@ def _csv(path: Path) -> Catalog:
     if not rows:
         raise FeaturepipeError(f"{path}: the manifest has no rows")
     paths, labels, split, groups = [], [], [], []
+    folder = os.path.normpath(os.path.abspath(path.parent))
+    where: dict[str, int] = {}
     for n, row in enumerate(rows, start=2):
         p, label = (row[cols["path"]] or "").strip(), (row[cols["label"]] or "").strip()
         if not p or not label:
             raise FeaturepipeError(f"{path}:{n}: empty path or label")
+        # One spelling per file (a/1.png, ./a/1.png and a//1.png are the same image), checked lexically.
+        full = os.path.normpath(os.path.join(folder, p))
+        if not allow_outside and os.path.commonpath([folder, full]) != folder:
+            raise FeaturepipeError(f"{path}:{n}: '{p}' lies outside the manifest's folder {path.parent}; "
+                                   "move the images below it, or pass --allow-outside if you trust this manifest")
+        if full in where:
+            raise FeaturepipeError(f"{path}:{n}: '{p}' is listed more than once (as row {where[full]}, "
+                                   "perhaps spelled otherwise); each image needs one row")
+        where[full] = n
         paths.append(p)
         labels.append(label)
         if "group" in cols:
@@ -194,10 +237,6 @@ def _csv(path: Path) -> Catalog:
             if s is None:
                 raise FeaturepipeError(f"{path}:{n}: split {row[cols['split']]!r} is not train, val or test")
             split.append(s)
-    if len(set(paths)) < len(paths):
-        seen: set[str] = set()
-        twice = next(p for p in paths if p in seen or seen.add(p))
-        raise FeaturepipeError(f"{path}: '{twice}' is listed more than once; each image needs one row")
     names = sorted(set(labels))
     index = {c: i for i, c in enumerate(names)}
     return Catalog(
@@ -272,5 +311,9 @@ def _folder(root: Path) -> Catalog:
 
 def _to_uint8(images: np.ndarray) -> np.ndarray:
     images = images.astype(np.float32)
-    lo, hi = float(images.min()), float(images.max())
+    finite = np.isfinite(images)
+    lo, hi = (float(images[finite].min()), float(images[finite].max())) if finite.any() else (0.0, 0.0)
+    # NaN and infinite pixels become the darkest value, as in float image files (images.to_channels):
+    # one of them must not turn every image of every split to zero.
+    images = np.where(finite, images, lo)
     return np.round((images - lo) * (255.0 / max(hi - lo, 1e-12))).astype(np.uint8)

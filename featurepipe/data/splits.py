@@ -167,6 +167,9 @@ def _from_saved(catalog: Catalog, saved: dict[str, list[str]]) -> dict[str, np.n
     splits = {}
     for s in SPLITS:
         ids = saved.get(s, [])
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise FeaturepipeError(f"splits.json: its '{s}' entry is not a list of image ids; the run is damaged, "
+                                   "train a new run")
         missing = [i for i in ids if i not in position]
         if missing:
             raise FeaturepipeError(

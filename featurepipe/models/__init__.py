@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import itertools
 from pathlib import Path
 from typing import Any, Callable
@@ -138,8 +139,12 @@ def save_checkpoint(path: Path, net: Net, meta: dict[str, Any], **extra: Any) ->
     """meta: arch, num_classes, in_channels, mean, std, window, img_size, class_names (all JSON-able)."""
     from featurepipe.runs import atomic_path
 
+    # Serialised in memory, written by Python: torch's own file writer turns a full disk into an
+    # unexplained RuntimeError, a Python write into the OSError (ENOSPC) that atomic_path reports.
+    buf = io.BytesIO()
+    torch.save({"meta": meta, "state_dict": net.state_dict(), **extra}, buf)
     with atomic_path(path) as tmp:
-        torch.save({"meta": meta, "state_dict": net.state_dict(), **extra}, tmp)
+        tmp.write_bytes(buf.getbuffer())
 
 
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[Net, dict[str, Any]]:
