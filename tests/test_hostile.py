@@ -403,6 +403,15 @@ def test_resume_refuses_other_options(tiny_run, tmp_path, option, value):
     refused(cli("train-cnn", *args, "--resume", ok=False), f"{option} {value} differs from the run's")
 
 
+@pytest.mark.parametrize("arch", [[], ["--arch", "auto"], ["--arch", "sixblock"]])
+def test_resume_takes_what_arch_auto_chose(tiny_run, tmp_path, arch):
+    # tiny_run left --arch to auto, which chose sixblock for its 28-px images: auto again, or the
+    # architecture it chose, is the run's own option.
+    assert json.loads((tiny_run / "config.json").read_text())["train"]["resolved"]["arch"] == "sixblock"
+    run = copy_run(tiny_run, tmp_path)
+    assert cli("train-cnn", *train_args(run), *arch, "--resume").exit_code == 0
+
+
 def test_resume_without_config_is_refused(tiny_run, tmp_path):
     run = copy_run(tiny_run, tmp_path)
     (run / "config.json").unlink()
