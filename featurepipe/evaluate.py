@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from sklearn import metrics
@@ -53,12 +54,13 @@ def scores(p: Predictions) -> dict[str, float | None]:
     return out
 
 
-def majority_baseline(train_counts: list[int] | np.ndarray, like: Predictions) -> Predictions:
-    """The majority-class baseline on `like`'s images: always the most frequent training class, with
-    the training class frequencies as its probabilities. What a model that learned nothing scores."""
+def majority_baseline(train_counts: list[int] | np.ndarray, like: Predictions) -> dict[str, Any]:
+    """The majority-class baseline on `like`'s images (always the most frequent training class, with the
+    training class frequencies as its probabilities): what a model that learned nothing scores."""
     prior = np.asarray(train_counts, dtype=np.float64)
-    prior = prior / prior.sum()
-    return Predictions(like.ids, like.y_true, np.tile(prior, (len(like.y_true), 1)), like.class_names)
+    base = Predictions(like.ids, like.y_true, np.tile(prior / prior.sum(), (len(like.y_true), 1)), like.class_names)
+    return {"name": "majority class", "class": like.class_names[int(prior.argmax())],
+            "accuracy": float((base.y_pred == base.y_true).mean()), "macro_f1": scores(base)["macro_f1"]}
 
 
 def clearly_above(accuracy: float, baseline: float, n: int) -> bool:

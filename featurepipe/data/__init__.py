@@ -10,7 +10,6 @@ from featurepipe.data.dataset import (
     make_loader,
     pixel_sample,
 )
-from featurepipe.data.intensity import FULL_RANGE, Intensity
 from featurepipe.data.images import UnreadableImage
 from featurepipe.data.load import BAD_IMAGE_POLICIES, Skipped, check_policy, load_splits, save_skipped
 from featurepipe.data.sources import SPLITS, ArrayStore, Catalog, scan
@@ -18,6 +17,7 @@ from featurepipe.data.splits import assign_splits, split_ids
 
 __all__ = [
     "AUGMENTATIONS", "SPLITS", "ArrayStore", "Catalog", "ImageDataset", "assign_splits", "augmentation", "channel_stats",
-    "decode_in_turn", "describe_images", "fits_in_cache", "make_loader", "pixel_sample", "FULL_RANGE", "Intensity", "resolve_augmentation", "scan", "split_ids",
+    "decode_in_turn", "describe_images", "fits_in_cache", "make_loader", "pixel_sample", "resolve_augmentation", "scan",
+    "split_ids",
     "BAD_IMAGE_POLICIES", "Skipped", "UnreadableImage", "check_policy", "load_splits", "save_skipped",
 ]
