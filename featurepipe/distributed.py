@@ -6,6 +6,7 @@ else is a one-process run (world size 1) and these helpers are no-ops.
 
 from __future__ import annotations
 
+import atexit
 import os
 import secrets
 import shutil
@@ -44,10 +45,18 @@ def setup(device: torch.device) -> torch.device:
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    # Leave the group while the interpreter is still whole: Gloo's threads outliving it abort the
+    # process at exit (SIGABRT, "terminate called without an active exception") now and then.
+    atexit.register(teardown)
     if device.type == "cpu":
         # N processes on one machine share its cores; without this each spins up all of them.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     return device
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def barrier() -> None:
