@@ -22,8 +22,11 @@ import numpy as np
 import torch
 
 # Keys whose values are times, dates, places or versions: not what the run computed.
-VOLATILE = {"fit_seconds", "predict_seconds_per_image", "seconds", "train_images_per_second", "created", "run",
-            "environment", "timing", "figures", "checkpoint", "features", "time", "git", "versions"}
+VOLATILE = {"created", "run", "environment", "timing", "figures", "checkpoint", "features", "time", "git", "versions"}
+
+
+def _volatile(key: str) -> bool:
+    return key in VOLATILE or "seconds" in key or key.endswith("_per_second")
 
 
 def _digest(*chunks: bytes) -> str:
@@ -35,7 +38,7 @@ def _digest(*chunks: bytes) -> str:
 
 def _stable(obj):
     if isinstance(obj, dict):
-        return {k: _stable(v) for k, v in sorted(obj.items()) if k not in VOLATILE}
+        return {k: _stable(v) for k, v in sorted(obj.items()) if not _volatile(k)}
     if isinstance(obj, list):
         return [_stable(v) for v in obj]
     return obj
@@ -45,9 +48,9 @@ def _json(path: Path) -> str:
     return _digest(json.dumps(_stable(json.loads(path.read_text())), sort_keys=True).encode())
 
 
-def _csv_without(path: Path, columns: set[str]) -> str:
+def _csv_without_times(path: Path) -> str:
     rows = [line.split(",") for line in path.read_text().splitlines()]
-    keep = [i for i, name in enumerate(rows[0]) if name not in columns] if rows else []
+    keep = [i for i, name in enumerate(rows[0]) if not _volatile(name)] if rows else []
     return _digest("\n".join(",".join(r[i] for i in keep) for r in rows).encode())
 
 
@@ -70,8 +73,7 @@ def _features(path: Path) -> dict[str, str]:
 
 def fingerprint(run: Path) -> dict[str, str]:
     out = {"cnn/model.pt (weights, buffers)": _weights(run / "cnn" / "model.pt")}
-    out["cnn/history.csv (without times)"] = _csv_without(run / "cnn" / "history.csv",
-                                                          {"seconds", "train_images_per_second"})
+    out["cnn/history.csv (without times)"] = _csv_without_times(run / "cnn" / "history.csv")
     out.update(_features(run / "features.h5"))
     for path in sorted(run.glob("*/*predictions.csv")) + sorted(run.glob("*/*.classification_report.txt")):
         out[str(path.relative_to(run))] = _digest(path.read_bytes())
@@ -80,7 +82,7 @@ def fingerprint(run: Path) -> dict[str, str]:
     for name in ("cnn/metrics.json", "splits.json", "compare/summary.json", "compare/metrics.csv", "compare/per_class.csv"):
         path = run / name
         if path.exists():
-            out[name] = _json(path) if name.endswith(".json") else _csv_without(path, VOLATILE)
+            out[name] = _json(path) if name.endswith(".json") else _csv_without_times(path)
     return out
 
 
