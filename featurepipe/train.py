@@ -30,7 +30,6 @@ from featurepipe.errors import FeaturepipeError, first_line
 from featurepipe.evaluate import (Predictions, clearly_above, majority_baseline, save_evaluation, save_predictions,
                                   scores)
 from featurepipe.models import (
-    ARCHS,
     Net,
     create_model,
     in_channels_for,
@@ -39,71 +38,10 @@ from featurepipe.models import (
     save_checkpoint,
 )
 from featurepipe.models.backbones import LITE0_INSTALL, imagenet_weights_file
+from featurepipe.options import TrainConfig
 from featurepipe.progress import log, progress_bar
 from featurepipe.runs import (RunPaths, atomic_path, environment, is_finished, is_run, read_json, require,
                               run_paths, write_json, write_text)
-
-MONITORS = ("none", "loss", "macro_f1")
-SAMPLERS = ("shuffle", "balanced")
-
-
-@dataclass
-class TrainConfig:
-    """Options of train-cnn. None means: chosen from the data in front of it (see `resolve`)."""
-
-    arch: str = "auto"
-    weights: str | None = None
-    epochs: int | None = None
-    freeze_epochs: int | None = None
-    batch_size: int | None = None
-    img_size: int | None = None
-    lr: float | None = None
-    lr_backbone_ratio: float = 0.1
-    weight_decay: float = 0.05
-    label_smoothing: float = 0.0
-    augment: str = "auto"
-    sampler: str = "shuffle"
-    monitor: str = "none"
-    patience: int | None = None
-    ema: bool = True
-    folds: int = 1
-    seed: int = 0
-    device: str = "auto"
-    amp: bool | None = None  # mixed precision: None = on CUDA only (device.autocast)
-    resume: bool = False
-    overwrite: bool = False
-    on_bad_image: str = "skip"
-    allow_outside: bool = False  # CSV rows may name files outside the CSV's folder
-    resolved: dict[str, Any] = field(default_factory=dict)
-
-    def validate(self) -> None:
-        choices = {"arch": ("auto", *ARCHS), "augment": fdata.AUGMENTATIONS, "monitor": MONITORS, "sampler": SAMPLERS}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise FeaturepipeError(f"--{name} {getattr(self, name)}: choose one of {', '.join(allowed)}")
-        for name in ("epochs", "batch_size", "img_size", "patience", "folds"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise FeaturepipeError(f"--{name.replace('_', '-')} {value}: must be at least 1")
-        if self.freeze_epochs is not None and self.freeze_epochs < 0:
-            raise FeaturepipeError(f"--freeze-epochs {self.freeze_epochs}: must be 0 or more")
-        if self.arch == "auto" and self.weights is not None:
-            raise FeaturepipeError(f"--weights {self.weights}: name the architecture they belong to with --arch")
-        if self.img_size is not None and self.arch != "auto" and self.img_size < min_img_size(self.arch):
-            raise FeaturepipeError(f"--img-size {self.img_size}: too small; {self.arch} needs at least "
-                                   f"{min_img_size(self.arch)} px")
-        fdata.check_policy(self.on_bad_image)
-        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
-            raise FeaturepipeError(f"--lr {self.lr}: must be a positive number")
-        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
-            raise FeaturepipeError(f"--weight-decay {self.weight_decay}: must be 0 or a positive number")
-        if not 0 <= self.seed < 2**32:
-            raise FeaturepipeError(f"--seed {self.seed}: must be in 0..{2**32 - 1}")
-        if not 0 < self.lr_backbone_ratio <= 1:
-            raise FeaturepipeError(f"--lr-backbone-ratio {self.lr_backbone_ratio}: must be in (0, 1]")
-        if not 0 <= self.label_smoothing < 1:
-            raise FeaturepipeError(f"--label-smoothing {self.label_smoothing}: must be in [0, 1)")
-
 
 # --arch auto: pretrained EfficientNet-Lite0 for images of at least this many pixels on their short
 # side and at most this many training images; sixblock from scratch otherwise (see docs/design.md,
