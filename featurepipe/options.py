@@ -122,7 +122,7 @@ class TrainConfig:
     amp: bool | None = option(None, AMP_HELP, param_decls=("--amp/--no-amp",), show_default=False)
     resume: bool = option(False, "Continue an interrupted run from its last epoch.")
     overwrite: bool = option(False, "Replace a run directory that already holds a trained CNN.")
-    on_bad_image: str = option("skip", BAD_IMAGE_HELP, one_of(_bad_image_policies, "{}", " or "))
+    on_bad_image: str = option("skip", BAD_IMAGE_HELP, one_of(_bad_image_policies, joined="{}", sep=" or "))
     allow_outside: bool = option(False, ALLOW_OUTSIDE_HELP)  # CSV rows may name files outside the CSV's folder
     resolved: dict[str, Any] = field(default_factory=dict)
 
@@ -225,10 +225,9 @@ def readme_rows(text: str) -> list[tuple[str, str, str]]:
     """The rows of the table between TABLE_START and TABLE_END in README.md's text."""
     block = text.split(TABLE_START, 1)[1].split(TABLE_END, 1)[0] if TABLE_START in text else ""
     rows = []
-    for line in block.splitlines()[2:] if block.strip() else []:
-        if line.startswith("|"):
-            name, default, help = (c.strip() for c in line.strip().strip("|").split(" | "))
-            rows.append((name.strip("`"), default.strip("`"), help.replace("&#124;", "|")))
+    for line in [line for line in block.splitlines() if line.startswith("|")][2:]:  # after header and rule
+        name, default, help = (c.strip() for c in line.strip().strip("|").split(" | "))
+        rows.append((name.strip("`"), default.strip("`"), help.replace("&#124;", "|")))
     return rows
 
 
@@ -250,4 +249,7 @@ def write_readme_table(path: Path) -> None:
 
 
 if __name__ == "__main__":
-    write_readme_table(Path(sys.argv[1])) if len(sys.argv) > 1 else print(_train_cnn_table())
+    if len(sys.argv) > 1:
+        write_readme_table(Path(sys.argv[1]))
+    else:
+        print(_train_cnn_table())
