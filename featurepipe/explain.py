@@ -14,8 +14,7 @@ import torch
 from torch import nn
 
 from featurepipe import data as fdata
-from featurepipe.models import Net
-from featurepipe.models.sixblock import SixBlock
+from featurepipe.models import Net, get_arch
 from featurepipe.runs import RunPaths, read_json
 
 
@@ -32,14 +31,8 @@ def read_test_images(paths: RunPaths, config: dict[str, Any], ids: list[str]) ->
 
 
 def cam_layer(net: Net) -> nn.Module:
-    """The layer whose maps Grad-CAM weighs: sixblock's last block (after its ReLU), otherwise the last
-    Conv2d of the backbone, which works for every torchvision family featurepipe offers."""
-    if isinstance(net.features, SixBlock):
-        return net.features.blocks[-1]
-    convs = [m for m in net.features.modules() if isinstance(m, nn.Conv2d)]
-    if not convs:
-        raise ValueError(f"{type(net.features).__name__} has no Conv2d layer for Grad-CAM")
-    return convs[-1]
+    """The layer whose maps Grad-CAM weighs, as the architecture's registry entry names it."""
+    return get_arch(net.arch).cam_layer(net.features)
 
 
 def gradcam(net: Net, images: np.ndarray, classes: list[int], layer: nn.Module | None = None) -> np.ndarray:
