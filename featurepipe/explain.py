@@ -7,27 +7,25 @@ shows where in the image the evidence for that class lies.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 from torch import nn
 
 from featurepipe import data as fdata
 from featurepipe.models import Net, get_arch
-from featurepipe.runs import RunPaths, read_json
+from featurepipe.run_config import RunConfig
+from featurepipe.runs import read_json
 
 
-def read_test_images(paths: RunPaths, config: dict[str, Any], ids: list[str]) -> list[np.ndarray]:
+def read_test_images(cfg: RunConfig, ids: list[str]) -> list[np.ndarray]:
     """The run's test images with these ids, as the CNN saw them: (S, S, C) uint8 at the run's size."""
     from featurepipe.train import check_same_data
 
-    catalog = fdata.scan(config["data"]["source"], config["train"].get("allow_outside", False))
-    check_same_data(config, catalog, "compare")  # else the gallery would show other images under these ids
-    test = fdata.assign_splits(catalog, config["train"]["seed"], read_json(paths.splits))["test"]
+    catalog = fdata.scan(cfg.data.source, cfg.train.allow_outside)
+    check_same_data(cfg.sections, catalog, "compare")  # else the gallery would show other images under these ids
+    test = fdata.assign_splits(catalog, cfg.seed, read_json(cfg.paths.splits))["test"]
     position = {catalog.ids[i]: int(i) for i in test}
-    model = config["model"]
-    return [catalog.store.read(position[id_], model["img_size"], model["in_channels"]) for id_ in ids]
+    return [catalog.store.read(position[id_], cfg.model.img_size, cfg.model.in_channels) for id_ in ids]
 
 
 def cam_layer(net: Net) -> nn.Module:

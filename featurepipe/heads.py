@@ -33,7 +33,6 @@ from sklearn.decomposition import PCA
 from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassifier
 from sklearn.kernel_approximation import Nystroem
 from sklearn.linear_model import LogisticRegression, SGDClassifier
-from sklearn.metrics import f1_score
 from sklearn.model_selection import StratifiedKFold
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import Pipeline
@@ -43,11 +42,11 @@ from sklearn.utils.class_weight import compute_class_weight
 from threadpoolctl import threadpool_limits
 
 from featurepipe.errors import FeaturepipeError, first_line
-from featurepipe.evaluate import Predictions, load_predictions, save_evaluation, save_predictions, scores
+from featurepipe.evaluate import Predictions, load_predictions, macro_f1, save_evaluation, save_predictions, scores
 from featurepipe.extract import FeatureSplit, open_split, read_attrs
-from featurepipe.models import fingerprint
 from featurepipe.progress import log, progress_bar
-from featurepipe.runs import RunPaths, atomic_path, environment, load_config, read_json, require, run_paths, write_json
+from featurepipe.run_config import RunConfig
+from featurepipe.runs import RunPaths, atomic_path, environment, require, run_paths, write_json
 
 TUNE = ("none", "val", "cv")
 STACK = "stack"
@@ -281,13 +280,9 @@ def one_thread_per_job():
 # Choosing hyperparameters and fitting, features in memory
 
 
-def _macro_f1(y: np.ndarray, yhat: np.ndarray) -> float:
-    return float(f1_score(y, yhat, average="macro", zero_division=0))
-
-
 def _fit_score(base: Pipeline, params: dict[str, Any], X, y, X_eval, y_eval, keep: bool = False):
     model = clone(base).set_params(**params).fit(X, y)
-    return _macro_f1(y_eval, model.predict(X_eval)), model if keep else None
+    return macro_f1(y_eval, model.predict(X_eval)), model if keep else None
 
 
 def choose(spec: HeadSpec, X: np.ndarray, y: np.ndarray, X_val: np.ndarray | None, y_val: np.ndarray | None,
@@ -411,7 +406,7 @@ def _fit_score_online(spec: HeadSpec, params: dict[str, Any], path: Path, classe
     with open_split(path, "train") as train, open_split(path, "val") as val:
         model = fit_online(spec, params, train, classes, seed, chunk_rows)
         proba = predict_proba(model, val.features, len(classes), chunk_rows)
-        return _macro_f1(val.labels, proba.argmax(axis=1))
+        return macro_f1(val.labels, proba.argmax(axis=1))
 
 
 def choose_online(spec: HeadSpec, path: Path, classes: np.ndarray, tune: str, seed: int, jobs: int,
@@ -449,32 +444,19 @@ def full_proba(model, X: np.ndarray, n_classes: int) -> np.ndarray:
 # The command
 
 
-def check_features(paths: RunPaths, class_names: list[str]) -> tuple[dict[str, Any], str]:
-    """features.h5's attributes and the checkpoint's fingerprint, refused unless they belong together."""
+def check_features(cfg: RunConfig) -> dict[str, Any]:
+    """features.h5's attributes, refused unless they belong to the run's current checkpoint and classes."""
+    paths = cfg.paths
     require(paths.features, "features file", f"run featurepipe extract --run {paths.root} first")
     attrs = read_attrs(paths.features)
-    current = fingerprint(require(paths.checkpoint, "trained CNN", "run featurepipe train-cnn first"))
-    if attrs["checkpoint"] != current:
+    if attrs["checkpoint"] != cfg.checkpoint:
         raise FeaturepipeError(
             f"{paths.features}: extracted from another checkpoint than {paths.checkpoint}; "
             f"re-run featurepipe extract --run {paths.root}"
         )
-    if attrs["class_names"] != class_names:
+    if attrs["class_names"] != cfg.class_names:
         raise FeaturepipeError(f"{paths.features}: its classes differ from the run's; re-run featurepipe extract")
-    return attrs, current
-
-
-def head_info(paths: RunPaths, name: str, current: str) -> dict[str, Any]:
-    """A fitted head's json, refused when it was fitted on features of another checkpoint."""
-    require(paths.head_model(name), f"fitted head '{name}'", f"run featurepipe fit-heads --run {paths.root} "
-                                                              f"--heads {name} first")
-    info = read_json(require(paths.head_info(name), "head info", f"re-run featurepipe fit-heads --heads {name}"))
-    if info.get("checkpoint") != current:
-        raise FeaturepipeError(
-            f"{paths.head_model(name)}: fitted on features of an older checkpoint; "
-            f"re-run featurepipe extract and fit-heads --run {paths.root}"
-        )
-    return info
+    return attrs
 
 
 def load_head(paths: RunPaths, name: str):
@@ -492,10 +474,9 @@ def fit_heads(run: str | Path, names: list[str], config: HeadsConfig | None = No
     config = config or HeadsConfig()
     config.validate()
     paths = run_paths(run)
-    cfg = load_config(paths)
-    class_names = cfg["data"]["class_names"]
-    attrs, current = check_features(paths, class_names)
-    seed = cfg["train"]["seed"]
+    cfg = RunConfig.load(paths)
+    class_names, seed, current = cfg.class_names, cfg.seed, cfg.checkpoint
+    attrs = check_features(cfg)
     base = [n for n in names if n != STACK]
     results = {}
     with open_split(paths.features, "train") as train, open_split(paths.features, "val") as val, \
@@ -532,7 +513,7 @@ def fit_heads(run: str | Path, names: list[str], config: HeadsConfig | None = No
                 bar.advance(task)
             if STACK in names:
                 bar.update(task, info=STACK)
-                results[STACK] = fit_stack(paths, current, val, test, class_names, seed, config.tune, config.jobs)
+                results[STACK] = fit_stack(cfg, val, test, config.tune, config.jobs)
                 bar.advance(task)
     return results
 
@@ -601,20 +582,19 @@ def _write_head(paths: RunPaths, name: str, model, info: dict[str, Any], fit_sec
 # The stack
 
 
-def stack_inputs(paths: RunPaths, current: str) -> list[str]:
+def stack_inputs(cfg: RunConfig) -> list[str]:
     """The CNN and every head already fitted on the current checkpoint's features, stack excluded."""
-    heads = sorted(p.stem for p in paths.heads.glob("*.joblib")) if paths.heads.exists() else []
-    names = [h for h in heads if h != STACK]
+    names = [h for h in cfg.fitted_heads() if h != STACK]
     for h in names:
-        head_info(paths, h, current)
+        cfg.head_info(h)
     return ["cnn", *names]
 
 
-def fit_stack(paths: RunPaths, current: str, val: FeatureSplit, test: FeatureSplit, class_names: list[str],
-              seed: int, tune: str, jobs: int) -> dict[str, float]:
+def fit_stack(cfg: RunConfig, val: FeatureSplit, test: FeatureSplit, tune: str, jobs: int) -> dict[str, float]:
     """Fit the stacker on the val predictions of the CNN and the heads; C by stratified CV on val."""
+    paths, class_names, seed = cfg.paths, cfg.class_names, cfg.seed
     t0 = time.perf_counter()
-    inputs = stack_inputs(paths, current)
+    inputs = stack_inputs(cfg)
     if len(inputs) < 2:
         raise FeaturepipeError(f"--heads stack: no fitted heads to combine with the CNN in {paths.heads}; "
                                "fit some first, e.g. --heads svm,logreg,stack")
@@ -637,7 +617,7 @@ def fit_stack(paths: RunPaths, current: str, val: FeatureSplit, test: FeatureSpl
     predict_seconds = time.perf_counter() - t0
     info = {
         "head": STACK, "inputs": inputs, "tuned_on": "cv on val" if table else "none", "params": params,
-        "candidates": table, "grid": spec.grid if table else {}, "fitted_on": "val", "checkpoint": current,
+        "candidates": table, "grid": spec.grid if table else {}, "fitted_on": "val", "checkpoint": cfg.checkpoint,
         "seed": seed, "class_names": class_names, "n_train": len(y),
         "coefficients": _coefficients(model, inputs, class_names),
     }

@@ -22,20 +22,10 @@ from sklearn.metrics import confusion_matrix, roc_curve
 from featurepipe import plots, stats
 from featurepipe.errors import FeaturepipeError
 from featurepipe.evaluate import Predictions, load_predictions, majority_baseline, per_class, report, scores
-from featurepipe.models import fingerprint
 from featurepipe.progress import log
 from featurepipe.render import Doc, Table
-from featurepipe.runs import (
-    RunPaths,
-    csv_cell,
-    environment,
-    load_config,
-    read_json,
-    require,
-    run_paths,
-    write_json,
-    write_text,
-)
+from featurepipe.run_config import RunConfig
+from featurepipe.runs import RunPaths, csv_cell, environment, read_json, require, run_paths, write_json, write_text
 
 MIN_RESAMPLES = 1000
 LEVEL = 0.95
@@ -64,27 +54,16 @@ class CompareOptions:
 
 # ---------------------------------------------------------------------------------------------- inputs
 
-def fitted_heads(paths: RunPaths) -> list[str]:
-    return sorted(p.stem for p in paths.heads.glob("*.joblib")) if paths.heads.exists() else []
-
-
-def load_all(paths: RunPaths) -> dict[str, Predictions]:
+def load_all(cfg: RunConfig) -> dict[str, Predictions]:
     """The CNN's and every head's test predictions, refused unless all cover the same test images."""
-    cfg = load_config(paths)
-    class_names = cfg["data"]["class_names"]
+    paths, class_names = cfg.paths, cfg.class_names
     require(paths.predictions("cnn"), "CNN test predictions", f"run featurepipe train-cnn --out {paths.root} first")
-    heads = fitted_heads(paths)
+    heads = cfg.fitted_heads()
     if not heads:
         raise FeaturepipeError(f"{paths.heads}: no fitted heads; run featurepipe fit-heads --run {paths.root} first")
-    current = fingerprint(paths.checkpoint)
     preds = {"cnn": load_predictions(paths.predictions("cnn"), class_names)}
     for name in heads:
-        info = read_json(require(paths.head_info(name), "head info", f"re-run featurepipe fit-heads --heads {name}"))
-        if info["checkpoint"] != current:
-            raise FeaturepipeError(
-                f"{paths.head_model(name)}: fitted on features of an older checkpoint; "
-                f"re-run featurepipe extract and fit-heads --run {paths.root}"
-            )
+        cfg.head_info(name)  # refuses a head of an older checkpoint
         preds[name] = load_predictions(paths.predictions(name), class_names)
     reference = preds["cnn"]
     for name, p in preds.items():
@@ -104,16 +83,15 @@ def model_cost(paths: RunPaths, name: str) -> dict[str, float | None]:
             "predict_seconds_per_image": info.get("predict_seconds_per_image")}
 
 
-def score_run(paths: RunPaths, preds: dict[str, Predictions], resamples: int, seed: int) -> dict[str, Any]:
+def score_run(cfg: RunConfig, preds: dict[str, Predictions], resamples: int) -> dict[str, Any]:
     """`evaluate_models` with each model's fit and prediction times added to its scores, and the
     majority-class baseline (verdicts against a CNN that is not above it say so)."""
-    evaluated = evaluate_models(preds, resamples, seed)
+    evaluated = evaluate_models(preds, resamples, cfg.seed)
     for name, scores_ in evaluated["models"].items():
-        scores_.update(model_cost(paths, name))
+        scores_.update(model_cost(cfg.paths, name))
     ref = preds["cnn"]
     # Runs written before config.json kept class counts: the test split's own majority class instead.
-    train_counts = load_config(paths)["data"].get("counts", {}).get("train") or \
-        np.bincount(ref.y_true, minlength=len(ref.class_names))
+    train_counts = cfg.data.counts.get("train") or np.bincount(ref.y_true, minlength=len(ref.class_names))
     evaluated["baseline"] = baseline(train_counts, ref, evaluated["models"]["cnn"])
     if not evaluated["baseline"]["cnn_above"]:
         for t in evaluated["tests"].values():
@@ -198,19 +176,19 @@ def compare(run: str | Path, out: str | Path | None = None, options: CompareOpti
     options.validate()
     started = time.perf_counter()
     paths = run_paths(run)
-    preds = load_all(paths)
-    cfg = load_config(paths)
+    cfg = RunConfig.load(paths)
+    preds = load_all(cfg)
     out = Path(out) if out is not None else paths.compare
     ref = preds["cnn"]
     summary = {
         "test_size": len(ref.ids),
         "class_names": ref.class_names,
         "class_counts": np.bincount(ref.y_true, minlength=len(ref.class_names)).tolist(),
-        **score_run(paths, preds, options.resamples, cfg["train"]["seed"]),
+        **score_run(cfg, preds, options.resamples),
         "heads": {n: _head_choice(paths, n) for n in preds if n != "cnn"},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "run": {"path": str(paths.root), "arch": cfg["model"]["arch"], "seed": cfg["train"]["seed"],
-                "data": cfg["data"]["source"], "img_size": cfg["model"]["img_size"]},
+        "run": {"path": str(paths.root), "arch": cfg.model.arch, "seed": cfg.seed, "data": cfg.data.source,
+                "img_size": cfg.model.img_size},
         "environment": environment(),
     }
 
@@ -218,7 +196,7 @@ def compare(run: str | Path, out: str | Path | None = None, options: CompareOpti
     cam_seconds = 0.0
     notes: dict[str, str] = {}
     failures = _top_losses(preds)
-    images = _images_or_note(paths, cfg, [ref.ids[i] for i in failures], notes)
+    images = _images_or_note(cfg, [ref.ids[i] for i in failures], notes)
     if images is not None:
         figures["top_losses"] = _gallery(preds, failures, images, out / "top_losses.png")
         if options.gradcam:
@@ -318,11 +296,11 @@ def _failure_row(preds: dict[str, Predictions], i: int) -> dict[str, Any]:
     }
 
 
-def _images_or_note(paths: RunPaths, cfg: dict[str, Any], ids: list[str], notes: dict[str, str]):
+def _images_or_note(cfg: RunConfig, ids: list[str], notes: dict[str, str]):
     from featurepipe.explain import read_test_images
 
     try:
-        return read_test_images(paths, cfg, ids)
+        return read_test_images(cfg, ids)
     except FeaturepipeError as e:
         # The numbers do not need the pixels; a report without pictures beats no report.
         notes["images"] = f"Gallery and Grad-CAM skipped: the test images could not be read ({e})."
@@ -489,7 +467,17 @@ def per_class_table(tables: dict[str, list[dict[str, Any]]]) -> Table:
                  plots.model_colors(list(tables)), label_columns=2)
 
 
-def run_document(summary: dict[str, Any], cfg: dict[str, Any], figures: dict[str, Path],
+def kept_epoch(monitor: str | None) -> str:
+    """Which epoch's weights the run kept, as its --monitor chose: what the dotted line marks."""
+    if monitor == "none":
+        return "the final epoch, kept as --monitor none trains the whole schedule"
+    if monitor in ("loss", "macro_f1"):
+        return (f"the epoch kept, the latest within one standard error of the best validation "
+                f"{'loss' if monitor == 'loss' else 'macro F1'}")
+    return "the epoch kept"
+
+
+def run_document(summary: dict[str, Any], cfg: RunConfig, figures: dict[str, Path],
                  notes: dict[str, str]) -> Doc:
     models, tests, boot = summary["models"], summary["tests"], summary["bootstrap"]
     names = summary["class_names"]
@@ -565,11 +553,11 @@ def run_document(summary: dict[str, Any], cfg: dict[str, Any], figures: dict[str
 
     doc.heading("Training and configuration")
     if "training_curves" in figures:
-        doc.figure(figures["training_curves"], "The CNN's training curves (dotted: the epoch kept, best on validation)")
+        doc.figure(figures["training_curves"], f"The CNN's training curves (dotted: {kept_epoch(cfg.train.monitor)})")
     doc.table(Table(["head", "chosen on validation", "val macro F1"],
                     [[n, ", ".join(f"{k.split('__')[-1]}={v}" for k, v in h["params"].items()) or "—",
                       _f(h["val_macro_f1"])] for n, h in summary["heads"].items()], colors))
-    doc.code(json.dumps({k: cfg[k] for k in ("data", "train", "model") if k in cfg}, indent=2),
+    doc.code(json.dumps({k: cfg.sections[k] for k in ("data", "train", "model") if k in cfg.sections}, indent=2),
              "run config (config.json)")
     doc.code(json.dumps(summary["environment"], indent=2), "environment of this comparison")
     return doc
@@ -593,16 +581,16 @@ def compare_runs(runs: list[str | Path], out: str | Path | None, options: Compar
     test_ids, class_names = {}, None
     for label, run in zip(labels, runs):
         paths = run_paths(run)
-        preds = load_all(paths)
-        cfg = load_config(paths)
+        cfg = RunConfig.load(paths)
+        preds = load_all(cfg)
         if class_names is not None and preds["cnn"].class_names != class_names:
             raise FeaturepipeError(f"--run {run}: its classes ({', '.join(preds['cnn'].class_names)}) differ from "
                                    f"the first run's ({', '.join(class_names)}); compare runs of one task")
         class_names = preds["cnn"].class_names
         test_ids[label] = preds["cnn"].ids
-        evaluated = score_run(paths, preds, options.resamples, cfg["train"]["seed"])
-        results[label] = {"path": str(paths.root), "arch": cfg["model"]["arch"], "seed": cfg["train"]["seed"],
-                          "data": cfg["data"]["source"], "test_size": len(preds["cnn"].ids),
+        evaluated = score_run(cfg, preds, options.resamples)
+        results[label] = {"path": str(paths.root), "arch": cfg.model.arch, "seed": cfg.seed,
+                          "data": cfg.data.source, "test_size": len(preds["cnn"].ids),
                           "models": evaluated["models"], "tests": evaluated["tests"],
                           "baseline": evaluated["baseline"]}
     same = len({tuple(ids) for ids in test_ids.values()}) == 1

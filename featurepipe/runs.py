@@ -319,17 +319,6 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def load_config(run: RunPaths) -> dict[str, Any]:
-    """The config of a finished run: one whose training was interrupted is refused (see is_finished)."""
-    require(run.config, "run config", f"train a CNN first: featurepipe train-cnn --data SRC --out {run.root}")
-    config = read_json(run.config)
-    if not is_finished(run):
-        raise FeaturepipeError(
-            f"{run.root}: its training did not finish (no {run.cnn_metrics}); continue it with featurepipe "
-            f"train-cnn --data {config.get('data', {}).get('source', 'SRC')} --out {run.root} --resume")
-    return config
-
-
 def is_run(root: Path) -> bool:
     """A folder train-cnn made: its config.json is featurepipe's (a user's own config.json is not)."""
     try:

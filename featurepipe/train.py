@@ -165,7 +165,7 @@ class Prepared:
     catalog: fdata.Catalog
     splits: dict[str, np.ndarray]
     meta: dict[str, Any]
-    store: Any
+    store: fdata.ArrayStore | fdata.sources.FileStore
     position: np.ndarray  # catalog index → index in `store`
     device: torch.device
     skipped: list = field(default_factory=list)  # unreadable images left out (fdata.Skipped)
