@@ -134,11 +134,11 @@ class TrainConfig:
         if self.arch == "auto" and self.weights is not None:
             raise FeaturepipeError(f"--weights {self.weights}: name the architecture they belong to with --arch")
         if self.img_size is not None and self.arch != "auto":
-            from featurepipe.models import min_img_size
+            from featurepipe.models import ARCHS
 
-            if self.img_size < min_img_size(self.arch):
+            if self.img_size < ARCHS[self.arch].min_img_size:
                 raise FeaturepipeError(f"--img-size {self.img_size}: too small; {self.arch} needs at least "
-                                       f"{min_img_size(self.arch)} px")
+                                       f"{ARCHS[self.arch].min_img_size} px")
 
 
 def flag(name: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import platform
@@ -244,6 +245,15 @@ def _umask() -> int:
     return mask
 
 
+def file_sha256(path: Path) -> str:
+    """The hex sha256 of a file's bytes, read in 1 MiB pieces."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def write_text(path: Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
@@ -307,17 +317,6 @@ def _git_commit() -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
-
-
-def load_config(run: RunPaths) -> dict[str, Any]:
-    """The config of a finished run: one whose training was interrupted is refused (see is_finished)."""
-    require(run.config, "run config", f"train a CNN first: featurepipe train-cnn --data SRC --out {run.root}")
-    config = read_json(run.config)
-    if not is_finished(run):
-        raise FeaturepipeError(
-            f"{run.root}: its training did not finish (no {run.cnn_metrics}); continue it with featurepipe "
-            f"train-cnn --data {config.get('data', {}).get('source', 'SRC')} --out {run.root} --resume")
-    return config
 
 
 def is_run(root: Path) -> bool:

@@ -29,15 +29,7 @@ from featurepipe.device import (autocast, keep_freed_memory, needs_grad_scaler, 
 from featurepipe.errors import FeaturepipeError, first_line
 from featurepipe.evaluate import (Predictions, clearly_above, majority_baseline, save_evaluation, save_predictions,
                                   scores)
-from featurepipe.models import (
-    Net,
-    create_model,
-    in_channels_for,
-    min_img_size,
-    normalisation_for,
-    save_checkpoint,
-)
-from featurepipe.models.backbones import LITE0_INSTALL, imagenet_weights_file
+from featurepipe.models import ARCHS, LITE0_INSTALL, Net, create_model, imagenet_weights_file, save_checkpoint
 from featurepipe.options import TrainConfig
 from featurepipe.progress import log, progress_bar
 from featurepipe.runs import (RunPaths, atomic_path, environment, is_finished, is_run, read_json, require,
@@ -69,11 +61,10 @@ def auto_arch(short_side: int, n_train: int) -> tuple[str, str | None, str]:
 
 
 def auto_img_size(arch: str, short_side: int, pretrained: bool = False) -> int:
-    """Native size for small images; large scans are shrunk to what the model can learn from on a CPU.
-    A pretrained backbone stops at 160 px: on 2 CPU cores EfficientNet-Lite0 trains 3x faster there
-    than at 224 px."""
-    cap = 128 if arch == "sixblock" else 160 if pretrained else 224
-    return int(min(cap, max(min_img_size(arch), short_side)))
+    """Native size for small images; large scans are shrunk to what the model can learn from on a CPU
+    (the cap is the architecture's, see models.registry)."""
+    entry = ARCHS[arch]
+    return int(min(entry.auto_size_cap(pretrained), max(entry.min_img_size, short_side)))
 
 
 def auto_batch_size(n_train: int) -> int:
@@ -113,7 +104,7 @@ class Prepared:
     catalog: fdata.Catalog
     splits: dict[str, np.ndarray]
     meta: dict[str, Any]
-    store: Any
+    store: fdata.ArrayStore | fdata.sources.FileStore
     position: np.ndarray  # catalog index → index in `store`
     device: torch.device
     skipped: list = field(default_factory=list)  # unreadable images left out (fdata.Skipped)
@@ -163,14 +154,15 @@ def resolve(cfg: TrainConfig, catalog: fdata.Catalog, splits: dict[str, np.ndarr
     short_side, grey = fdata.describe_images(catalog.store, train_idx, cfg.seed)
     n_train = len(train_idx) + (len(splits["val"]) if cfg.folds > 1 else 0)
     arch, weights, why = (cfg.arch, cfg.weights, "as given") if cfg.arch != "auto" else auto_arch(short_side, n_train)
-    if cfg.img_size is not None and cfg.img_size < min_img_size(arch):
+    entry = ARCHS[arch]
+    if cfg.img_size is not None and cfg.img_size < entry.min_img_size:
         raise FeaturepipeError(f"--img-size {cfg.img_size}: too small; {arch} (chosen by --arch auto: {why}) needs "
-                               f"at least {min_img_size(arch)} px")
-    in_channels = in_channels_for(arch, grey)
+                               f"at least {entry.min_img_size} px")
+    in_channels = entry.in_channels(grey)
     img_size = cfg.img_size or auto_img_size(arch, short_side, weights is not None)
     pixels = fdata.pixel_sample(catalog.store, train_idx, img_size, in_channels, cfg.seed)
     intensity = fdata.intensity.measure(pixels)
-    mean, std = normalisation_for(arch, weights)
+    mean, std = entry.normalisation(weights)
     if mean is None:
         mean, std = fdata.channel_stats(pixels, intensity.window)
     batch_size = cfg.batch_size or auto_batch_size(n_train)

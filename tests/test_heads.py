@@ -204,3 +204,26 @@ def test_features_of_another_class_list_are_refused(run):
 def test_bad_fit_heads_options_are_refused(run, option, value, message):
     r = cli("fit-heads", "--run", run, option, value, ok=False)
     assert r.exit_code == 2 and message in r.output
+
+
+
+def test_heads_saved_before_the_package_split_still_load(tmp_path):
+    # Saved then, featurepipe's two types were named featurepipe.heads.CappedPCA and featurepipe.heads._log_proba.
+    import skops.io as sio
+
+    from featurepipe.heads import STACK, load_head, registry
+    from featurepipe.runs import run_paths
+
+    X, y = np.random.default_rng(0).uniform(0.1, 1, (60, 8)), np.arange(60) % 2
+    paths = run_paths(tmp_path / "run")
+    paths.heads.mkdir(parents=True)
+    for name, spec, old in (("hgb", HEADS["hgb"], "featurepipe.heads.CappedPCA"),
+                            (STACK, registry.STACK_SPEC, "featurepipe.heads._log_proba")):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(registry.CappedPCA, "__module__", "featurepipe.heads")
+            for attr, value in (("__module__", "featurepipe.heads"), ("__name__", "_log_proba"),
+                                ("__qualname__", "_log_proba")):
+                mp.setattr(registry.log_proba, attr, value)
+            sio.dump(spec.build(0, 1).fit(X, y), paths.head_safe(name))
+        assert old in sio.get_untrusted_types(file=paths.head_safe(name))
+        assert load_head(paths, name).predict(X).shape == (60,)

@@ -3,7 +3,7 @@ import torch
 import torchvision
 
 from featurepipe.errors import FeaturepipeError
-from featurepipe.models import ARCHS, create_model, load_checkpoint, min_img_size, save_checkpoint
+from featurepipe.models import ARCHS, create_model, fetch_weights, load_checkpoint, save_checkpoint
 
 
 @pytest.mark.parametrize("size", [28, 64, 224])
@@ -19,6 +19,17 @@ def test_registry_has_the_promised_backbones():
     assert {"sixblock", "resnet18", "resnet50", "densenet121"} <= set(ARCHS)
     with pytest.raises(FeaturepipeError, match="unknown architecture"):
         create_model("vgg99", 2, 3, [0.5] * 3, [0.25] * 3)
+
+
+def test_one_registry_entry_holds_what_the_rest_of_featurepipe_asks():
+    lite0, six = ARCHS["efficientnet_lite0"], ARCHS["sixblock"]
+    assert (six.in_channels(grey=True), six.in_channels(grey=False), ARCHS["resnet18"].in_channels(grey=True)) == (1, 3, 3)
+    assert (six.min_img_size, ARCHS["densenet121"].min_img_size, lite0.min_img_size) == (28, 32, 32)
+    assert lite0.normalisation("imagenet") == ([127 / 255] * 3, [128 / 255] * 3)
+    assert lite0.normalisation(None) == six.normalisation("some.pt") == (None, None)
+    assert (six.auto_size_cap(False), ARCHS["resnet18"].auto_size_cap(False), lite0.auto_size_cap(True)) == (128, 224, 160)
+    with pytest.raises(FeaturepipeError, match="come inside its pip package"):
+        fetch_weights("efficientnet_lite0")
 
 
 def test_backbone_weights_load_from_a_local_state_dict(tmp_path):
@@ -47,7 +58,7 @@ def test_imagenet_weights_missing_from_cache_names_the_file(tmp_path, monkeypatc
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_checkpoint_round_trip_gives_the_same_model(tmp_path, arch):
-    channels, size = (1, 28) if arch == "sixblock" else (3, min_img_size(arch))
+    channels, size = ARCHS[arch].in_channels(grey=True), ARCHS[arch].min_img_size
     try:
         net = create_model(arch, 2, channels, [0.4] * channels, [0.2] * channels).eval()
     except FeaturepipeError as e:  # efficientnet_lite0 without its optional extra
@@ -61,4 +72,5 @@ def test_checkpoint_round_trip_gives_the_same_model(tmp_path, arch):
     x = torch.randint(0, 256, (3, channels, size, size), dtype=torch.uint8)
     with torch.no_grad():
         assert torch.allclose(net(x), loaded(x), atol=1e-6)
+        assert net.forward_features(x).shape == (3, ARCHS[arch].width)  # the width its entry declares
     assert meta2 == meta

@@ -304,3 +304,16 @@ def test_gradcam_of_the_trained_cnn_and_no_stale_picture(tiny_run, tmp_path):
     cli("compare", "--run", run, "--no-gradcam")
     assert not (run / "compare" / "gradcam.png").exists()
     assert "Grad-CAM" not in (run / "compare" / "report.html").read_text().split("Where the CNN fails")[1]
+
+
+@pytest.mark.parametrize("monitor, caption", [("none", "dotted: the final epoch, kept as --monitor none"),
+                                              ("loss", "within one standard error of the best validation loss"),
+                                              (None, "dotted: the epoch kept)")])
+def test_the_training_curves_caption_says_which_epoch_the_run_kept(tmp_path, monitor, caption):
+    run = fake_run(tmp_path / "run")
+    config = json.loads((run / "config.json").read_text())
+    if monitor is not None:
+        config["train"]["monitor"] = monitor
+    (run / "config.json").write_text(json.dumps(config))
+    cli("compare", "--run", run, "--no-gradcam")
+    assert caption in (run / "compare" / "summary.md").read_text()

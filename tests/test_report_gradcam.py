@@ -7,6 +7,7 @@ import torch
 
 from featurepipe.explain import cam_layer, gradcam, read_test_images
 from featurepipe.models import create_model, load_checkpoint
+from featurepipe.run_config import RunConfig
 from featurepipe.runs import run_paths
 
 
@@ -14,9 +15,8 @@ def test_sixblock_gradcam_equals_the_class_activation_map(tiny_run):
     # sixblock ends in global average pooling and one linear layer, so Grad-CAM of its last block is
     # exactly CAM (Zhou et al., 2016): relu(sum_k w_ck A_k) / (H W). An independent computation of it:
     paths = run_paths(tiny_run)
-    cfg = json.loads(paths.config.read_text())
     ids = json.loads(paths.splits.read_text())["test"][:6]
-    images = np.stack(read_test_images(paths, cfg, ids))
+    images = np.stack(read_test_images(RunConfig.load(paths), ids))
     assert images.shape == (6, 28, 28, 1) and images.dtype == np.uint8
     net, _ = load_checkpoint(paths.checkpoint)
     classes = [0, 1, 2, 2, 1, 0]
