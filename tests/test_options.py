@@ -47,6 +47,13 @@ def test_train_cnn_and_lr_find_take_the_declared_options():
     assert {p.opts[0] for p in _command("train-cnn").params} >= set(fields)
 
 
+def test_arch_help_lists_the_registry():
+    from featurepipe.models.registry import arch_names
+
+    help = {f.name: f for f in declared(TrainConfig)}["arch"].metadata["help"]
+    assert help.split("one of: ", 1)[1].rstrip(".").split(", ") == arch_names()
+
+
 def test_defaults_pass_their_own_checks():
     TrainConfig().validate()
     for f in declared(TrainConfig):
