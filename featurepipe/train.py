@@ -425,7 +425,7 @@ def cross_validate(prep: Prepared, run: RunPaths, callbacks: Sequence[Callback] 
     with atomic_path(run.checkpoint) as tmp:
         shutil.copyfile(run.fold(best["fold"]).checkpoint, tmp)
     oof_pred = Predictions(prep.ids(pool), prep.catalog.labels[pool], oof, prep.catalog.class_names)
-    save_predictions(run.cnn / "oof_predictions.csv", oof_pred)
+    save_predictions(run.predictions("cnn", "oof"), oof_pred)
     in_val = np.isin(pool, splits["val"])
     save_predictions(run.predictions("cnn", "val"), Predictions(
         prep.ids(pool[in_val]), prep.catalog.labels[pool[in_val]], oof[in_val], prep.catalog.class_names))
@@ -479,10 +479,18 @@ def fit(prep: Prepared, train_idx: np.ndarray, val_idx: np.ndarray, run: RunPath
     validation = Validation(val_loader, device, cfg.amp, prep.catalog.class_names, class_weights, r["lr"])
     phases = FreezePhase(r["freeze_epochs"], lambda phase: _optimizer(net, cfg, phase, len(train_loader)))
     trainer = Trainer(net, train_loader, criterion, device, cfg.amp, augment, validation, epochs=total, callbacks=[
-        phases, *([DDP()] if world > 1 else []), SeedEpochs(train_loader, sampler, cfg.seed), *([ema] if ema else []),
+        phases,  # first: the epoch's optimizer, which DDP wraps
+        *([DDP()] if world > 1 else []),
+        SeedEpochs(train_loader, sampler, cfg.seed),
+        *([ema] if ema else []),
+        # The choice before what shows and records it: the bar's *, history.csv, last.pt.
         KeepBest(cfg.monitor, functools.partial(validation.error, cfg.monitor), run.checkpoint, prep.meta),
-        Progress(), History(run), ResumeState(run, prep.meta, cfg.resume, phases, ema),
-        EarlyStopping(cfg.monitor, r["patience"], r["freeze_epochs"]), *callbacks])
+        Progress(),
+        History(run),
+        ResumeState(run, prep.meta, cfg.resume, phases, ema),
+        EarlyStopping(cfg.monitor, r["patience"], r["freeze_epochs"]),
+        *callbacks,
+    ])
     trainer.fit()
 
     distributed.barrier()  # rank 0 has written the best checkpoint that every rank loads now
