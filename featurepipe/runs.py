@@ -56,6 +56,11 @@ class RunPaths:
         return self.cnn / "metrics.json"
 
     @property
+    def curves(self) -> Path:
+        """Training and validation loss and accuracy per epoch."""
+        return self.cnn / "curves.png"
+
+    @property
     def features(self) -> Path:
         return self.root / "features.h5"
 
@@ -115,11 +120,9 @@ def require(path: Path, what: str, fix: str) -> Path:
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; it replaces `path` only if the block succeeds.
 
-    A killed process therefore never leaves a half-written file under the real name. Under torchrun
-    only rank 0 publishes: the other ranks compute the same results and their copies are dropped.
+    A killed process therefore never leaves a half-written file under the real name. Every process
+    that calls it writes: under torchrun, commands write from rank 0 alone (train-cnn, extract).
     """
-    from featurepipe.distributed import is_main
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with cannot_write(path):
@@ -131,8 +134,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     try:
         with cannot_write(path):
             yield tmp
-            if is_main():
-                os.replace(tmp, path)
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -197,7 +199,9 @@ def run_lock(root: Path, option: str = "--run", create: bool = False) -> Iterato
     ever left. Under torchrun, rank 0 holds it for all ranks. Without `create`, a missing run is left
     for the command to report, and a read-only one (nothing can be written there) is not locked."""
     root = Path(root).expanduser()
-    if os.environ.get("RANK", "0") != "0" or (not create and not root.is_dir()):
+    from featurepipe.distributed import launch
+
+    if not launch().is_main or (not create and not root.is_dir()):  # rank 0 holds it for all ranks
         yield
         return
     if create:

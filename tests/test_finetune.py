@@ -11,7 +11,8 @@ from featurepipe.data import AUGMENTATIONS, ArrayStore, ImageDataset, augmentati
 from featurepipe.errors import FeaturepipeError
 from featurepipe.evaluate import load_predictions
 from featurepipe.models import create_model, fetch_weights
-from featurepipe.train import BalancedSampler, TrainConfig, _optimizer, _train_epoch
+from featurepipe.engine import Trainer
+from featurepipe.train import BalancedSampler, TrainConfig, _optimizer
 
 from conftest import cli
 
@@ -29,14 +30,9 @@ def test_frozen_phase_trains_only_the_head():
     optimizer, scheduler = _optimizer(net, _cfg(), "head", steps_per_epoch=2)
     images = np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
     ds = ImageDataset(ArrayStore(images, "random"), np.arange(16), np.arange(16) % 3, 32, 3)
-    loader = make_loader(ds, 8)
-
-    class Bar:
-        def update(self, *a, **k):
-            pass
-
-    _train_epoch(net, loader, torch.nn.CrossEntropyLoss(), optimizer, scheduler,
-                 torch.amp.GradScaler("cuda", enabled=False), torch.device("cpu"), False, True, Bar(), 0)
+    trainer = Trainer(net, make_loader(ds, 8), torch.nn.CrossEntropyLoss(), torch.device("cpu"), amp=False)
+    trainer.optimizer, trainer.scheduler, trainer.frozen = optimizer, scheduler, True
+    trainer.train_epoch()
     after = net.state_dict()
     changed = {k for k in after if not torch.equal(before[k], after[k])}
     assert changed == {"head.1.weight", "head.1.bias"}  # batch-norm statistics included: untouched

@@ -377,14 +377,14 @@ def test_unfinished_run_is_refused_by_later_stages(tiny_run, tmp_path):
 
 
 def test_interrupted_overwrite_neither_passes_for_finished_nor_resumes_the_old_run(tiny_run, tmp_path, monkeypatch):
-    from featurepipe import train as train_mod
+    from featurepipe.engine import Trainer
 
     run = copy_run(tiny_run, tmp_path)
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_mod, "_train_epoch", interrupted)
+    monkeypatch.setattr(Trainer, "train_epoch", interrupted)
     assert cli("train-cnn", *train_args(run), "--overwrite", ok=False).exit_code == 130
     monkeypatch.undo()
     refused(cli("extract", "--run", run, ok=False), "did not finish")

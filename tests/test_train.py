@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from featurepipe import train as train_mod
+from featurepipe.engine import Callback
 from featurepipe.train import (TrainConfig, auto_arch, auto_batch_size, auto_epochs, auto_img_size, drops_last,
                                train)
 
@@ -84,24 +84,24 @@ def test_same_seed_same_weights_and_metrics(npz_file, tmp_path):
     assert metrics[0]["best_epoch"] == 2  # by default the final weights of the schedule are kept
 
 
-def test_resume_after_interruption_reaches_the_same_result(npz_file, tmp_path, monkeypatch):
+class CtrlC(Callback):
+    """Ctrl-C as the given epoch starts."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_epoch_start(self, trainer) -> None:
+        if trainer.epoch == self.epoch:
+            raise KeyboardInterrupt
+
+
+def test_resume_after_interruption_reaches_the_same_result(npz_file, tmp_path):
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     cfg = dict(epochs=4, seed=1, augment="light")
     train(str(npz_file), whole, TrainConfig(**cfg))
 
-    real_epoch = train_mod._train_epoch
-    calls = {"n": 0}
-
-    def interrupted(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(train_mod, "_train_epoch", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        train(str(npz_file), broken, TrainConfig(**cfg))
-    monkeypatch.setattr(train_mod, "_train_epoch", real_epoch)
+        train(str(npz_file), broken, TrainConfig(**cfg), callbacks=[CtrlC(epoch=3)])
     assert len((broken / "cnn" / "history.csv").read_text().splitlines()) == 1 + 2
     train(str(npz_file), broken, TrainConfig(**cfg, resume=True))
 
@@ -123,7 +123,7 @@ def test_checkpoint_is_the_latest_epoch_within_noise_of_the_best(tiny_run):
 
 
 def test_one_standard_error_rule():
-    from featurepipe.train import choose
+    from featurepipe.callbacks import choose
 
     state = {"best": None, "best_se": 0.0, "best_epoch": 0}
     assert choose(state, 1, 0.80, 0.02)          # first epoch: kept
