@@ -29,8 +29,8 @@ from featurepipe.callbacks import (DDP, EMA, EarlyStopping, FreezePhase, History
 from featurepipe.device import autocast, keep_freed_memory, resolve_device, to_device
 from featurepipe.engine import Callback, Trainer, diverged
 from featurepipe.errors import FeaturepipeError
-from featurepipe.evaluate import (Predictions, clearly_above, majority_baseline, save_evaluation, save_predictions,
-                                  scores)
+from featurepipe.evaluate import (Predictions, clearly_above, macro_f1, majority_baseline, save_evaluation,
+                                  save_predictions, scores)
 from featurepipe.models import ARCHS, LITE0_INSTALL, Net, create_model, imagenet_weights_file, save_checkpoint
 from featurepipe.options import TrainConfig
 from featurepipe.progress import log
@@ -452,7 +452,7 @@ class Validation:
         loss, self.loss_se = _val_loss(val, self.class_weights)
         self.predictions = val
         return {"val_loss": loss, "val_accuracy": float((val.y_pred == val.y_true).mean()),
-                "val_macro_f1": _macro_f1(val)}
+                "val_macro_f1": macro_f1(val.y_true, val.y_pred, len(val.class_names))}
 
     def error(self, monitor: str) -> float:
         """The standard error of the last epoch's `monitor` (loss or macro_f1)."""
@@ -636,9 +636,3 @@ def predict(net: Net, loader, device: torch.device, amp: bool | None, ids: list[
     y_true = torch.cat(labels).numpy().astype(np.int64)
     return Predictions(ids or [str(i) for i in range(len(y_true))], y_true, proba, class_names)
 
-
-def _macro_f1(p: Predictions) -> float:
-    from sklearn.metrics import f1_score
-
-    return float(f1_score(p.y_true, p.y_pred, labels=np.arange(len(p.class_names)), average="macro",
-                          zero_division=0))
