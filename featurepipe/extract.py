@@ -36,8 +36,9 @@ from featurepipe.errors import FeaturepipeError, first_line
 from featurepipe.models import LAYERS, TTA, fingerprint, load_checkpoint
 from featurepipe.models.embedding import check_choice
 from featurepipe.progress import log, progress_bar
-from featurepipe.runs import (WRITE_ERRNOS, cannot_write, check_output, load_config, partial_path, read_json, require,
-                              run_paths, skipped_beside)
+from featurepipe.run_config import RunConfig
+from featurepipe.runs import (WRITE_ERRNOS, cannot_write, check_output, partial_path, read_json, require, run_paths,
+                              skipped_beside)
 
 SCHEMA_VERSION = 1
 CHUNK_BYTES = 1 << 20
@@ -69,7 +70,7 @@ def extract(run: str | Path, batch_size: int = 256, data: str | None = None, out
     trained, so one that is not now stops the command (the data changed).
     """
     paths = run_paths(run)
-    cfg = load_config(paths)
+    cfg = RunConfig.load(paths)
     require(paths.checkpoint, "trained CNN", f"run featurepipe train-cnn --out {paths.root} first")
     if (data is None) != (out is None):
         raise FeaturepipeError("--data and --out go together: embed another source into the file --out names")
@@ -96,15 +97,15 @@ def extract(run: str | Path, batch_size: int = 256, data: str | None = None, out
     if data is None:
         from featurepipe.train import check_same_data
 
-        catalog = fdata.scan(cfg["data"]["source"], cfg["train"].get("allow_outside", False))
-        check_same_data(cfg, catalog, f"extract --run {paths.root}")
+        catalog = fdata.scan(cfg.data.source, cfg.train.allow_outside)
+        check_same_data(cfg.sections, catalog, f"extract --run {paths.root}")
         if catalog.class_names != class_names:
-            raise FeaturepipeError(f"{cfg['data']['source']}: its classes changed since training; train a new run")
-        splits = fdata.assign_splits(catalog, cfg["train"]["seed"], read_json(paths.splits))
+            raise FeaturepipeError(f"{cfg.data.source}: its classes changed since training; train a new run")
+        splits = fdata.assign_splits(catalog, cfg.seed, read_json(paths.splits))
         target, policy = paths.features, "error"
     else:
         catalog = _relabel(fdata.scan(data, allow_outside), class_names)
-        splits = fdata.assign_splits(catalog, cfg["train"]["seed"])
+        splits = fdata.assign_splits(catalog, cfg.seed)
         target, policy = Path(out), on_bad_image
 
     attrs = {

@@ -1,5 +1,8 @@
 """Learning-rate range test (Smith 2015, fastai's lr_find): raise the rate exponentially over a few
-hundred batches and watch where the loss falls fastest."""
+hundred batches and watch where the loss falls fastest.
+
+Each batch is the training step itself (engine.Trainer.step): the same mixed precision, and on CUDA
+with fp16 the same gradient scaler, as train-cnn."""
 
 from __future__ import annotations
 
@@ -11,12 +14,14 @@ import torch
 from torch import nn
 
 from featurepipe import data as fdata
-from featurepipe.device import autocast, to_device
+from featurepipe import distributed
+from featurepipe.device import to_device
+from featurepipe.engine import Trainer
+from featurepipe.errors import FeaturepipeError
 from featurepipe.models import create_model
 from featurepipe.progress import log, progress_bar
-from featurepipe.errors import FeaturepipeError
 from featurepipe.runs import atomic_path, check_output, check_outside, environment, write_json
-from featurepipe.train import TrainConfig, balanced_class_weights, drops_last, prepare
+from featurepipe.train import TrainConfig, balanced_class_weights, drops_last, prepare, training_device
 
 
 def lr_find(data: str, out: str | Path, cfg: TrainConfig, start: float = 1e-6, end: float = 1.0,
@@ -26,7 +31,7 @@ def lr_find(data: str, out: str | Path, cfg: TrainConfig, start: float = 1e-6, e
         raise FeaturepipeError(f"--steps {steps}: the sweep needs at least 2 batches")
     check_outside(Path(out), data)
     check_output(Path(out), "--out", folder=True)
-    prep = prepare(data, cfg)
+    prep = prepare(data, cfg, training_device(cfg.device))
     r = prep.cfg.resolved
     n_classes = len(prep.catalog.class_names)
     train_ds = prep.dataset(prep.splits["train"])
@@ -38,7 +43,8 @@ def lr_find(data: str, out: str | Path, cfg: TrainConfig, start: float = 1e-6, e
     net = net.to(prep.device, memory_format=torch.channels_last).train()
     weights = torch.tensor(balanced_class_weights(train_ds.labels, n_classes), dtype=torch.float32)
     criterion = nn.CrossEntropyLoss(weight=weights.to(prep.device))
-    optimizer = torch.optim.AdamW(net.parameters(), lr=start, weight_decay=cfg.weight_decay)
+    trainer = Trainer(net, loader, criterion, prep.device, cfg.amp, augment)
+    trainer.optimizer = torch.optim.AdamW(net.parameters(), lr=start, weight_decay=cfg.weight_decay)
     factor = (end / start) ** (1 / (steps - 1))
 
     lrs, losses, smooth, best = [], [], 0.0, float("inf")
@@ -53,16 +59,9 @@ def lr_find(data: str, out: str | Path, cfg: TrainConfig, start: float = 1e-6, e
                 x, y, k, why = next(batches)
             loader.dataset.check(k, why)
             lr = start * factor**step
-            for group in optimizer.param_groups:
+            for group in trainer.optimizer.param_groups:
                 group["lr"] = lr
-            x = to_device(x, prep.device)
-            if augment is not None:
-                x = augment(net.scale(x)).contiguous(memory_format=torch.channels_last)
-            with autocast(prep.device, cfg.amp):
-                loss = criterion(net(x).float(), y.to(prep.device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss, _ = trainer.step(to_device(x, prep.device), y.to(prep.device, non_blocking=True))
             # Exponentially smoothed, bias-corrected: raw batch losses are too noisy to differentiate.
             smooth = 0.9 * smooth + 0.1 * loss.item()
             value = smooth / (1 - 0.9 ** (step + 1))
@@ -76,8 +75,9 @@ def lr_find(data: str, out: str | Path, cfg: TrainConfig, start: float = 1e-6, e
     out = Path(out)
     result = {"suggestion": suggestion, "lrs": lrs, "losses": losses, "arch": r["arch"], "data": str(data),
               "seed": cfg.seed, "environment": environment()}
-    write_json(out / "lr_find.json", result)
-    _plot(lrs, losses, suggestion, out / "lr_find.png")
+    if distributed.is_main():  # under torchrun every rank sweeps alike; rank 0 writes
+        write_json(out / "lr_find.json", result)
+        _plot(lrs, losses, suggestion, out / "lr_find.png")
     log(f"suggested learning rate {suggestion:.2e} (steepest fall of the loss) → {out / 'lr_find.png'}")
     return result
 

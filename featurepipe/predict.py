@@ -21,38 +21,39 @@ from featurepipe.data.images import IMAGE_EXTENSIONS
 from featurepipe.data.sources import FileStore, _images_under
 from featurepipe.device import autocast, images_per_pass, in_passes, resolve_device, to_device
 from featurepipe.errors import FeaturepipeError
-from featurepipe.heads import NAMES, STACK, full_proba, head_info, load_head
-from featurepipe.models import fingerprint, load_checkpoint
+from featurepipe.heads import NAMES, STACK, full_proba, load_head
+from featurepipe.models import load_checkpoint
 from featurepipe.progress import log, progress_bar
-from featurepipe.runs import RunPaths, check_output, csv_cell, load_config, require, run_paths, skipped_beside, write_text
+from featurepipe.run_config import RunConfig
+from featurepipe.runs import RunPaths, check_output, csv_cell, run_paths, skipped_beside, write_text
 
 
 class Predictor:
     """Probabilities of one model of a run for uint8 image batches, as the run's own files were made."""
 
     def __init__(self, paths: RunPaths, model: str, device: torch.device, amp: bool | None = None) -> None:
-        load_config(paths)  # refuses a run whose training did not finish
-        checkpoint = require(paths.checkpoint, "trained CNN", f"run featurepipe train-cnn --out {paths.root} first")
-        self.net, self.meta = load_checkpoint(checkpoint, device)
+        self.run = RunConfig.load(paths)  # refuses a run whose training did not finish
+        self.run.checkpoint  # refuses a run without its checkpoint before any loading
+        self.net, self.meta = load_checkpoint(paths.checkpoint, device)
         self.net = self.net.to(memory_format=torch.channels_last)
         self.per_pass = images_per_pass(self.net, self.meta["img_size"], amp)
         self.class_names = self.meta["class_names"]
         self.device, self.amp, self.model = device, amp, model
         self.heads: dict[str, Any] = {}
         self.infos: dict[str, dict[str, Any]] = {}
-        current = fingerprint(checkpoint)
-        names = [model] if model != STACK else [model, *self._load(paths, STACK, current)["inputs"]]
+        names = [model] if model != STACK else [model, *self._load(STACK)["inputs"]]
         for name in names:
             if name != "cnn":
-                self._load(paths, name, current)
+                self._load(name)
 
-    def _load(self, paths: RunPaths, name: str, current: str) -> dict[str, Any]:
+    def _load(self, name: str) -> dict[str, Any]:
+        paths = self.run.paths
         if name not in self.infos:
-            if name not in NAMES or not paths.head_model(name).exists():
-                fitted = sorted(p.stem for p in paths.heads.glob("*.joblib")) if paths.heads.exists() else []
+            fitted = self.run.fitted_heads()
+            if name not in NAMES or name not in fitted:
                 raise FeaturepipeError(f"--model {name}: not a model of {paths.root}; choose cnn"
                                        + (f" or a fitted head: {', '.join(fitted)}" if fitted else ""))
-            info = head_info(paths, name, current)
+            info = self.run.head_info(name)
             if info.get("class_names", self.class_names) != self.class_names:
                 raise FeaturepipeError(f"{paths.head_info(name)}: its classes differ from the CNN's; "
                                        f"re-run featurepipe fit-heads --run {paths.root}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import functools
 import sys
 
 from rich.console import Console
@@ -18,10 +18,15 @@ from rich.progress import (
 )
 from rich.text import Text
 
-# In a log file (CI, nohup) there is no terminal width to fit; keep every column readable.
-# Under torchrun only rank 0 speaks; the other ranks do the same work in silence.
-console = Console(stderr=True, width=None if sys.stderr.isatty() else 160,
-                  quiet=int(os.environ.get("RANK", "0")) > 0)
+
+@functools.cache
+def console() -> Console:
+    """stderr's console, made on first use. Under torchrun only rank 0 speaks; the other ranks do the
+    same work in silence."""
+    from featurepipe.distributed import launch  # torch: not needed by commands that only log
+
+    # In a log file (CI, nohup) there is no terminal width to fit; keep every column readable.
+    return Console(stderr=True, width=None if sys.stderr.isatty() else 160, quiet=not launch().is_main)
 
 
 class RateColumn(ProgressColumn):
@@ -51,10 +56,10 @@ def progress_bar(unit: str = "img") -> Progress:
         TextColumn("eta"),
         TimeRemainingColumn(),
         TextColumn("{task.fields[info]}"),
-        console=console,
+        console=console(),
         transient=False,
     )
 
 
 def log(message: str) -> None:
-    console.print(message, highlight=False)
+    console().print(message, highlight=False)

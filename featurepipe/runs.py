@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import platform
@@ -53,6 +54,11 @@ class RunPaths:
     @property
     def cnn_metrics(self) -> Path:
         return self.cnn / "metrics.json"
+
+    @property
+    def curves(self) -> Path:
+        """Training and validation loss and accuracy per epoch."""
+        return self.cnn / "curves.png"
 
     @property
     def features(self) -> Path:
@@ -114,11 +120,9 @@ def require(path: Path, what: str, fix: str) -> Path:
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; it replaces `path` only if the block succeeds.
 
-    A killed process therefore never leaves a half-written file under the real name. Under torchrun
-    only rank 0 publishes: the other ranks compute the same results and their copies are dropped.
+    A killed process therefore never leaves a half-written file under the real name. Every process
+    that calls it writes: under torchrun, commands write from rank 0 alone (train-cnn, extract).
     """
-    from featurepipe.distributed import is_main
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with cannot_write(path):
@@ -130,8 +134,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     try:
         with cannot_write(path):
             yield tmp
-            if is_main():
-                os.replace(tmp, path)
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -196,7 +199,9 @@ def run_lock(root: Path, option: str = "--run", create: bool = False) -> Iterato
     ever left. Under torchrun, rank 0 holds it for all ranks. Without `create`, a missing run is left
     for the command to report, and a read-only one (nothing can be written there) is not locked."""
     root = Path(root).expanduser()
-    if os.environ.get("RANK", "0") != "0" or (not create and not root.is_dir()):
+    from featurepipe.distributed import launch
+
+    if not launch().is_main or (not create and not root.is_dir()):  # rank 0 holds it for all ranks
         yield
         return
     if create:
@@ -242,6 +247,15 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def file_sha256(path: Path) -> str:
+    """The hex sha256 of a file's bytes, read in 1 MiB pieces."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def write_text(path: Path, text: str) -> None:
@@ -307,17 +321,6 @@ def _git_commit() -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
-
-
-def load_config(run: RunPaths) -> dict[str, Any]:
-    """The config of a finished run: one whose training was interrupted is refused (see is_finished)."""
-    require(run.config, "run config", f"train a CNN first: featurepipe train-cnn --data SRC --out {run.root}")
-    config = read_json(run.config)
-    if not is_finished(run):
-        raise FeaturepipeError(
-            f"{run.root}: its training did not finish (no {run.cnn_metrics}); continue it with featurepipe "
-            f"train-cnn --data {config.get('data', {}).get('source', 'SRC')} --out {run.root} --resume")
-    return config
 
 
 def is_run(root: Path) -> bool:

@@ -1,14 +1,14 @@
 """Training the end-to-end CNN, read top to bottom: data → model → loop → best checkpoint → test.
 
 AMP, the GPU, frozen-backbone fine-tuning, balanced sampling and k-fold are options of the same
-loop, not forks of it.
+loop (engine.Trainer), not forks of it; `fit` picks the callbacks (featurepipe/callbacks.py) a run's
+options ask for.
 """
 
 from __future__ import annotations
 
-import csv
+import functools
 import hashlib
-import io
 import math
 import random
 import shutil
@@ -16,7 +16,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -24,86 +24,18 @@ from torch import nn
 
 from featurepipe import data as fdata
 from featurepipe import distributed
-from featurepipe.device import (autocast, keep_freed_memory, needs_grad_scaler, release_freed_memory, resolve_device,
-                                to_device)
-from featurepipe.errors import FeaturepipeError, first_line
-from featurepipe.evaluate import (Predictions, clearly_above, majority_baseline, save_evaluation, save_predictions,
-                                  scores)
-from featurepipe.models import (
-    ARCHS,
-    Net,
-    create_model,
-    in_channels_for,
-    min_img_size,
-    normalisation_for,
-    save_checkpoint,
-)
-from featurepipe.models.backbones import LITE0_INSTALL, imagenet_weights_file
-from featurepipe.progress import log, progress_bar
+from featurepipe.callbacks import (DDP, EMA, EarlyStopping, FreezePhase, History, KeepBest, Progress, ResumeState,
+                                   SeedEpochs)
+from featurepipe.device import autocast, keep_freed_memory, resolve_device, to_device
+from featurepipe.engine import Callback, Trainer, diverged
+from featurepipe.errors import FeaturepipeError
+from featurepipe.evaluate import (Predictions, clearly_above, macro_f1, majority_baseline, save_evaluation,
+                                  save_predictions, scores)
+from featurepipe.models import ARCHS, LITE0_INSTALL, Net, create_model, imagenet_weights_file, save_checkpoint
+from featurepipe.options import TrainConfig
+from featurepipe.progress import log
 from featurepipe.runs import (RunPaths, atomic_path, environment, is_finished, is_run, read_json, require,
-                              run_paths, write_json, write_text)
-
-MONITORS = ("none", "loss", "macro_f1")
-SAMPLERS = ("shuffle", "balanced")
-
-
-@dataclass
-class TrainConfig:
-    """Options of train-cnn. None means: chosen from the data in front of it (see `resolve`)."""
-
-    arch: str = "auto"
-    weights: str | None = None
-    epochs: int | None = None
-    freeze_epochs: int | None = None
-    batch_size: int | None = None
-    img_size: int | None = None
-    lr: float | None = None
-    lr_backbone_ratio: float = 0.1
-    weight_decay: float = 0.05
-    label_smoothing: float = 0.0
-    augment: str = "auto"
-    sampler: str = "shuffle"
-    monitor: str = "none"
-    patience: int | None = None
-    ema: bool = True
-    folds: int = 1
-    seed: int = 0
-    device: str = "auto"
-    amp: bool | None = None  # mixed precision: None = on CUDA only (device.autocast)
-    resume: bool = False
-    overwrite: bool = False
-    on_bad_image: str = "skip"
-    allow_outside: bool = False  # CSV rows may name files outside the CSV's folder
-    resolved: dict[str, Any] = field(default_factory=dict)
-
-    def validate(self) -> None:
-        choices = {"arch": ("auto", *ARCHS), "augment": fdata.AUGMENTATIONS, "monitor": MONITORS, "sampler": SAMPLERS}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise FeaturepipeError(f"--{name} {getattr(self, name)}: choose one of {', '.join(allowed)}")
-        for name in ("epochs", "batch_size", "img_size", "patience", "folds"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise FeaturepipeError(f"--{name.replace('_', '-')} {value}: must be at least 1")
-        if self.freeze_epochs is not None and self.freeze_epochs < 0:
-            raise FeaturepipeError(f"--freeze-epochs {self.freeze_epochs}: must be 0 or more")
-        if self.arch == "auto" and self.weights is not None:
-            raise FeaturepipeError(f"--weights {self.weights}: name the architecture they belong to with --arch")
-        if self.img_size is not None and self.arch != "auto" and self.img_size < min_img_size(self.arch):
-            raise FeaturepipeError(f"--img-size {self.img_size}: too small; {self.arch} needs at least "
-                                   f"{min_img_size(self.arch)} px")
-        fdata.check_policy(self.on_bad_image)
-        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
-            raise FeaturepipeError(f"--lr {self.lr}: must be a positive number")
-        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
-            raise FeaturepipeError(f"--weight-decay {self.weight_decay}: must be 0 or a positive number")
-        if not 0 <= self.seed < 2**32:
-            raise FeaturepipeError(f"--seed {self.seed}: must be in 0..{2**32 - 1}")
-        if not 0 < self.lr_backbone_ratio <= 1:
-            raise FeaturepipeError(f"--lr-backbone-ratio {self.lr_backbone_ratio}: must be in (0, 1]")
-        if not 0 <= self.label_smoothing < 1:
-            raise FeaturepipeError(f"--label-smoothing {self.label_smoothing}: must be in [0, 1)")
-
+                              run_paths, write_json)
 
 # --arch auto: pretrained EfficientNet-Lite0 for images of at least this many pixels on their short
 # side and at most this many training images; sixblock from scratch otherwise (see docs/design.md,
@@ -131,11 +63,10 @@ def auto_arch(short_side: int, n_train: int) -> tuple[str, str | None, str]:
 
 
 def auto_img_size(arch: str, short_side: int, pretrained: bool = False) -> int:
-    """Native size for small images; large scans are shrunk to what the model can learn from on a CPU.
-    A pretrained backbone stops at 160 px: on 2 CPU cores EfficientNet-Lite0 trains 3x faster there
-    than at 224 px."""
-    cap = 128 if arch == "sixblock" else 160 if pretrained else 224
-    return int(min(cap, max(min_img_size(arch), short_side)))
+    """Native size for small images; large scans are shrunk to what the model can learn from on a CPU
+    (the cap is the architecture's, see models.registry)."""
+    entry = ARCHS[arch]
+    return int(min(entry.auto_size_cap(pretrained), max(entry.min_img_size, short_side)))
 
 
 def auto_batch_size(n_train: int) -> int:
@@ -175,7 +106,7 @@ class Prepared:
     catalog: fdata.Catalog
     splits: dict[str, np.ndarray]
     meta: dict[str, Any]
-    store: Any
+    store: fdata.ArrayStore | fdata.sources.FileStore
     position: np.ndarray  # catalog index → index in `store`
     device: torch.device
     skipped: list = field(default_factory=list)  # unreadable images left out (fdata.Skipped)
@@ -189,12 +120,20 @@ class Prepared:
         return [self.catalog.ids[i] for i in idx]
 
 
-def prepare(data: str, cfg: TrainConfig, saved_splits: dict[str, list[str]] | None = None) -> Prepared:
-    """Scan the data, decide the split, resolve automatic options and decode what fits into memory."""
-    cfg.validate()
-    device = distributed.setup(resolve_device(cfg.device))
+def training_device(name: str) -> torch.device:
+    """The device this process trains on (--device), the process joined to torchrun's group where torchrun
+    started it. Settings of the whole process, made once by the commands that train (train-cnn, lr-find),
+    before anything is decoded: on the CPU, glibc keeps the memory a step frees (keep_freed_memory)."""
+    device = distributed.setup(resolve_device(name))
     if device.type == "cpu":
         keep_freed_memory()
+    return device
+
+
+def prepare(data: str, cfg: TrainConfig, device: torch.device,
+            saved_splits: dict[str, list[str]] | None = None) -> Prepared:
+    """Scan the data, decide the split, resolve automatic options and decode what fits into memory."""
+    cfg.validate()
     seed_everything(cfg.seed)
     catalog = fdata.scan(data, cfg.allow_outside)
     splits = fdata.assign_splits(catalog, cfg.seed, saved_splits)
@@ -225,14 +164,15 @@ def resolve(cfg: TrainConfig, catalog: fdata.Catalog, splits: dict[str, np.ndarr
     short_side, grey = fdata.describe_images(catalog.store, train_idx, cfg.seed)
     n_train = len(train_idx) + (len(splits["val"]) if cfg.folds > 1 else 0)
     arch, weights, why = (cfg.arch, cfg.weights, "as given") if cfg.arch != "auto" else auto_arch(short_side, n_train)
-    if cfg.img_size is not None and cfg.img_size < min_img_size(arch):
+    entry = ARCHS[arch]
+    if cfg.img_size is not None and cfg.img_size < entry.min_img_size:
         raise FeaturepipeError(f"--img-size {cfg.img_size}: too small; {arch} (chosen by --arch auto: {why}) needs "
-                               f"at least {min_img_size(arch)} px")
-    in_channels = in_channels_for(arch, grey)
+                               f"at least {entry.min_img_size} px")
+    in_channels = entry.in_channels(grey)
     img_size = cfg.img_size or auto_img_size(arch, short_side, weights is not None)
     pixels = fdata.pixel_sample(catalog.store, train_idx, img_size, in_channels, cfg.seed)
     intensity = fdata.intensity.measure(pixels)
-    mean, std = normalisation_for(arch, weights)
+    mean, std = entry.normalisation(weights)
     if mean is None:
         mean, std = fdata.channel_stats(pixels, intensity.window)
     batch_size = cfg.batch_size or auto_batch_size(n_train)
@@ -287,16 +227,40 @@ def check_same_data(config: dict[str, Any], catalog: fdata.Catalog, where: str) 
             "ids and labels are the same")
 
 
-def train(data: str, out: str | Path, cfg: TrainConfig) -> dict[str, Any]:
+def train(data: str, out: str | Path, cfg: TrainConfig, callbacks: Sequence[Callback] = ()) -> dict[str, Any] | None:
+    """train-cnn: the run's metrics (None on torchrun's ranks other than 0). `callbacks` join every fit's own."""
     run = run_paths(out)
     cfg = _check_run_dir(run, data, cfg)
-    prep = prepare(data, cfg, read_json(run.splits) if cfg.resume and run.splits.exists() else None)
+    prep = prepare(data, cfg, training_device(cfg.device),
+                   read_json(run.splits) if cfg.resume and run.splits.exists() else None)
     cfg, catalog, splits = prep.cfg, prep.catalog, prep.splits
     if cfg.resume:
         check_same_data(read_json(run.config), catalog, "--resume")
-    else:  # a resumed run keeps the list its first start wrote
+    # Rank 0 writes the run; under torchrun the other ranks train in step with it and write nothing.
+    main = distributed.is_main()
+    if main and not cfg.resume:  # a resumed run keeps the list its first start wrote
         _start_over(run)
         fdata.save_skipped(run.skipped, prep.skipped)
+    if main:
+        _write_config(run, prep)
+    r = cfg.resolved
+    if cfg.arch == "auto":
+        log(f"--arch auto: {r['arch']}" + (" (ImageNet weights)" if r["weights"] else "") + f": {r['arch_reason']}")
+    if r["intensity"]["low_range"]:
+        log(f"intensity: {r['intensity']['description']}")
+    log(f"training {r['arch']} on {prep.device.type}: {len(splits['train'])} train / {len(splits['val'])} val "
+        f"images, {r['img_size']} px, {r['in_channels']} channel(s), {r['epochs']} epochs of batches of "
+        f"{r['batch_size']}, augment={r['augment']}" + (f", {cfg.folds} folds" if cfg.folds > 1 else ""))
+    result = cross_validate(prep, run, callbacks) if cfg.folds > 1 else single(prep, run, callbacks)
+    if main:
+        write_json(run.cnn_metrics, result)
+        log(f"test accuracy {result['test']['accuracy']:.4f}, macro F1 {result['test']['macro_f1']:.4f} "
+            f"→ {run.checkpoint}")
+    return result
+
+
+def _write_config(run: RunPaths, prep: Prepared) -> None:
+    cfg, catalog, splits = prep.cfg, prep.catalog, prep.splits
     write_json(run.splits, fdata.split_ids(catalog, splits))
     write_json(run.config, {
         "command": "train-cnn",
@@ -312,25 +276,14 @@ def train(data: str, out: str | Path, cfg: TrainConfig) -> dict[str, Any]:
         "model": prep.meta,
         "environment": environment(),
     })
-    r = cfg.resolved
-    if cfg.arch == "auto":
-        log(f"--arch auto: {r['arch']}" + (" (ImageNet weights)" if r["weights"] else "") + f": {r['arch_reason']}")
-    if r["intensity"]["low_range"]:
-        log(f"intensity: {r['intensity']['description']}")
-    log(f"training {r['arch']} on {prep.device.type}: {len(splits['train'])} train / {len(splits['val'])} val "
-        f"images, {r['img_size']} px, {r['in_channels']} channel(s), {r['epochs']} epochs of batches of "
-        f"{r['batch_size']}, augment={r['augment']}" + (f", {cfg.folds} folds" if cfg.folds > 1 else ""))
-    result = cross_validate(prep, run) if cfg.folds > 1 else single(prep, run)
-    write_json(run.cnn / "metrics.json", result)
-    log(f"test accuracy {result['test']['accuracy']:.4f}, macro F1 {result['test']['macro_f1']:.4f} "
-        f"→ {run.checkpoint}")
-    return result
 
 
-def single(prep: Prepared, run: RunPaths) -> dict[str, Any]:
-    """One model on train, checkpoint chosen on val, evaluated once on test."""
+def single(prep: Prepared, run: RunPaths, callbacks: Sequence[Callback] = ()) -> dict[str, Any] | None:
+    """One model on train, checkpoint chosen on val, evaluated once on test (by rank 0: None elsewhere)."""
     splits = prep.splits
-    net, fitted = fit(prep, splits["train"], splits["val"], run)
+    net, fitted = fit(prep, splits["train"], splits["val"], run, callbacks)
+    if not distributed.is_main():
+        return None
     val = evaluate(prep, net, splits["val"])
     save_predictions(run.predictions("cnn", "val"), val)
     fitted["val_baseline"] = check_learned(prep, val)
@@ -354,8 +307,9 @@ def check_learned(prep: Prepared, val: Predictions) -> dict[str, Any]:
     return {"accuracy": base["accuracy"], "class": base["class"], "cnn_clearly_above": learned}
 
 
-def cross_validate(prep: Prepared, run: RunPaths) -> dict[str, Any]:
-    """Stratified k-fold on train+val: out-of-fold predictions, and the fold-averaged ensemble on test.
+def cross_validate(prep: Prepared, run: RunPaths, callbacks: Sequence[Callback] = ()) -> dict[str, Any] | None:
+    """Stratified k-fold on train+val: out-of-fold predictions, and the fold-averaged ensemble on test
+    (by rank 0: None elsewhere).
 
     Where the source has groups (patients), each group's images stay in one fold, as in every split
     featurepipe makes. RUN/cnn/model.pt becomes the fold model with the best validation score, so
@@ -380,23 +334,28 @@ def cross_validate(prep: Prepared, run: RunPaths) -> dict[str, Any]:
         folds = StratifiedGroupKFold(cfg.folds, shuffle=True, random_state=cfg.seed).split(pool, labels, groups)
     oof = np.zeros((len(pool), len(prep.catalog.class_names)))
     test_probas, per_fold = [], []
+    main = distributed.is_main()
     for k, (tr, va) in enumerate(folds, start=1):
         log(f"fold {k}/{cfg.folds}")
         fold_run = run.fold(k)
-        net, fitted = fit(prep, pool[tr], pool[va], fold_run)
+        net, fitted = fit(prep, pool[tr], pool[va], fold_run, callbacks)
+        if not main:  # rank 0 evaluates and writes the fold; the others go on to the next fit
+            continue
         val, test = evaluate(prep, net, pool[va]), evaluate(prep, net, splits["test"])
         oof[va] = val.proba
         test_probas.append(test.proba)
         save_predictions(fold_run.predictions("cnn", "val"), val)
         fold_result = {"fold": k, **fitted, "val": scores(val),
                        "test": save_evaluation(fold_run.predictions("cnn"), fold_run.report("cnn"), test)}
-        write_json(fold_run.cnn / "metrics.json", fold_result)
+        write_json(fold_run.cnn_metrics, fold_result)
         per_fold.append(fold_result)
+    if not main:
+        return None
     best = max(per_fold, key=lambda f: f["val"]["macro_f1"] if cfg.monitor == "macro_f1" else -f["val"]["log_loss"])
     with atomic_path(run.checkpoint) as tmp:
         shutil.copyfile(run.fold(best["fold"]).checkpoint, tmp)
     oof_pred = Predictions(prep.ids(pool), prep.catalog.labels[pool], oof, prep.catalog.class_names)
-    save_predictions(run.cnn / "oof_predictions.csv", oof_pred)
+    save_predictions(run.predictions("cnn", "oof"), oof_pred)
     in_val = np.isin(pool, splits["val"])
     save_predictions(run.predictions("cnn", "val"), Predictions(
         prep.ids(pool[in_val]), prep.catalog.labels[pool[in_val]], oof[in_val], prep.catalog.class_names))
@@ -414,8 +373,10 @@ def cross_validate(prep: Prepared, run: RunPaths) -> dict[str, Any]:
     }
 
 
-def fit(prep: Prepared, train_idx: np.ndarray, val_idx: np.ndarray, run: RunPaths) -> tuple[Net, dict[str, Any]]:
-    """Train one model; keep the chosen epoch's weights (see `choose` and --monitor) and return them loaded."""
+def fit(prep: Prepared, train_idx: np.ndarray, val_idx: np.ndarray, run: RunPaths,
+        callbacks: Sequence[Callback] = ()) -> tuple[Net, dict[str, Any]]:
+    """Train one model; keep the chosen epoch's weights (see `choose` and --monitor) and return them
+    loaded. `callbacks` go after the run's own (see featurepipe/callbacks.py)."""
     cfg, r, device = prep.cfg, prep.cfg.resolved, prep.device
     n_classes = len(prep.catalog.class_names)
     pin = device.type == "cuda"
@@ -437,104 +398,65 @@ def fit(prep: Prepared, train_idx: np.ndarray, val_idx: np.ndarray, run: RunPath
     net = create_model(r["arch"], n_classes, r["in_channels"], r["mean"], r["std"], r["weights"],
                        window=tuple(r["window"]))
     net = net.to(device, memory_format=torch.channels_last)
-    model = net
     if world > 1:
         torch.manual_seed(cfg.seed + 1000 * distributed.rank())  # different augmentation on each rank
-    ema = _ema(net, (r["freeze_epochs"] + r["epochs"]) * len(train_loader)) if cfg.ema else None
-    # The weights that are validated and checkpointed: the moving average where there is one.
-    evaluated = ema.module if ema is not None else net
+    total = r["freeze_epochs"] + r["epochs"]
+    ema = EMA(net, total * len(train_loader)) if cfg.ema else None
     # Imbalance: class-weighted loss, unless the sampler already balances the batches.
     class_weights = np.ones(n_classes) if sampler else balanced_class_weights(train_ds.labels, n_classes)
     criterion = nn.CrossEntropyLoss(weight=torch.tensor(class_weights, dtype=torch.float32, device=device),
                                     label_smoothing=cfg.label_smoothing)
-    scaler = torch.amp.GradScaler("cuda", enabled=needs_grad_scaler(device, cfg.amp))
-    total = r["freeze_epochs"] + r["epochs"]
-    state = {"epoch": 0, "best": None, "best_se": 0.0, "best_epoch": 0, "history": []}
-    optimizer = scheduler = phase = None
-    if cfg.resume and run.last_checkpoint.exists():
-        ckpt = _load_resume_state(run.last_checkpoint)
-        net.load_state_dict(ckpt["train_state_dict"])
-        if ema is not None:
-            ema.load_state_dict(ckpt["ema"])
-        state = ckpt["state"]
-        phase = _phase(state["epoch"], r["freeze_epochs"])
-        optimizer, scheduler = _optimizer(net, cfg, phase, len(train_loader))
-        if world > 1:
-            model = torch.nn.parallel.DistributedDataParallel(net)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        _set_rng(ckpt["rng"])
-        log(f"resuming {run.root} after epoch {state['epoch']}")
+    validation = Validation(val_loader, device, cfg.amp, prep.catalog.class_names, class_weights, r["lr"])
+    phases = FreezePhase(r["freeze_epochs"], lambda phase: _optimizer(net, cfg, phase, len(train_loader)))
+    trainer = Trainer(net, train_loader, criterion, device, cfg.amp, augment, validation, epochs=total, callbacks=[
+        phases,  # first: the epoch's optimizer, which DDP wraps
+        *([DDP()] if world > 1 else []),
+        SeedEpochs(train_loader, sampler, cfg.seed),
+        *([ema] if ema else []),
+        # The choice before what shows and records it: the bar's *, history.csv, last.pt.
+        KeepBest(cfg.monitor, functools.partial(validation.error, cfg.monitor), run.checkpoint, prep.meta),
+        Progress(),
+        History(run),
+        ResumeState(run, prep.meta, cfg.resume, phases, ema),
+        EarlyStopping(cfg.monitor, r["patience"], r["freeze_epochs"]),
+        *callbacks,
+    ])
+    trainer.fit()
 
-    started = time.perf_counter() - state.get("seconds", 0.0)
-    for epoch in range(state["epoch"] + 1, total + 1):
-        if _phase(epoch, r["freeze_epochs"]) != phase:
-            # Phase 1 trains the new head on a frozen backbone, phase 2 everything (fastai's fine_tune).
-            phase = _phase(epoch, r["freeze_epochs"])
-            optimizer, scheduler = _optimizer(net, cfg, phase, len(train_loader))
-            if world > 1:
-                # DDP averages gradients across processes; it is rebuilt per phase because it only
-                # syncs the parameters that train. The plain module is what is evaluated and saved.
-                model = torch.nn.parallel.DistributedDataParallel(net)
-        # Seeded per epoch, so a resumed run shuffles exactly as an uninterrupted one would.
-        if isinstance(sampler, torch.utils.data.DistributedSampler):
-            sampler.set_epoch(epoch)
-        else:
-            (sampler.generator if sampler else train_loader.generator).manual_seed(cfg.seed * 100_003 + epoch)
-        t0 = time.perf_counter()
-        with progress_bar() as bar:
-            task = bar.add_task(f"epoch {epoch}/{total}" + (" (head only)" if phase == "head" else ""),
-                                total=_images_per_epoch(train_loader), info="")
-            train_loss, train_acc = _train_epoch(model, train_loader, criterion, optimizer, scheduler, scaler,
-                                                 device, cfg.amp, phase == "head", bar, task, ema, augment)
-            train_seconds = time.perf_counter() - t0
-            val = predict(evaluated, val_loader, device, cfg.amp, ids=None, class_names=prep.catalog.class_names)
-            if not np.isfinite(val.proba).all():
-                raise _diverged("the validation predictions", float("nan"), r["lr"])
-            val_loss, val_loss_se = _val_loss(val, class_weights)
-            row = {
-                "epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc,
-                "val_loss": val_loss,
-                "val_accuracy": float((val.y_pred == val.y_true).mean()), "val_macro_f1": _macro_f1(val),
-                "lr": optimizer.param_groups[-1]["lr"], "seconds": round(time.perf_counter() - t0, 2),
-                "train_images_per_second": round(_images_per_epoch(train_loader) / train_seconds, 1),
-            }
-            if cfg.monitor != "none":
-                row[f"val_{cfg.monitor}_se"] = val_loss_se if cfg.monitor == "loss" else _macro_f1_se(val)
-            row = distributed.broadcast_object(row)  # every rank takes rank 0's decisions
-            state["history"].append(row)
-            if cfg.monitor == "none":  # the whole schedule runs; its final weights are kept
-                improved = choose(state, epoch, float(epoch), 0.0)
-            else:
-                score = -row["val_loss"] if cfg.monitor == "loss" else row["val_macro_f1"]
-                improved = choose(state, epoch, score, row[f"val_{cfg.monitor}_se"])
-            if improved:
-                save_checkpoint(run.checkpoint, evaluated, prep.meta, epoch=epoch)
-            bar.update(task, info=f"loss {train_loss:.4f} | val loss {row['val_loss']:.4f} "
-                                  f"acc {row['val_accuracy']:.4f} F1 {row['val_macro_f1']:.4f}" + (" *" if improved else ""))
-        state["epoch"], state["seconds"] = epoch, time.perf_counter() - started
-        release_freed_memory()  # once an epoch: the kept heap (keep_freed_memory) cannot drift far
-        _write_history(run.history, state["history"])
-        save_checkpoint(run.last_checkpoint, evaluated, prep.meta, train_state_dict=net.state_dict(),
-                        ema=ema.state_dict() if ema is not None else None, optimizer=optimizer.state_dict(),
-                        scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), state=state, rng=_get_rng())
-        if phase == "all" and epoch - max(state["best_epoch"], r["freeze_epochs"]) >= r["patience"]:
-            log(f"early stop: no validation {cfg.monitor} within noise of the best for {r['patience']} epochs")
-            break
-
-    from featurepipe.plots import training_curves
-
-    training_curves(state["history"], run.cnn / "curves.png")
     distributed.barrier()  # rank 0 has written the best checkpoint that every rank loads now
     best = torch.load(run.checkpoint, map_location="cpu", weights_only=True)
+    evaluated = trainer.evaluated
     evaluated.load_state_dict(best["state_dict"])
     recalibrate_batchnorm(evaluated, prep.dataset(train_idx), device, cfg.amp)
-    save_checkpoint(run.checkpoint, evaluated, prep.meta, epoch=best["epoch"])
+    if distributed.is_main():
+        save_checkpoint(run.checkpoint, evaluated, prep.meta, epoch=best["epoch"])
+    state = trainer.state
     return evaluated, {
         "best_epoch": best["epoch"], "epochs_run": state["epoch"], "monitor": cfg.monitor, "seed": cfg.seed,
         "train_seconds": round(state["seconds"], 1), "val_best": state["history"][best["epoch"] - 1],
     }
+
+
+class Validation:
+    """Scores the weights on val after every epoch: the history's val_* columns."""
+
+    def __init__(self, loader, device: torch.device, amp: bool | None, class_names: list[str],
+                 class_weights: np.ndarray, lr: float) -> None:
+        self.loader, self.device, self.amp, self.class_names = loader, device, amp, class_names
+        self.class_weights, self.lr = class_weights, lr
+
+    def __call__(self, net: Net) -> dict[str, float]:
+        val = predict(net, self.loader, self.device, self.amp, ids=None, class_names=self.class_names)
+        if not np.isfinite(val.proba).all():
+            raise diverged("the validation predictions", float("nan"), self.lr)
+        loss, self.loss_se = _val_loss(val, self.class_weights)
+        self.predictions = val
+        return {"val_loss": loss, "val_accuracy": float((val.y_pred == val.y_true).mean()),
+                "val_macro_f1": macro_f1(val.y_true, val.y_pred, len(val.class_names))}
+
+    def error(self, monitor: str) -> float:
+        """The standard error of the last epoch's `monitor` (loss or macro_f1)."""
+        return self.loss_se if monitor == "loss" else _macro_f1_se(self.predictions)
 
 
 @torch.no_grad()
@@ -560,20 +482,6 @@ def recalibrate_batchnorm(net: Net, ds: fdata.ImageDataset, device: torch.device
         for m in norms:
             m.momentum = momenta[m]
         net.train(training)
-
-
-def choose(state: dict[str, Any], epoch: int, score: float, error: float) -> bool:
-    """Keep this epoch's weights? Yes if its score beats the best so far, or lies within one standard
-    error of it (the one-standard-error rule): on a few hundred validation images, scores swing by
-    several points from epoch to epoch, and a later epoch that is as good within that noise has seen
-    more training and the annealed learning rate. Higher scores are better."""
-    best = state["best"]
-    if best is None or score > best:
-        state["best"], state["best_se"] = score, error
-    elif score < best - state["best_se"]:
-        return False
-    state["best_epoch"] = epoch
-    return True
 
 
 def _val_loss(p: Predictions, class_weights: np.ndarray) -> tuple[float, float]:
@@ -628,10 +536,6 @@ def evaluate(prep: Prepared, net: Net | None, idx: np.ndarray, proba: np.ndarray
         loader = fdata.make_loader(prep.dataset(idx), 256, pin_memory=prep.device.type == "cuda")
         return predict(net, loader, prep.device, prep.cfg.amp, ids=prep.ids(idx), class_names=names)
     return Predictions(prep.ids(idx), prep.catalog.labels[idx], proba, names)
-
-
-def _phase(epoch: int, freeze_epochs: int) -> str:
-    return "head" if epoch <= freeze_epochs else "all"
 
 
 def _optimizer(net: Net, cfg: TrainConfig, phase: str, steps_per_epoch: int):
@@ -716,69 +620,6 @@ def _start_over(run: RunPaths) -> None:
         path.unlink(missing_ok=True)
 
 
-def _diverged(what: str, value: float, lr: float) -> FeaturepipeError:
-    return FeaturepipeError(f"training diverged: {what} became {value} (peak learning rate {lr:g}); "
-                            "lower --lr, or check the images for extreme values")
-
-
-def _load_resume_state(path: Path) -> dict[str, Any]:
-    """last.pt with weights_only=True: tensors and plain containers only, so a planted file runs no code."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise FeaturepipeError(f"{path}: cannot be loaded safely as a featurepipe resume state ({first_line(e)}); "
-                               "start over with --overwrite") from None
-
-
-def _images_per_epoch(loader) -> int:
-    return len(loader) * loader.batch_size if loader.drop_last else len(loader.dataset)
-
-
-def _ema(net: Net, total_steps: int):
-    """Exponential moving average of the weights (and batch-norm statistics) over the last ~5 % of steps.
-
-    Small medical validation sets swing from epoch to epoch with the last few batches; the average
-    of recent weights is steadier and generalises better. Its horizon scales with the schedule, so a
-    two-epoch run is not judged on weights from its first, untrained steps.
-    """
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-    decay = 1.0 - 1.0 / max(2.0, total_steps / 20)
-    return AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
-
-
-def _train_epoch(net, loader, criterion, optimizer, scheduler, scaler, device, amp, frozen, bar, task, ema=None,
-                 augment=None):
-    net.train()
-    if frozen:
-        getattr(net, "module", net).features.eval()  # a frozen backbone keeps its batch-norm statistics
-    total_loss, correct, seen = 0.0, 0, 0
-    for x, y, k, why in loader:
-        loader.dataset.check(k, why)  # only a file changed since prepare() checked it can fail here
-        x, y = to_device(x, device), y.to(device, non_blocking=True)
-        if augment is not None:  # on the model's own [0, 1] scale (its intensity window applied first)
-            x = augment(getattr(net, "module", net).scale(x)).contiguous(memory_format=torch.channels_last)
-        with autocast(device, amp):
-            logits = net(x)
-            loss = criterion(logits.float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        if ema is not None:
-            ema.update_parameters(getattr(net, "module", net))
-        n = len(y)
-        value = loss.item()
-        if not math.isfinite(value) and not scaler.is_enabled():  # fp16's scaler skips such steps itself
-            raise _diverged("the training loss", value, max(g["lr"] for g in optimizer.param_groups))
-        total_loss += value * n
-        correct += int((logits.argmax(1) == y).sum())
-        seen += n
-        bar.update(task, advance=n, info=f"loss {total_loss / seen:.4f}")
-    return total_loss / seen, correct / seen
-
-
 @torch.inference_mode()
 def predict(net: Net, loader, device: torch.device, amp: bool | None, ids: list[str] | None,
             class_names: list[str]) -> Predictions:
@@ -795,39 +636,3 @@ def predict(net: Net, loader, device: torch.device, amp: bool | None, ids: list[
     y_true = torch.cat(labels).numpy().astype(np.int64)
     return Predictions(ids or [str(i) for i in range(len(y_true))], y_true, proba, class_names)
 
-
-def _macro_f1(p: Predictions) -> float:
-    from sklearn.metrics import f1_score
-
-    return float(f1_score(p.y_true, p.y_pred, labels=np.arange(len(p.class_names)), average="macro",
-                          zero_division=0))
-
-
-def _write_history(path: Path, rows: list[dict[str, Any]]) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    w.writeheader()
-    w.writerows(rows)
-    write_text(path, buf.getvalue())
-
-
-def _get_rng() -> dict[str, Any]:
-    """Every generator's state as tensors and plain numbers, so last.pt loads with weights_only=True."""
-    _, keys, pos, has_gauss, gauss = np.random.get_state()
-    version, state, python_gauss = random.getstate()
-    rng = {"torch": torch.get_rng_state(),
-           "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
-                     "gauss": float(gauss)},
-           "python": {"version": version, "state": torch.tensor(state, dtype=torch.int64), "gauss": python_gauss}}
-    if torch.cuda.is_available():  # augmentation draws on the training device
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    return rng
-
-
-def _set_rng(rng: dict[str, Any]) -> None:
-    torch.set_rng_state(rng["torch"])
-    n, p = rng["numpy"], rng["python"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    random.setstate((p["version"], tuple(p["state"].tolist()), p["gauss"]))
-    if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(rng["cuda"])

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import cli, write_images
 from featurepipe.extract import read_split
 from featurepipe.predict import predict
+
+from conftest import cli, write_images
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 

@@ -147,3 +147,12 @@ def test_two_process_training_from_image_files_skips_each_unreadable_one_once(cl
     assert sorted(line.split(",")[0] for line in skipped) == sorted(
         str(f.relative_to(class_folders)) for f in broken)
     assert json.loads((tmp_path / "run" / "cnn" / "metrics.json").read_text())["epochs_run"] == 2
+
+
+def test_launch_is_read_from_torchruns_environment_and_a_plain_start_is_rank_0_of_1():
+    from featurepipe.distributed import Launch
+
+    assert Launch.from_environ({}) == Launch() and Launch().is_main
+    second = Launch.from_environ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"})
+    assert (second.rank, second.world_size, second.local_rank, second.local_world_size) == (1, 2, 1, 2)
+    assert not second.is_main

@@ -1,8 +1,7 @@
-"""The heads on synthetic features: registry, tuning without test, kernel approximation, out-of-core, stack.
+"""fit-heads on synthetic features: registry, tuning without test, kernel approximation, out-of-core, stack.
 
-A synthetic run holds only what fit-heads reads (config, a checkpoint file to fingerprint, features.h5
-and the CNN's val/test predictions), so these tests need no CNN training.
-"""
+A run directory is faked (features.h5 from make_blobs, a stand-in checkpoint, the CNN's val/test
+predictions), so most of these tests need no CNN training."""
 
 import json
 from pathlib import Path
@@ -17,7 +16,7 @@ from featurepipe.evaluate import Predictions, load_predictions, save_predictions
 from featurepipe.heads import HEADS, HeadsConfig, fit_heads
 from featurepipe.models import fingerprint
 
-from conftest import cli
+from conftest import cli, make_arrays
 
 SIZES = {"train": 300, "val": 120, "test": 150}
 
@@ -204,3 +203,49 @@ def test_features_of_another_class_list_are_refused(run):
 def test_bad_fit_heads_options_are_refused(run, option, value, message):
     r = cli("fit-heads", "--run", run, option, value, ok=False)
     assert r.exit_code == 2 and message in r.output
+
+
+def test_heads_fit_small_data(tmp_path):
+    arrays = {}
+    for seed, split, n in [(0, "train", 2), (1, "val", 2), (2, "test", 2)]:
+        x, y = make_arrays(n, seed=seed)
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = x, y
+    np.savez(tmp_path / "small.npz", **arrays)
+    run = tmp_path / "r"
+    cli("train-cnn", "--data", tmp_path / "small.npz", "--out", run, "--epochs", "1")
+    cli("extract", "--run", run, "--device", "cpu")
+    r = cli("fit-heads", "--run", run, "--heads", "knn,svm,hgb,logreg", "--tune", "cv")
+    assert (run / "heads" / "knn.json").exists() and (run / "heads" / "hgb.json").exists()
+    assert json.loads((run / "heads" / "knn.json").read_text())["params"]["clf__n_neighbors"] <= 6
+    r = cli("fit-heads", "--run", run, "--heads", "knn,svm,hgb", "--tune", "val")
+    assert "Traceback" not in r.output
+
+
+def test_svm_is_skipped_with_one_vector_of_a_class():
+    from featurepipe.heads import HEADS, SkipHead, fit_chosen
+
+    X, y = np.random.default_rng(0).normal(size=(7, 4)), np.array([0, 0, 0, 1, 1, 1, 2])
+    with pytest.raises(SkipHead, match="1 training vector"):
+        fit_chosen(HEADS["svm"], HEADS["svm"].defaults, X, y, 0, 1)
+
+
+def test_heads_saved_before_the_package_split_still_load(tmp_path):
+    # Saved then, featurepipe's two types were named featurepipe.heads.CappedPCA and featurepipe.heads._log_proba.
+    import skops.io as sio
+
+    from featurepipe.heads import STACK, load_head, registry
+    from featurepipe.runs import run_paths
+
+    X, y = np.random.default_rng(0).uniform(0.1, 1, (60, 8)), np.arange(60) % 2
+    paths = run_paths(tmp_path / "run")
+    paths.heads.mkdir(parents=True)
+    for name, spec, old in (("hgb", HEADS["hgb"], "featurepipe.heads.CappedPCA"),
+                            (STACK, registry.STACK_SPEC, "featurepipe.heads._log_proba")):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(registry.CappedPCA, "__module__", "featurepipe.heads")
+            for attr, value in (("__module__", "featurepipe.heads"), ("__name__", "_log_proba"),
+                                ("__qualname__", "_log_proba")):
+                mp.setattr(registry.log_proba, attr, value)
+            sio.dump(spec.build(0, 1).fit(X, y), paths.head_safe(name))
+        assert old in sio.get_untrusted_types(file=paths.head_safe(name))
+        assert load_head(paths, name).predict(X).shape == (60,)

@@ -1,10 +1,17 @@
+"""The architectures: registry, sizes, weights, checkpoints, and Net.embed (layers, TTA) that computes features."""
+
+import hashlib
+
 import pytest
 import torch
 import torchvision
 
 from featurepipe.errors import FeaturepipeError
-from featurepipe.models import ARCHS, create_model, load_checkpoint, min_img_size, save_checkpoint
+from featurepipe.models import ARCHS, create_model, fetch_weights, load_checkpoint, save_checkpoint
+from featurepipe.models.embedding import pooled_last_blocks, tta_views
 
+
+# ---- architectures, weights, checkpoints -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("size", [28, 64, 224])
 def test_sixblock_works_from_28_to_224_px(size):
@@ -47,7 +54,7 @@ def test_imagenet_weights_missing_from_cache_names_the_file(tmp_path, monkeypatc
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_checkpoint_round_trip_gives_the_same_model(tmp_path, arch):
-    channels, size = (1, 28) if arch == "sixblock" else (3, min_img_size(arch))
+    channels, size = ARCHS[arch].in_channels(grey=True), ARCHS[arch].min_img_size
     try:
         net = create_model(arch, 2, channels, [0.4] * channels, [0.2] * channels).eval()
     except FeaturepipeError as e:  # efficientnet_lite0 without its optional extra
@@ -61,4 +68,102 @@ def test_checkpoint_round_trip_gives_the_same_model(tmp_path, arch):
     x = torch.randint(0, 256, (3, channels, size, size), dtype=torch.uint8)
     with torch.no_grad():
         assert torch.allclose(net(x), loaded(x), atol=1e-6)
+        assert net.forward_features(x).shape == (3, ARCHS[arch].width)  # the width its entry declares
     assert meta2 == meta
+
+
+def test_fetch_weights_downloads_and_verifies(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    payload = tmp_path / "payload.pth"
+    torch.save({"w": torch.ones(3)}, payload)
+    digest = hashlib.sha256(payload.read_bytes()).hexdigest()
+    good = tmp_path / f"resnet18-{digest[:8]}.pth"
+    good.write_bytes(payload.read_bytes())
+    with pytest.raises(FeaturepipeError, match="not in the cache"):
+        fetch_weights("resnet18", offline=True, url=good.as_uri())
+    path = fetch_weights("resnet18", url=good.as_uri())  # a file:// URL stands in for the network
+    assert path == tmp_path / "hub" / "checkpoints" / good.name and path.read_bytes() == payload.read_bytes()
+    assert fetch_weights("resnet18", offline=True, url=good.as_uri()) == path
+    path.write_bytes(b"corrupted")
+    with pytest.raises(FeaturepipeError, match="checksum"):
+        fetch_weights("resnet18", offline=True, url=good.as_uri())
+
+
+# ---- Net.embed: which layer, which test-time augmentation ------------------------------------------------------------
+
+def test_default_embedding_is_the_penultimate_layer_without_tta():
+    net = create_model("sixblock", 3, 1, [0.5], [0.25]).eval()
+    x = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)
+    with torch.no_grad():
+        torch.testing.assert_close(net.embed(x), net.forward_features(x))
+        # The CNN's own logits are its head on the embedding.
+        torch.testing.assert_close(net.head(net.embed(x)), net(x))
+
+
+def test_flip_tta_is_the_mean_of_the_image_and_its_mirror():
+    net = create_model("sixblock", 2, 1, [0.5], [0.25]).eval()
+    x = torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.uint8)
+    with torch.no_grad():
+        expected = (net.forward_features(x) + net.forward_features(x.flip(-1))) / 2
+        torch.testing.assert_close(net.embed(x, tta="flip"), expected)
+
+
+@pytest.mark.parametrize("tta,views", [("none", 1), ("flip", 2), ("crops", 5), ("flip+crops", 10)])
+def test_tta_views_keep_the_image_size(tta, views):
+    x = torch.rand(2, 3, 28, 28)
+    out = tta_views(x, tta)
+    assert len(out) == views and all(v.shape == x.shape for v in out)
+    assert torch.equal(out[0], x)
+
+
+def test_last2_on_sixblock_concatenates_the_last_two_blocks():
+    net = create_model("sixblock", 2, 1, [0.5], [0.25]).eval()
+    x = torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8)
+    with torch.no_grad():
+        f = net.embed(x, layer="last2")
+        maps = net.features.feature_maps(net.normalize(x))
+    assert f.shape == (2, 192 + 256) and net.embed_dim("last2", 28) == 448
+    torch.testing.assert_close(f[:, :192], maps[-2].mean(dim=(2, 3)))
+    torch.testing.assert_close(f[:, 192:], maps[-1].mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("arch,dims", [("resnet18", (256, 512)), ("densenet121", (1024, 1024)),
+                                       ("efficientnet_b0", (112, 1280))])
+def test_last2_on_torchvision_backbones_pools_the_last_two_stages(arch, dims):
+    net = create_model(arch, 2, 3, [0.5] * 3, [0.25] * 3).eval()
+    x = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        f = net.embed(x, layer="last2")
+    assert f.shape == (2, sum(dims)) and net.embed_dim("last2", 64) == sum(dims)
+    if arch == "resnet18":
+        with torch.no_grad():
+            layer3 = net.features.layer3(net.features.layer2(net.features.layer1(net.features.maxpool(
+                net.features.relu(net.features.bn1(net.features.conv1(net.normalize(x))))))))
+        torch.testing.assert_close(f[:, :256], layer3.mean(dim=(2, 3)))
+        torch.testing.assert_close(f[:, 256:], net.forward_features(x))  # layer4, pooled
+
+
+def test_embed_dim_leaves_batchnorm_statistics_alone():
+    net = create_model("sixblock", 2, 1, [0.5], [0.25]).train()
+    before = net.features.blocks[0][1].running_mean.clone()
+    net.embed_dim("last2", 28)
+    assert torch.equal(net.features.blocks[0][1].running_mean, before) and net.training
+
+
+def test_backbone_without_two_stages_is_refused():
+    from featurepipe.errors import FeaturepipeError
+
+    flat = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.AdaptiveAvgPool2d(1))
+    with pytest.raises(FeaturepipeError, match="--layer last2.*use --layer penultimate"):
+        pooled_last_blocks(flat, torch.rand(1, 1, 8, 8))
+
+
+def test_one_registry_entry_holds_what_the_rest_of_featurepipe_asks():
+    lite0, six = ARCHS["efficientnet_lite0"], ARCHS["sixblock"]
+    assert (six.in_channels(grey=True), six.in_channels(grey=False), ARCHS["resnet18"].in_channels(grey=True)) == (1, 3, 3)
+    assert (six.min_img_size, ARCHS["densenet121"].min_img_size, lite0.min_img_size) == (28, 32, 32)
+    assert lite0.normalisation("imagenet") == ([127 / 255] * 3, [128 / 255] * 3)
+    assert lite0.normalisation(None) == six.normalisation("some.pt") == (None, None)
+    assert (six.auto_size_cap(False), ARCHS["resnet18"].auto_size_cap(False), lite0.auto_size_cap(True)) == (128, 224, 160)
+    with pytest.raises(FeaturepipeError, match="come inside its pip package"):
+        fetch_weights("efficientnet_lite0")

@@ -1,4 +1,4 @@
-"""`featurepipe predict`: new images in, the same probabilities the run's own files hold out."""
+"""predict: new images in, the same probabilities the run's own files hold out."""
 
 import csv
 import io
@@ -12,7 +12,7 @@ from PIL import Image
 
 from featurepipe.evaluate import load_predictions
 
-from conftest import cli
+from conftest import cli, refused
 
 CLASSES = ["0", "1", "2"]
 
@@ -106,3 +106,19 @@ def test_a_head_of_an_older_checkpoint_is_refused(tiny_run, test_images, tmp_pat
     (run / "heads" / "svm.json").write_text(json.dumps(info))
     r = cli("predict", "--run", run, "--model", "svm", test_images, ok=False)
     assert r.exit_code == 2 and "older checkpoint" in r.output
+
+
+def test_model_name_cannot_point_outside_the_heads_folder(hostile_run, tmp_path):
+    refused(cli("predict", "--run", hostile_run, "--model", "../cnn/model", tmp_path, ok=False), "--model ../cnn/model")
+
+
+def test_predict_skips_an_empty_image_and_lists_it(hostile_run, tmp_path):
+    folder = tmp_path / "new"
+    shutil.copytree(hostile_run.parent / "data" / "@dot", folder)
+    (folder / "empty.png").write_bytes(b"")
+    out = tmp_path / "p.csv"
+    r = cli("predict", "--run", hostile_run, folder, "--out", out)
+    assert "empty.png" in r.output and "skipped 1" in r.output
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 10 and "empty.png" in (tmp_path / "p.skipped.csv").read_text()
+    refused(cli("predict", "--run", hostile_run, folder, "--on-bad-image", "error", ok=False), "empty.png")

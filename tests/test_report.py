@@ -1,4 +1,4 @@
-"""compare: the report's numbers, files, pictures and refusals, on runs with known predictions."""
+"""compare: the report's numbers, files, pictures, Grad-CAM and refusals, on runs with known predictions."""
 
 import csv
 import json
@@ -8,142 +8,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from scipy import stats as sps
+import torch
 from sklearn import metrics
 
-from featurepipe.evaluate import Predictions, save_predictions
-from featurepipe.models import fingerprint
+from featurepipe.explain import cam_layer, gradcam, read_test_images
+from featurepipe.models import create_model, load_checkpoint
+from featurepipe.run_config import RunConfig
+from featurepipe.runs import run_paths
 
-from conftest import cli
-
-HEAD_SKILL = {"cnn": 1.6, "logreg": 1.3, "svm": 1.6, "rf": 0.7}
-
-
-def fake_run(root: Path, n_classes: int = 2, n_test: int = 90, heads=("logreg", "rf", "svm"), seed: int = 0,
-             skill: dict[str, float] | None = None) -> Path:
-    """A run directory as train-cnn/extract/fit-heads leave it, with made-up predictions that have errors.
-
-    The checkpoint is a stand-in (only its fingerprint matters to compare), so Grad-CAM is off for it.
-    """
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True)
-    names = [f"class{k}" for k in range(n_classes)]
-    y = rng.permutation(np.arange(n_test) % n_classes)
-    images = rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8)
-    np.savez(root / "data.npz", train_images=images[:6], train_labels=np.arange(6) % n_classes,
-             test_images=images, test_labels=y[:, None], class_names=np.array(names))
-    ids = [f"test/{i:06d}" for i in range(n_test)]
-    (root / "config.json").write_text(json.dumps({
-        "data": {"source": str(root / "data.npz"), "class_names": names,
-                 "counts": {"train": np.bincount(np.arange(6) % n_classes, minlength=n_classes).tolist()}},
-        "train": {"seed": 0}, "model": {"arch": "sixblock", "img_size": 28, "in_channels": 1}}))
-    (root / "splits.json").write_text(json.dumps({"train": [f"train/{i:06d}" for i in range(6)], "val": [],
-                                                  "test": ids}))
-    (root / "cnn").mkdir()
-    (root / "cnn" / "model.pt").write_bytes(b"stand-in checkpoint")
-    (root / "cnn" / "metrics.json").write_text(json.dumps({"train_seconds": 12.5, "predict_seconds_per_image": 1e-3,
-                                                           "best_epoch": 2}))
-    (root / "cnn" / "history.csv").write_text(
-        "epoch,train_loss,train_accuracy,val_loss,val_accuracy,val_macro_f1,lr,seconds\n"
-        "1,0.9,0.6,0.8,0.62,0.6,0.001,1.0\n2,0.5,0.8,0.6,0.75,0.74,0.001,1.0\n3,0.3,0.9,0.65,0.74,0.73,0.0,1.0\n")
-    (root / "heads").mkdir()
-    for name in ("cnn", *heads):
-        logits = rng.normal(0, 1, (n_test, n_classes)) + {**HEAD_SKILL, **(skill or {})}[name] * np.eye(n_classes)[y]
-        proba = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
-        folder, prefix = (root / "cnn", "") if name == "cnn" else (root / "heads", f"{name}.")
-        save_predictions(folder / f"{prefix}test_predictions.csv", Predictions(ids, y, proba, names))
-        if name != "cnn":
-            (root / "heads" / f"{name}.joblib").write_bytes(b"")
-            (root / "heads" / f"{name}.json").write_text(json.dumps({
-                "checkpoint": fingerprint(root / "cnn" / "model.pt"), "params": {"clf__C": 1.0},
-                "val_macro_f1": 0.8, "fit_seconds": 2.0, "predict_seconds_per_image": 2e-5}))
-    return root
-
-
-def read_predictions(path: Path, class_names: list[str]):
-    """Straight from the CSV, without featurepipe's reader."""
-    with path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    y = np.array([class_names.index(r["true"]) for r in rows])
-    proba = np.array([[float(r[f"p_{c}"]) for c in class_names] for r in rows])
-    return [r["id"] for r in rows], y, proba
-
-
-def prediction_file(run: Path, model: str) -> Path:
-    return run / "cnn" / "test_predictions.csv" if model == "cnn" else run / "heads" / f"{model}.test_predictions.csv"
-
-
-def assert_report_matches_sklearn(run: Path, out: Path | None = None) -> None:
-    """Every figure of summary.json, per_class.csv and report.html, recomputed from the saved predictions
-    with scikit-learn's and scipy's own functions."""
-    out = out or run / "compare"
-    summary = json.loads((out / "summary.json").read_text())
-    names = summary["class_names"]
-    k = len(names)
-    html = (out / "report.html").read_text()
-    with (out / "per_class.csv").open(newline="") as f:
-        per_class = list(csv.DictReader(f))
-    preds = {m: read_predictions(prediction_file(run, m), names) for m in summary["models"]}
-    ids, y, ref = preds["cnn"]
-    assert summary["test_size"] == len(y)
-    for model, m in summary["models"].items():
-        _, y_m, proba = preds[model]
-        np.testing.assert_array_equal(y_m, y)
-        pred = proba.argmax(axis=1)
-        norm = proba / proba.sum(axis=1, keepdims=True)
-        expected = {
-            "accuracy": metrics.accuracy_score(y, pred),
-            "balanced_accuracy": metrics.balanced_accuracy_score(y, pred),
-            "log_loss": metrics.log_loss(y, norm, labels=range(k)),
-            "roc_auc": metrics.roc_auc_score(y, proba[:, 1]) if k == 2 else
-            metrics.roc_auc_score(y, norm, multi_class="ovr", average="macro"),
-        }
-        for avg in ("macro", "weighted"):
-            kw = dict(labels=range(k), average=avg, zero_division=0)
-            expected[f"{avg}_precision"] = metrics.precision_score(y, pred, **kw)
-            expected[f"{avg}_recall"] = metrics.recall_score(y, pred, **kw)
-            expected[f"{avg}_f1"] = metrics.f1_score(y, pred, **kw)
-        # MedMNIST's evaluator (getAUC/getACC), written out as that package does.
-        if k == 2:
-            expected["medmnist_auc"] = metrics.roc_auc_score(y, proba[:, -1])
-            expected["medmnist_acc"] = metrics.accuracy_score(y, proba[:, -1] > 0.5)
-        else:
-            expected["medmnist_auc"] = np.mean([metrics.roc_auc_score(y == c, proba[:, c]) for c in range(k)])
-            expected["medmnist_acc"] = metrics.accuracy_score(y, pred)
-        conf, right = norm.max(axis=1), pred == y
-        bins = np.ceil(conf * 15).astype(int)
-        expected["ece"] = sum(abs(right[bins == b].mean() - conf[bins == b].mean()) * (bins == b).mean()
-                              for b in np.unique(bins))
-        for key, value in expected.items():
-            assert m[key] == pytest.approx(value, abs=1e-9), (model, key)
-        for key in ("accuracy", "macro_f1"):
-            lo, hi = m[f"{key}_ci"]
-            assert lo <= m[key] <= hi and 0 <= hi - lo < 0.5, (model, key)
-            assert f"{m[key]:.4f} [{lo:.4f}, {hi:.4f}]" in html, (model, key)
-
-        prf = metrics.precision_recall_fscore_support(y, pred, labels=range(k), zero_division=0)
-        mcm = metrics.multilabel_confusion_matrix(y, pred, labels=range(k))
-        rows = [r for r in per_class if r["model"] == model]
-        assert [r["class"] for r in rows] == names
-        for c, r in enumerate(rows):
-            assert [float(r[f]) for f in ("precision", "recall", "f1")] == pytest.approx([v[c] for v in prf[:3]])
-            assert [int(r[f]) for f in ("support", "tp", "tn", "fp", "fn")] == \
-                [prf[3][c], mcm[c, 1, 1], mcm[c, 0, 0], mcm[c, 0, 1], mcm[c, 1, 0]]
-            assert f"<td class=\"l\">{r['class']}</td><td>{float(r['precision']):.4f}</td>" in html
-
-        if model != "cnn":
-            t = summary["tests"][model]
-            cnn_right = ref.argmax(axis=1) == y
-            b, c = int((cnn_right & ~right).sum()), int((~cnn_right & right).sum())
-            assert (t["mcnemar"]["cnn_only_right"], t["mcnemar"]["head_only_right"]) == (b, c)
-            assert t["mcnemar"]["p_value"] == pytest.approx(sps.binomtest(c, b + c, 0.5).pvalue if b + c else 1.0)
-            assert t["mcnemar"]["p_holm"] >= t["mcnemar"]["p_value"]
-            assert t["delta_accuracy"] == pytest.approx(m["accuracy"] - summary["models"]["cnn"]["accuracy"])
-            if k == 2:
-                assert t["delong"]["auc_head"] == pytest.approx(metrics.roc_auc_score(y, proba[:, 1]))
-                assert t["delong"]["auc_cnn"] == pytest.approx(metrics.roc_auc_score(y, ref[:, 1]))
-            else:
-                assert "delong" not in t
+from conftest import assert_report_matches_sklearn, cli, fake_run, finished_run, prediction_file, read_predictions
 
 
 @pytest.fixture(scope="module")
@@ -304,3 +177,61 @@ def test_gradcam_of_the_trained_cnn_and_no_stale_picture(tiny_run, tmp_path):
     cli("compare", "--run", run, "--no-gradcam")
     assert not (run / "compare" / "gradcam.png").exists()
     assert "Grad-CAM" not in (run / "compare" / "report.html").read_text().split("Where the CNN fails")[1]
+
+
+def test_class_names_with_mathtext_are_plain_text(tmp_path):
+    run = finished_run(tmp_path, {"column": "$\\undefinedcmd{x}$"})
+    assert (run / "compare" / "report.html").exists()
+    assert "$\\undefinedcmd{x}$" in (run / "compare" / "summary.md").read_text(encoding="utf-8")
+
+
+def test_sixblock_gradcam_equals_the_class_activation_map(tiny_run):
+    # sixblock ends in global average pooling and one linear layer, so Grad-CAM of its last block is
+    # exactly CAM (Zhou et al., 2016): relu(sum_k w_ck A_k) / (H W). An independent computation of it:
+    paths = run_paths(tiny_run)
+    ids = json.loads(paths.splits.read_text())["test"][:6]
+    images = np.stack(read_test_images(RunConfig.load(paths), ids))
+    assert images.shape == (6, 28, 28, 1) and images.dtype == np.uint8
+    net, _ = load_checkpoint(paths.checkpoint)
+    classes = [0, 1, 2, 2, 1, 0]
+    cams = gradcam(net, images, classes)
+
+    with torch.no_grad():
+        x = torch.from_numpy(images).permute(0, 3, 1, 2)
+        maps = net.features.feature_maps(net.normalize(x))[-1]
+        weights = net.head[1].weight[classes]
+        cam = torch.relu(torch.einsum("nk,nkhw->nhw", weights, maps))[:, None] / (maps.shape[2] * maps.shape[3])
+        expected = torch.nn.functional.interpolate(cam, size=(28, 28), mode="bilinear", align_corners=False)[:, 0]
+    np.testing.assert_allclose(cams, expected.numpy(), rtol=1e-4, atol=1e-7)
+    assert cam_layer(net) is net.features.blocks[-1]
+    assert not net.features.blocks[-1]._forward_hooks
+    assert all(p.grad is None for p in net.parameters())
+
+
+def test_gradcam_on_a_torchvision_backbone_uses_its_last_conv():
+    torch.manual_seed(0)
+    net = create_model("resnet18", 3, 3, [0.5] * 3, [0.25] * 3).eval()
+    layer = cam_layer(net)
+    assert layer is net.features.layer4[-1].conv2
+    images = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    with torch.no_grad():
+        before = net(torch.from_numpy(images).permute(0, 3, 1, 2))
+    cams = gradcam(net, images, [0, 2])
+    assert cams.shape == (2, 64, 64) and np.isfinite(cams).all() and cams.min() >= 0 and cams.max() > 0
+    with torch.no_grad():
+        after = net(torch.from_numpy(images).permute(0, 3, 1, 2))
+    torch.testing.assert_close(before, after)
+    assert not layer._forward_hooks
+
+
+@pytest.mark.parametrize("monitor, caption", [("none", "dotted: the final epoch, kept as --monitor none"),
+                                              ("loss", "within one standard error of the best validation loss"),
+                                              (None, "dotted: the epoch kept)")])
+def test_the_training_curves_caption_says_which_epoch_the_run_kept(tmp_path, monitor, caption):
+    run = fake_run(tmp_path / "run")
+    config = json.loads((run / "config.json").read_text())
+    if monitor is not None:
+        config["train"]["monitor"] = monitor
+    (run / "config.json").write_text(json.dumps(config))
+    cli("compare", "--run", run, "--no-gradcam")
+    assert caption in (run / "compare" / "summary.md").read_text()

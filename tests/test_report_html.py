@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import cli
-from test_report import fake_run
+from conftest import cli, fake_run
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None, reason="headless Chromium not found (apt-get install chromium); report.html not rendered"
 )
+
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars"]
 # Added to a copy of the report only: after loading, record how many images actually decoded.

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REAL_DATA, cli
-from test_report import assert_report_matches_sklearn
+from conftest import REAL_DATA, assert_report_matches_sklearn, cli
 
 EXISTING = os.environ.get("FEATUREPIPE_REPORT_RUN")
+
 pytestmark = [
     pytest.mark.real,
     pytest.mark.skipif(not EXISTING and not REAL_DATA.exists(), reason=f"real data not found at {REAL_DATA}"),

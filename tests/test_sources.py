@@ -1,16 +1,20 @@
+"""Data sources: class folders, split folders, CSV manifests, .npz, the demo; splits, groups, hidden files."""
+
 import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from featurepipe.data import assign_splits, scan, split_ids
-from featurepipe.data.images import read_file
-from featurepipe.data.splits import stratified_split
+from featurepipe.data.splits import broken_groups, stratified_split
 from featurepipe.errors import FeaturepipeError
 
-from conftest import CLASSES, write_images
+from conftest import CLASSES, cli, grey_pattern, make_arrays, refused, write_images
 
+
+# ---- layouts and splits ----------------------------------------------------------------------------------------------
 
 def test_class_folders_split_70_15_15_stratified(class_folders):
     cat = scan(str(class_folders))
@@ -60,52 +64,10 @@ def test_train_test_only_carves_stratified_val_from_train(train_test_folders):
     assert not set(splits["val"]) & set(splits["train"])
 
 
-def test_csv_manifest_with_and_without_split(tmp_path, csv_manifest):
-    cat = scan(str(csv_manifest))
-    assert cat.class_names == sorted(CLASSES) and len(cat) == 30
-    assert cat.store.read(0, 28, 1).shape == (28, 28, 1)
-    with_split = tmp_path / "with_split.csv"
-    rows = list(csv.reader(csv_manifest.open()))
-    with with_split.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "label", "split"])
-        for k, (p, label) in enumerate(rows[1:]):
-            w.writerow([p, label, ["train", "train", "valid", "test"][k % 4]])
-    cat = scan(str(with_split))
-    splits = assign_splits(cat, 0)
-    assert len(splits["val"]) == 7 and len(splits["test"]) == 7
-
-
-def test_csv_missing_column_is_refused(tmp_path):
-    bad = tmp_path / "bad.csv"
-    bad.write_text("picture,label\na.png,x\n")
-    with pytest.raises(FeaturepipeError, match="missing column"):
-        scan(str(bad))
-
-
-def test_npz_keeps_official_split(npz_file):
-    cat = scan(str(npz_file))
-    splits = assign_splits(cat, 0)
-    assert {s: len(v) for s, v in splits.items()} == {"train": 120, "val": 30, "test": 36}
-    assert cat.class_names == ["0", "1", "2"]
-    assert cat.ids[splits["test"][0]] == "test/000000"
-
-
 def test_demo_is_sklearn_digits():
     cat = scan("demo")
     assert len(cat) == 1797 and cat.class_names == [str(d) for d in range(10)]
     assert cat.store.read(0, 28, 1).shape == (28, 28, 1)
-
-
-@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "I;16", "CMYK"])
-@pytest.mark.parametrize("channels", [1, 3])
-def test_grey_and_colour_images_convert_to_the_model_channels(tmp_path, mode, channels):
-    path = tmp_path / "img.tif"
-    Image.new("RGB", (50, 30), (200, 100, 50)).convert(mode).save(path)
-    from featurepipe.data.images import read_file
-
-    arr = read_file(str(path), 32, channels)
-    assert arr.shape == (32, 32, channels) and arr.dtype == np.uint8
 
 
 def test_unknown_source_and_empty_class_are_refused(tmp_path):
@@ -137,36 +99,210 @@ def test_stratified_split_fractions():
     assert all(set(rare[idx]) == {0, 1} for idx in parts.values())  # a rare class still reaches every split
 
 
-def test_grey_image_for_an_rgb_model_is_its_rgb_conversion_resized(tmp_path):
-    # Grey files are resized as one channel and replicated: the same pixels as resizing the RGB image.
-    grey = (np.random.default_rng(0).random((300, 410)) * 255).astype(np.uint8)
-    for name in ("g.jpg", "g.png"):
-        Image.fromarray(grey).save(tmp_path / name)
-        with Image.open(tmp_path / name) as img:
-            if name.endswith(".jpg"):
-                img.draft("RGB", (64, 64))
-            expected = np.asarray(img.convert("RGB").resize((64, 64), Image.BILINEAR))
-        np.testing.assert_array_equal(read_file(str(tmp_path / name), 64, 3), expected)
+# ---- what a scan skips, odd file names -------------------------------------------------------------------------------
+
+def test_hidden_and_non_image_files_are_ignored(tmp_path):
+    root = tmp_path / "data"
+    write_images(root, 4)
+    for junk in ["bar/.DS_Store", "bar/._img_0_000.png", "column/Thumbs.db", "column/desktop.ini", "dot/notes.txt",
+                 "dot/.hidden/x.png", "__MACOSX/bar/._x.png", "@eaDir/x.png/SYNOFILE_THUMB_M.png", ".git/x.png"]:
+        (root / junk).parent.mkdir(parents=True, exist_ok=True)
+        (root / junk).write_bytes(b"\x00\x05not an image")
+    cat = scan(str(root))
+    assert cat.class_names == sorted(CLASSES) and len(cat) == 12
+    assert all(Path(i).suffix == ".png" and not Path(i).name.startswith(".") for i in cat.ids)
 
 
-def test_loader_batches_from_memory_are_the_images_one_by_one():
-    import torch
-    from torch.utils.data import default_collate
+def test_non_ascii_paths_in_folders_and_csv(tmp_path):
+    root = tmp_path / "données"
+    for k, cls in enumerate(["lungenentzündung", "正常", "ñormal"]):
+        (root / cls).mkdir(parents=True)
+        for j in range(3):
+            Image.fromarray(grey_pattern(10, 10, seed=3 * k + j)).save(root / cls / f"bild_{j}_é.png")
+    cat = scan(str(root))
+    assert cat.class_names == sorted(["lungenentzündung", "正常", "ñormal"])
+    assert cat.store.read(0, 10, 1).shape == (10, 10, 1)
+    manifest = root / "清单.csv"
+    manifest.write_text("path,label\n" + "".join(f"{i},{cat.class_names[y]}\n" for i, y in zip(cat.ids, cat.labels)),
+                        encoding="utf-8")
+    from_csv = scan(str(manifest))
+    assert from_csv.ids == cat.ids and from_csv.store.read(len(cat) - 1, 10, 1).shape == (10, 10, 1)
 
-    from featurepipe.data import ImageDataset, make_loader
-    from featurepipe.data.sources import ArrayStore
 
+# ---- groups (patients) kept whole ------------------------------------------------------------------------------------
+
+def grouped_manifest(tmp_path: Path, with_split: str | None = None) -> Path:
+    """60 patients with 1-4 images each; a patient's images all share the patient's class."""
     rng = np.random.default_rng(0)
-    store = ArrayStore(rng.integers(0, 256, (20, 12, 12, 3), dtype=np.uint8), "arrays")
-    ds = ImageDataset(store, np.arange(19, -1, -1), np.arange(20) % 3, 12, 3)
-    loader = make_loader(ds, 6, shuffle=True, seed=1)
-    seen = []
-    for x, y, k, why in loader:
-        one_by_one = default_collate([ds[int(i)] for i in k])
-        assert torch.equal(x, one_by_one[0]) and torch.equal(y, one_by_one[1]) and why == one_by_one[3]
-        assert x.dtype == torch.uint8 and y.dtype == k.dtype == torch.int64
-        seen += k.tolist()
-    assert sorted(seen) == list(range(20))
-    # Images held at another size are read (resized) one by one, as before.
-    resized = ImageDataset(store, np.arange(20), np.zeros(20), 8, 3)
-    assert next(iter(make_loader(resized, 4)))[0].shape == (4, 3, 8, 8)
+    rows, n = [], 0
+    for patient in range(60):
+        label = CLASSES[patient % 3]
+        for _ in range(rng.integers(1, 5)):
+            rows.append((f"img/{n:04d}.png", label, f"p{patient:02d}"))
+            n += 1
+    path = tmp_path / "manifest.csv"
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "group", *(["split"] if with_split else [])])
+        for k, (p, label, group) in enumerate(rows):
+            w.writerow([p, label, group, *([with_split(k, group)] if with_split else [])])
+    return path
+
+
+def test_featurepipes_splits_keep_each_group_whole(tmp_path):
+    cat = scan(str(grouped_manifest(tmp_path)))
+    for seed in range(3):
+        splits = assign_splits(cat, seed)
+        assert broken_groups(cat, splits) == {}
+        sizes = {s: len(v) for s, v in splits.items()}
+        assert abs(sizes["test"] / len(cat) - 0.15) < 0.05 and abs(sizes["val"] / len(cat) - 0.15) < 0.05
+        for idx in splits.values():
+            assert set(cat.labels[idx]) == {0, 1, 2}
+
+
+def test_val_carved_from_a_given_train_split_keeps_groups_whole(tmp_path):
+    manifest = grouped_manifest(tmp_path, with_split=lambda k, g: "test" if int(g[1:]) % 5 == 0 else "train")
+    cat = scan(str(manifest))
+    splits = assign_splits(cat, 0)
+    assert len(splits["val"]) > 0 and broken_groups(cat, splits) == {}
+
+
+def test_a_class_in_too_few_groups_is_refused(tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_text("path,label,group\n" + "".join(f"{i}.png,{'a' if i < 20 else 'b'},{'p1' if i >= 20 else i}\n"
+                                                   for i in range(24)))
+    with pytest.raises(FeaturepipeError, match="class 'b' occurs in 1 group"):
+        assign_splits(scan(str(path)), 0)
+
+
+def test_kfold_keeps_each_group_in_one_fold(tmp_path):
+    manifest = grouped_manifest(tmp_path)
+    with manifest.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    group_of = {row["path"]: row["group"] for row in rows}
+    images, _ = make_arrays(len(rows) // 3 + 1, size=28)
+    (tmp_path / "img").mkdir()
+    for row, img in zip(rows, images):
+        Image.fromarray(img).save(tmp_path / row["path"])
+    run = tmp_path / "run"
+    cli("train-cnn", "--data", manifest, "--out", run, "--folds", "3", "--epochs", "1")
+    held_out = []
+    for k in (1, 2, 3):
+        with open(run / "folds" / f"fold{k}" / "cnn" / "val_predictions.csv", newline="", encoding="utf-8") as f:
+            held_out.append({group_of[row["id"]] for row in csv.DictReader(f)})
+    assert all(not held_out[a] & held_out[b] for a in range(3) for b in range(a + 1, 3))
+    assert cli("train-cnn", "--data", manifest, "--out", tmp_path / "many", "--folds", "60", "--epochs", "1",
+               ok=False).output.strip().endswith("use fewer folds")
+
+
+# ---- CSV manifests ---------------------------------------------------------------------------------------------------
+
+def _manifest(tmp_path: Path, extra: list[str], name: str = "m.csv", encoding: str = "utf-8") -> Path:
+    files = write_images(tmp_path / "d" / "images", 5, size=28)
+    rows = [f"{p.relative_to(tmp_path / 'd').as_posix()},{label}" for p, label in files] + extra
+    path = tmp_path / "d" / name
+    path.write_bytes(("path,label\n" + "\n".join(rows) + "\n").encode(encoding))
+    return path
+
+
+def test_csv_manifest_with_and_without_split(tmp_path, csv_manifest):
+    cat = scan(str(csv_manifest))
+    assert cat.class_names == sorted(CLASSES) and len(cat) == 30
+    assert cat.store.read(0, 28, 1).shape == (28, 28, 1)
+    with_split = tmp_path / "with_split.csv"
+    rows = list(csv.reader(csv_manifest.open()))
+    with with_split.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "split"])
+        for k, (p, label) in enumerate(rows[1:]):
+            w.writerow([p, label, ["train", "train", "valid", "test"][k % 4]])
+    cat = scan(str(with_split))
+    splits = assign_splits(cat, 0)
+    assert len(splits["val"]) == 7 and len(splits["test"]) == 7
+
+
+def test_csv_missing_column_is_refused(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("picture,label\na.png,x\n")
+    with pytest.raises(FeaturepipeError, match="missing column"):
+        scan(str(bad))
+
+
+@pytest.mark.parametrize("row", ["../outside/secret.png", "/etc/passwd", "images/../../outside/secret.png"])
+def test_csv_rows_outside_the_manifest_folder_are_refused(tmp_path, row):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    Image.fromarray(make_arrays(1, size=28)[0][0]).save(outside / "secret.png")
+    m = _manifest(tmp_path, [f"{row},bar"])
+    line = refused(cli("train-cnn", "--data", m, "--out", tmp_path / "r", ok=False), f"{m}:17", row,
+                   "--allow-outside")
+    assert "outside" in line
+    if row != "/etc/passwd":
+        r = cli("data", "inspect", "--data", m, "--allow-outside")
+        assert "16 images" in r.output
+
+
+def test_csv_deleted_files_are_skipped_not_a_traceback(tmp_path):
+    m = _manifest(tmp_path, [])
+    gone = sorted((tmp_path / "d" / "images" / "bar").iterdir())[0]
+    gone.unlink()
+    run = tmp_path / "r"
+    cli("train-cnn", "--data", m, "--out", run, "--epochs", "1")
+    assert "file not found" in (run / "skipped.csv").read_text()
+
+
+def test_csv_not_utf8_is_refused(tmp_path):
+    m = _manifest(tmp_path, ["images/bar/caf\u00e9.png,bar"], encoding="latin-1")
+    refused(cli("data", "inspect", "--data", m, ok=False), str(m), "UTF-8")
+
+
+@pytest.mark.parametrize("spelling", ["./images/{}", "images/{}", "images//{}", "images/./{}"])
+def test_csv_same_file_under_two_spellings_is_refused(tmp_path, spelling):
+    first = write_images(tmp_path / "d" / "images", 5, size=28)[0]
+    m = _manifest(tmp_path, [f"{spelling.format(first[0].relative_to(tmp_path / 'd' / 'images').as_posix())},{first[1]}"])
+    refused(cli("data", "inspect", "--data", m, ok=False), "listed more than once", "row 2")
+
+
+# ---- .npz ------------------------------------------------------------------------------------------------------------
+
+def _npz(path: Path, **override) -> Path:
+    arrays = {}
+    for seed, split, n in [(0, "train", 8), (1, "val", 3), (2, "test", 3)]:
+        x, y = make_arrays(n, seed=seed)
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = x, y
+    arrays.update(override)
+    np.savez(path, **arrays)
+    return path
+
+
+def test_npz_keeps_official_split(npz_file):
+    cat = scan(str(npz_file))
+    splits = assign_splits(cat, 0)
+    assert {s: len(v) for s, v in splits.items()} == {"train": 120, "val": 30, "test": 36}
+    assert cat.class_names == ["0", "1", "2"]
+    assert cat.ids[splits["test"][0]] == "test/000000"
+
+
+def test_npz_nan_pixel_does_not_blank_every_image(tmp_path):
+    x = make_arrays(8)[0].astype(np.float32)
+    x[0, 0, 0] = np.nan
+    catalog = scan(str(_npz(tmp_path / "n.npz", train_images=x)))
+    images = catalog.store.images
+    assert all(images[i].std() > 0 for i in range(len(images)))
+
+
+@pytest.mark.parametrize("name, value, words", [
+    ("train_labels", np.array([0.7, 1.7] * 12), ["train_labels", "0.7", "whole numbers"]),
+    ("train_labels", -np.ones(24, dtype=int), ["train_labels", "-1"]),
+    ("train_labels", np.array(["a", "b", "c"] * 8), ["train_labels", "class indices"]),
+    ("test_images", np.zeros((9, 32, 32), np.uint8), ["test_images", "same image shape"]),
+    ("class_names", np.array(["a", "b"]), ["class_names", "one distinct name per label"]),
+])
+def test_npz_bad_arrays_are_refused(tmp_path, name, value, words):
+    path = _npz(tmp_path / "b.npz", **{name: value})
+    refused(cli("data", "inspect", "--data", path, ok=False), str(path), *words)
+
+
+def test_npz_object_arrays_are_refused_unloaded(tmp_path):
+    path = _npz(tmp_path / "o.npz", train_labels=np.array([0, 1, 2] * 7 + [None, 1, 2], dtype=object))
+    refused(cli("data", "inspect", "--data", path, ok=False), str(path), "cannot read .npz")

@@ -1,3 +1,5 @@
+"""train-cnn and lr-find: automatic options, schedule, fine-tuning phases, samplers, augmentation, k-fold, resume."""
+
 import json
 import math
 
@@ -5,12 +7,17 @@ import numpy as np
 import pytest
 import torch
 
-from featurepipe import train as train_mod
-from featurepipe.train import (TrainConfig, auto_arch, auto_batch_size, auto_epochs, auto_img_size, drops_last,
-                               train)
+from featurepipe.data import AUGMENTATIONS, ArrayStore, ImageDataset, augmentation, make_loader, resolve_augmentation
+from featurepipe.engine import Callback, Trainer
+from featurepipe.evaluate import load_predictions
+from featurepipe.models import create_model
+from featurepipe.train import (BalancedSampler, TrainConfig, _optimizer, auto_arch, auto_batch_size, auto_epochs,
+                               auto_img_size, drops_last, train)
 
-from conftest import cli
+from conftest import cli, copy_run, refused, train_args
 
+
+# ---- automatic options, schedule, architecture choice, warnings ------------------------------------------------------
 
 @pytest.mark.parametrize("source", ["class_folders", "split_folders", "train_test_folders", "csv_manifest"])
 def test_every_source_trains_end_to_end(request, tmp_path, source):
@@ -67,72 +74,6 @@ def test_auto_arch():
     assert (arch, weights) == ("efficientnet_lite0", "imagenet") and "240" in why
 
 
-def _weights(run):
-    return torch.load(run / "cnn" / "model.pt", weights_only=True)["state_dict"]
-
-
-def test_same_seed_same_weights_and_metrics(npz_file, tmp_path):
-    runs = [tmp_path / "a", tmp_path / "b"]
-    for run in runs:
-        cli("train-cnn", "--data", npz_file, "--out", run, "--epochs", "2", "--seed", "3")
-    a, b = (_weights(r) for r in runs)
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert (runs[0] / "cnn" / "history.csv").read_text().split("seconds")[0] == \
-        (runs[1] / "cnn" / "history.csv").read_text().split("seconds")[0]
-    metrics = [json.loads((r / "cnn" / "metrics.json").read_text()) for r in runs]
-    assert metrics[0]["test"] == metrics[1]["test"]
-    assert metrics[0]["best_epoch"] == 2  # by default the final weights of the schedule are kept
-
-
-def test_resume_after_interruption_reaches_the_same_result(npz_file, tmp_path, monkeypatch):
-    whole, broken = tmp_path / "whole", tmp_path / "broken"
-    cfg = dict(epochs=4, seed=1, augment="light")
-    train(str(npz_file), whole, TrainConfig(**cfg))
-
-    real_epoch = train_mod._train_epoch
-    calls = {"n": 0}
-
-    def interrupted(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(train_mod, "_train_epoch", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        train(str(npz_file), broken, TrainConfig(**cfg))
-    monkeypatch.setattr(train_mod, "_train_epoch", real_epoch)
-    assert len((broken / "cnn" / "history.csv").read_text().splitlines()) == 1 + 2
-    train(str(npz_file), broken, TrainConfig(**cfg, resume=True))
-
-    a, b = _weights(whole), _weights(broken)
-    assert all(torch.allclose(a[k].float(), b[k].float()) for k in a)
-    ha = np.genfromtxt(whole / "cnn" / "history.csv", delimiter=",", names=True)
-    hb = np.genfromtxt(broken / "cnn" / "history.csv", delimiter=",", names=True)
-    np.testing.assert_allclose(ha["val_loss"], hb["val_loss"])
-
-
-def test_checkpoint_is_the_latest_epoch_within_noise_of_the_best(tiny_run):
-    hist = np.genfromtxt(tiny_run / "cnn" / "history.csv", delimiter=",", names=True)
-    best = json.loads((tiny_run / "cnn" / "metrics.json").read_text())["best_epoch"]
-    loss, se = hist["val_loss"], hist["val_loss_se"]
-    running_best = np.minimum.accumulate(loss)
-    kept = [e + 1 for e in range(len(loss)) if loss[e] <= running_best[e] + se[np.argmin(loss[:e + 1])]]
-    assert best == kept[-1]
-    assert torch.load(tiny_run / "cnn" / "model.pt", weights_only=True)["epoch"] == best
-
-
-def test_one_standard_error_rule():
-    from featurepipe.train import choose
-
-    state = {"best": None, "best_se": 0.0, "best_epoch": 0}
-    assert choose(state, 1, 0.80, 0.02)          # first epoch: kept
-    assert choose(state, 2, 0.90, 0.02)          # better: kept
-    assert choose(state, 3, 0.885, 0.03)         # within 0.02 of the best: the later epoch is kept
-    assert not choose(state, 4, 0.87, 0.01)      # worse than best - SE: not kept
-    assert state["best"] == 0.90 and state["best_epoch"] == 3
-
-
 def test_auto_arch_without_the_lite0_extra_falls_back_and_says_so(monkeypatch):
     import featurepipe.train as train_module
     from featurepipe.errors import FeaturepipeError
@@ -171,3 +112,243 @@ def test_train_cnn_warns_when_the_cnn_is_not_above_the_majority_class(tmp_path):
     assert "not clearly above the majority-class baseline" in r.output
     baseline = json.loads((tmp_path / "run" / "cnn" / "metrics.json").read_text())["val_baseline"]
     assert baseline["class"] == "a" and baseline["cnn_clearly_above"] is False
+
+
+def test_diverged_training_stops_in_one_line(tmp_path, class_folders):
+    refused(cli("train-cnn", "--data", class_folders, "--out", tmp_path / "r", "--epochs", "2", "--lr", "1e30",
+                ok=False), "diverged", "--lr")
+
+
+# ---- reproducibility and --resume ------------------------------------------------------------------------------------
+
+def _weights(run):
+    return torch.load(run / "cnn" / "model.pt", weights_only=True)["state_dict"]
+
+
+def test_same_seed_same_weights_and_metrics(npz_file, tmp_path):
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for run in runs:
+        cli("train-cnn", "--data", npz_file, "--out", run, "--epochs", "2", "--seed", "3")
+    a, b = (_weights(r) for r in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (runs[0] / "cnn" / "history.csv").read_text().split("seconds")[0] == \
+        (runs[1] / "cnn" / "history.csv").read_text().split("seconds")[0]
+    metrics = [json.loads((r / "cnn" / "metrics.json").read_text()) for r in runs]
+    assert metrics[0]["test"] == metrics[1]["test"]
+    assert metrics[0]["best_epoch"] == 2  # by default the final weights of the schedule are kept
+
+
+def test_resume_after_interruption_reaches_the_same_result(npz_file, tmp_path):
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    cfg = dict(epochs=4, seed=1, augment="light")
+    train(str(npz_file), whole, TrainConfig(**cfg))
+
+    with pytest.raises(KeyboardInterrupt):
+        train(str(npz_file), broken, TrainConfig(**cfg), callbacks=[CtrlC(epoch=3)])
+    assert len((broken / "cnn" / "history.csv").read_text().splitlines()) == 1 + 2
+    train(str(npz_file), broken, TrainConfig(**cfg, resume=True))
+
+    a, b = _weights(whole), _weights(broken)
+    assert all(torch.allclose(a[k].float(), b[k].float()) for k in a)
+    ha = np.genfromtxt(whole / "cnn" / "history.csv", delimiter=",", names=True)
+    hb = np.genfromtxt(broken / "cnn" / "history.csv", delimiter=",", names=True)
+    np.testing.assert_allclose(ha["val_loss"], hb["val_loss"])
+
+
+@pytest.mark.parametrize("option, value", [("--epochs", "5"), ("--arch", "resnet18"), ("--img-size", "32"),
+                                           ("--seed", "3")])
+def test_resume_refuses_other_options(tiny_run, tmp_path, option, value):
+    run = copy_run(tiny_run, tmp_path)
+    args = train_args(run)
+    if option in args:
+        args[args.index(option) + 1] = value
+    else:
+        args += [option, value]
+    refused(cli("train-cnn", *args, "--resume", ok=False), f"{option} {value} differs from the run's")
+
+
+@pytest.mark.parametrize("arch", [[], ["--arch", "auto"], ["--arch", "sixblock"]])
+def test_resume_takes_what_arch_auto_chose(tiny_run, tmp_path, arch):
+    # tiny_run left --arch to auto, which chose sixblock for its 28-px images: auto again, or the
+    # architecture it chose, is the run's own option.
+    assert json.loads((tiny_run / "config.json").read_text())["train"]["resolved"]["arch"] == "sixblock"
+    run = copy_run(tiny_run, tmp_path)
+    assert cli("train-cnn", *train_args(run), *arch, "--resume").exit_code == 0
+
+
+def test_resume_without_config_is_refused(tiny_run, tmp_path):
+    run = copy_run(tiny_run, tmp_path)
+    (run / "config.json").unlink()
+    refused(cli("train-cnn", *train_args(tiny_run)[:2], "--out", run, "--resume", ok=False), "config.json")
+
+
+# ---- which epoch is kept ---------------------------------------------------------------------------------------------
+
+def test_checkpoint_is_the_latest_epoch_within_noise_of_the_best(tiny_run):
+    hist = np.genfromtxt(tiny_run / "cnn" / "history.csv", delimiter=",", names=True)
+    best = json.loads((tiny_run / "cnn" / "metrics.json").read_text())["best_epoch"]
+    loss, se = hist["val_loss"], hist["val_loss_se"]
+    running_best = np.minimum.accumulate(loss)
+    kept = [e + 1 for e in range(len(loss)) if loss[e] <= running_best[e] + se[np.argmin(loss[:e + 1])]]
+    assert best == kept[-1]
+    assert torch.load(tiny_run / "cnn" / "model.pt", weights_only=True)["epoch"] == best
+
+
+def test_one_standard_error_rule():
+    from featurepipe.callbacks import choose
+
+    state = {"best": None, "best_se": 0.0, "best_epoch": 0}
+    assert choose(state, 1, 0.80, 0.02)          # first epoch: kept
+    assert choose(state, 2, 0.90, 0.02)          # better: kept
+    assert choose(state, 3, 0.885, 0.03)         # within 0.02 of the best: the later epoch is kept
+    assert not choose(state, 4, 0.87, 0.01)      # worse than best - SE: not kept
+    assert state["best"] == 0.90 and state["best_epoch"] == 3
+
+
+# ---- fine-tuning phases ----------------------------------------------------------------------------------------------
+
+def _cfg(**resolved):
+    cfg = TrainConfig(weights="x", lr_backbone_ratio=0.1)
+    cfg.resolved = {"lr": 1e-3, "epochs": 2, "freeze_epochs": 1, "weights": cfg.weights, **resolved}
+    return cfg
+
+
+def test_frozen_phase_trains_only_the_head():
+    torch.manual_seed(0)
+    net = create_model("resnet18", 3, 3, [0.5] * 3, [0.25] * 3)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    optimizer, scheduler = _optimizer(net, _cfg(), "head", steps_per_epoch=2)
+    images = np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
+    ds = ImageDataset(ArrayStore(images, "random"), np.arange(16), np.arange(16) % 3, 32, 3)
+    trainer = Trainer(net, make_loader(ds, 8), torch.nn.CrossEntropyLoss(), torch.device("cpu"), amp=False)
+    trainer.optimizer, trainer.scheduler, trainer.frozen = optimizer, scheduler, True
+    trainer.train_epoch()
+    after = net.state_dict()
+    changed = {k for k in after if not torch.equal(before[k], after[k])}
+    assert changed == {"head.1.weight", "head.1.bias"}  # batch-norm statistics included: untouched
+
+
+def test_unfrozen_pretrained_backbone_gets_discriminative_rates():
+    net = create_model("resnet18", 3, 3, [0.5] * 3, [0.25] * 3)
+    optimizer, _ = _optimizer(net, _cfg(), "all", steps_per_epoch=2)
+    lrs = [g["max_lr"] for g in optimizer.param_groups]
+    head, backbone = lrs[0], lrs[1:]
+    assert head == pytest.approx(1e-3)
+    assert backbone == sorted(backbone) and backbone[0] == pytest.approx(1e-4) and backbone[-1] < head
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(net.parameters()))
+    assert all(p.requires_grad for p in net.parameters())
+
+
+# ---- samplers and augmentation ---------------------------------------------------------------------------------------
+
+def test_balanced_sampler_draws_classes_equally():
+    labels = np.array([0] * 900 + [1] * 90 + [2] * 10)
+    sampler = BalancedSampler(labels, 3)
+    sampler.generator.manual_seed(0)
+    drawn = labels[np.array(list(sampler))]
+    assert len(drawn) == 1000
+    assert np.allclose(np.bincount(drawn, minlength=3) / 1000, 1 / 3, atol=0.05)
+
+
+def test_balanced_sampler_under_torchrun_splits_one_balanced_epoch_between_the_ranks():
+    labels = np.array([0] * 900 + [1] * 90 + [2] * 11)
+    ranks = [BalancedSampler(labels, 3, rank, world=2) for rank in (0, 1)]
+    single = BalancedSampler(labels, 3)
+    for s in (*ranks, single):
+        s.generator.manual_seed(7)  # what train.fit does on every rank for an epoch
+    shares = [list(s) for s in ranks]
+    assert len(shares[0]) == len(shares[1]) == len(ranks[0]) == 500
+    together = [i for pair in zip(*shares) for i in pair]
+    assert together == list(single)[:1000]  # the ranks' shares interleave into one epoch's draw
+    assert np.allclose(np.bincount(labels[together], minlength=3) / 1000, 1 / 3, atol=0.05)
+
+
+@pytest.mark.parametrize("preset", [p for p in AUGMENTATIONS if p != "auto"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_augmentation_presets_vary_each_image_of_a_batch(preset, channels):
+    t = augmentation(preset)
+    if preset == "none":
+        assert t is None
+        return
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (1, channels, 28, 28), dtype=torch.uint8).expand(8, -1, -1, -1)
+    y = t(x)
+    assert y.dtype == torch.float32 and y.shape == x.shape
+    assert 0.0 <= float(y.min()) and float(y.max()) <= 1.0
+    flat = y.flatten(1)
+    assert not torch.allclose(flat[0], flat[1])  # copies of one image come out different
+    assert resolve_augmentation("auto", grey=True) == "xray" and resolve_augmentation("auto", grey=False) == "rgb"
+
+
+def test_augmentation_keeps_the_picture_recognisable():
+    # A bright left half stays mostly on the left under xray (no flips), and is flipped about half
+    # of the time under rgb.
+    x = torch.zeros(400, 1, 28, 28, dtype=torch.uint8)
+    x[..., :14] = 200
+    torch.manual_seed(0)
+    for preset, flipped in [("xray", (0.0, 0.02)), ("rgb", (0.35, 0.65))]:
+        y = augmentation(preset)(x)
+        left_brighter = y[..., :14].mean(dim=(1, 2, 3)) > y[..., 14:].mean(dim=(1, 2, 3))
+        share = 1 - left_brighter.float().mean().item()
+        assert flipped[0] <= share <= flipped[1], (preset, share)
+
+
+# ---- k-fold, lr-find, backbones --------------------------------------------------------------------------------------
+
+def test_kfold_saves_folds_oof_and_a_fold_averaged_test_ensemble(npz_file, tmp_path):
+    run = tmp_path / "run"
+    cli("train-cnn", "--data", npz_file, "--out", run, "--folds", "3", "--epochs", "1")
+    metrics = json.loads((run / "cnn" / "metrics.json").read_text())
+    assert metrics["folds"] == 3 and len(metrics["per_fold"]) == 3
+    assert set(metrics["fold_summary"]["test_accuracy"]) == {"mean", "std", "min", "max"}
+    names = ["0", "1", "2"]
+    oof = load_predictions(run / "cnn" / "oof_predictions.csv", names)
+    splits = json.loads((run / "splits.json").read_text())
+    assert sorted(oof.ids) == sorted(splits["train"] + splits["val"])  # every pooled image exactly once
+    folds = [load_predictions(run / "folds" / f"fold{k}" / "cnn" / "test_predictions.csv", names) for k in (1, 2, 3)]
+    ensemble = load_predictions(run / "cnn" / "test_predictions.csv", names)
+    np.testing.assert_allclose(ensemble.proba, np.mean([f.proba for f in folds], axis=0), atol=1e-5)
+    assert metrics["test"]["accuracy"] == pytest.approx(float((ensemble.y_pred == ensemble.y_true).mean()))
+    best = run / "folds" / f"fold{metrics['checkpoint_fold']}" / "cnn" / "model.pt"
+    assert (run / "cnn" / "model.pt").read_bytes() == best.read_bytes()
+    cli("extract", "--run", run)  # the chosen fold model serves as the feature extractor
+
+
+def test_lr_find_plots_and_suggests(npz_file, tmp_path):
+    cli("lr-find", "--data", npz_file, "--out", tmp_path, "--steps", "30")
+    result = json.loads((tmp_path / "lr_find.json").read_text())
+    assert (tmp_path / "lr_find.png").stat().st_size > 0
+    assert 1e-6 <= result["suggestion"] <= 1.0
+    assert len(result["lrs"]) == len(result["losses"]) <= 30
+    assert result["lrs"] == sorted(result["lrs"])
+
+
+def test_backbone_trains_end_to_end_from_random_init(npz_file, tmp_path):
+    run = tmp_path / "run"
+    cli("train-cnn", "--data", npz_file, "--out", run, "--arch", "resnet18", "--img-size", "32", "--epochs", "1")
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["model"]["in_channels"] == 3 and cfg["model"]["arch"] == "resnet18"
+    assert json.loads((run / "cnn" / "metrics.json").read_text())["test"]["accuracy"] > 0
+
+
+def test_pretrained_lite0_fine_tunes_with_its_own_normalisation(npz_file, tmp_path):
+    pytest.importorskip("efficientnet_lite_pytorch", reason="optional extra featurepipe[lite0] not installed")
+    run = tmp_path / "run"
+    cli("train-cnn", "--data", npz_file, "--out", run, "--arch", "efficientnet_lite0", "--weights", "imagenet",
+        "--img-size", "32", "--epochs", "1", "--freeze-epochs", "1")
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["model"]["mean"] == pytest.approx([127 / 255] * 3)
+    assert cfg["train"]["resolved"]["freeze_epochs"] == 1
+    history = (run / "cnn" / "history.csv").read_text().splitlines()
+    assert len(history) == 1 + 2  # one frozen epoch, then one of the whole network
+
+
+class CtrlC(Callback):
+    """Ctrl-C as the given epoch starts."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_epoch_start(self, trainer) -> None:
+        if trainer.epoch == self.epoch:
+            raise KeyboardInterrupt

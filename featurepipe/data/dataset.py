@@ -18,6 +18,7 @@ from featurepipe.data import intensity
 from featurepipe.data.images import UnreadableImage
 from featurepipe.data.intensity import FULL_RANGE
 from featurepipe.data.sources import ArrayStore, FileStore
+from featurepipe.distributed import launch
 from featurepipe.errors import FeaturepipeError
 
 # Decoded, resized images of a data set up to this size stay in memory: 2000-px scans decode in
@@ -77,7 +78,7 @@ def num_workers(store: ArrayStore | FileStore) -> int:
     """
     if store.in_memory:
         return 0
-    cores = (os.cpu_count() or 2) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    cores = (os.cpu_count() or 2) // launch().local_world_size
     return max(1, min(16, cores - 1))
 
 

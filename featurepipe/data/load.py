@@ -27,7 +27,7 @@ from featurepipe.data.sources import SPLITS, ArrayStore, Catalog, FileStore
 from featurepipe.data.splits import check_splits
 from featurepipe.errors import FeaturepipeError
 from featurepipe.progress import log, progress_bar
-from featurepipe.runs import csv_cell, read_cell, write_text
+from featurepipe.runs import csv_cell, write_text
 
 BAD_IMAGE_POLICIES = ("skip", "error")
 
@@ -155,10 +155,3 @@ def save_skipped(path: Path, skipped: list[Skipped]) -> None:
         log(f"warning: skipped {len(skipped)} unreadable image(s)" + (f" ({per_split})" if per_split else "")
             + f", e.g. {skipped[0].id}: "
             f"{skipped[0].reason}; all listed in {path}")
-
-
-def read_skipped(path: Path) -> list[Skipped]:
-    if not Path(path).exists():
-        return []
-    with open(path, newline="", encoding="utf-8") as f:
-        return [Skipped(**{k: read_cell(v) for k, v in row.items()}) for row in csv.DictReader(f)]

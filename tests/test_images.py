@@ -1,47 +1,32 @@
-"""Real-world data and failures: broken files, odd image modes, junk files, groups, refusals, interruptions."""
+"""Decoding images: modes, EXIF orientation, colour, unreadable and broken files, bombs, the pixel limit."""
 
 import csv
 import io
 import json
-import os
-import shutil
-import signal
-import subprocess
-import sys
-import textwrap
-import time
+import struct
+import zlib
 from pathlib import Path
 from unittest import mock
 
 import h5py
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
 
-from featurepipe.data import assign_splits, scan
 from featurepipe.data.images import read_file
 from featurepipe.data.load import decode_all
 from featurepipe.data.sources import FileStore
-from featurepipe.data.splits import broken_groups
-from featurepipe.errors import FeaturepipeError
 
-from conftest import CLASSES, cli, make_arrays, write_images
+from conftest import CLASSES, cli, grey_pattern, write_images
 
-ROOT = Path(__file__).resolve().parents[1]
+
+# ---- modes, EXIF orientation, colour ---------------------------------------------------------------------------------
 
 # exif_transpose's job, written independently with numpy: the array a viewer shows for each orientation.
 ORIENTED = {1: lambda a: a, 2: np.fliplr, 3: lambda a: np.rot90(a, 2), 4: np.flipud, 5: lambda a: a.T,
             6: lambda a: np.rot90(a, -1), 7: lambda a: np.rot90(a, 2).T, 8: lambda a: np.rot90(a, 1)}
 MODES = ("1", "L", "LA", "P", "RGB", "RGBA", "CMYK", "I;16", "I", "F")
-
-
-def grey_pattern(h: int, w: int, seed: int = 0) -> np.ndarray:
-    """Random grey pixels spanning exactly 0..255, so 16-bit and float scans stretch back to them."""
-    g = np.random.default_rng(seed).integers(0, 256, (h, w)).astype(np.uint8)
-    g.flat[0], g.flat[-1] = 0, 255
-    return g
 
 
 def in_mode(g: np.ndarray, mode: str) -> Image.Image:
@@ -71,8 +56,6 @@ def save(img: Image.Image, path: Path, orientation: int = 1, **kw) -> Path:
     img.save(path, exif=exif, **kw)
     return path
 
-
-# ---- image modes, EXIF, junk files, non-ASCII names -------------------------------------------------------------
 
 @pytest.mark.parametrize("channels", [1, 3])
 @pytest.mark.parametrize("mode", MODES)
@@ -108,35 +91,7 @@ def test_float_scan_with_nan_and_inf_decodes(tmp_path):
     assert arr[0, :3].tolist() == [0, 0, 0] and arr.max() == 255 and arr[7, 7] == 255
 
 
-def test_hidden_and_non_image_files_are_ignored(tmp_path):
-    root = tmp_path / "data"
-    write_images(root, 4)
-    for junk in ["bar/.DS_Store", "bar/._img_0_000.png", "column/Thumbs.db", "column/desktop.ini", "dot/notes.txt",
-                 "dot/.hidden/x.png", "__MACOSX/bar/._x.png", "@eaDir/x.png/SYNOFILE_THUMB_M.png", ".git/x.png"]:
-        (root / junk).parent.mkdir(parents=True, exist_ok=True)
-        (root / junk).write_bytes(b"\x00\x05not an image")
-    cat = scan(str(root))
-    assert cat.class_names == sorted(CLASSES) and len(cat) == 12
-    assert all(Path(i).suffix == ".png" and not Path(i).name.startswith(".") for i in cat.ids)
-
-
-def test_non_ascii_paths_in_folders_and_csv(tmp_path):
-    root = tmp_path / "données"
-    for k, cls in enumerate(["lungenentzündung", "正常", "ñormal"]):
-        (root / cls).mkdir(parents=True)
-        for j in range(3):
-            Image.fromarray(grey_pattern(10, 10, seed=3 * k + j)).save(root / cls / f"bild_{j}_é.png")
-    cat = scan(str(root))
-    assert cat.class_names == sorted(["lungenentzündung", "正常", "ñormal"])
-    assert cat.store.read(0, 10, 1).shape == (10, 10, 1)
-    manifest = root / "清单.csv"
-    manifest.write_text("path,label\n" + "".join(f"{i},{cat.class_names[y]}\n" for i, y in zip(cat.ids, cat.labels)),
-                        encoding="utf-8")
-    from_csv = scan(str(manifest))
-    assert from_csv.ids == cat.ids and from_csv.store.read(len(cat) - 1, 10, 1).shape == (10, 10, 1)
-
-
-# ---- the bad-image policy ---------------------------------------------------------------------------------------
+# ---- unreadable images: skipped, listed, or an error -----------------------------------------------------------------
 
 def messy_archive(root: Path) -> dict[str, str]:
     """train/val/test class folders with non-ASCII names, junk files, and broken images in every split.
@@ -251,6 +206,8 @@ def test_a_class_left_empty_by_skipping_is_refused(tmp_path):
     assert r.exit_code == 2 and "class 'dot'" in r.output
 
 
+# ---- any bytes: a correct image or a recorded skip -------------------------------------------------------------------
+
 @st.composite
 def odd_image(draw):
     """A valid image in an odd mode and format, with an EXIF orientation where the format has EXIF."""
@@ -309,194 +266,84 @@ def test_loader_yields_a_correct_image_or_records_a_skip_never_crashes(tmp_path_
     assert all(isinstance(why, str) and why for why in failed.values())
 
 
-# ---- groups -----------------------------------------------------------------------------------------------------
+# ---- to the model's channels and size --------------------------------------------------------------------------------
 
-def grouped_manifest(tmp_path: Path, with_split: str | None = None) -> Path:
-    """60 patients with 1-4 images each; a patient's images all share the patient's class."""
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "I;16", "CMYK"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_grey_and_colour_images_convert_to_the_model_channels(tmp_path, mode, channels):
+    path = tmp_path / "img.tif"
+    Image.new("RGB", (50, 30), (200, 100, 50)).convert(mode).save(path)
+    from featurepipe.data.images import read_file
+
+    arr = read_file(str(path), 32, channels)
+    assert arr.shape == (32, 32, channels) and arr.dtype == np.uint8
+
+
+def test_grey_image_for_an_rgb_model_is_its_rgb_conversion_resized(tmp_path):
+    # Grey files are resized as one channel and replicated: the same pixels as resizing the RGB image.
+    grey = (np.random.default_rng(0).random((300, 410)) * 255).astype(np.uint8)
+    for name in ("g.jpg", "g.png"):
+        Image.fromarray(grey).save(tmp_path / name)
+        with Image.open(tmp_path / name) as img:
+            if name.endswith(".jpg"):
+                img.draft("RGB", (64, 64))
+            expected = np.asarray(img.convert("RGB").resize((64, 64), Image.BILINEAR))
+        np.testing.assert_array_equal(read_file(str(tmp_path / name), 64, 3), expected)
+
+
+def test_loader_batches_from_memory_are_the_images_one_by_one():
+    import torch
+    from torch.utils.data import default_collate
+
+    from featurepipe.data import ImageDataset, make_loader
+    from featurepipe.data.sources import ArrayStore
+
     rng = np.random.default_rng(0)
-    rows, n = [], 0
-    for patient in range(60):
-        label = CLASSES[patient % 3]
-        for _ in range(rng.integers(1, 5)):
-            rows.append((f"img/{n:04d}.png", label, f"p{patient:02d}"))
-            n += 1
-    path = tmp_path / "manifest.csv"
-    with path.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "label", "group", *(["split"] if with_split else [])])
-        for k, (p, label, group) in enumerate(rows):
-            w.writerow([p, label, group, *([with_split(k, group)] if with_split else [])])
+    store = ArrayStore(rng.integers(0, 256, (20, 12, 12, 3), dtype=np.uint8), "arrays")
+    ds = ImageDataset(store, np.arange(19, -1, -1), np.arange(20) % 3, 12, 3)
+    loader = make_loader(ds, 6, shuffle=True, seed=1)
+    seen = []
+    for x, y, k, why in loader:
+        one_by_one = default_collate([ds[int(i)] for i in k])
+        assert torch.equal(x, one_by_one[0]) and torch.equal(y, one_by_one[1]) and why == one_by_one[3]
+        assert x.dtype == torch.uint8 and y.dtype == k.dtype == torch.int64
+        seen += k.tolist()
+    assert sorted(seen) == list(range(20))
+    # Images held at another size are read (resized) one by one, as before.
+    resized = ImageDataset(store, np.arange(20), np.zeros(20), 8, 3)
+    assert next(iter(make_loader(resized, 4)))[0].shape == (4, 3, 8, 8)
+
+
+# ---- decompression bombs, the pixel limit ----------------------------------------------------------------------------
+
+def png_claiming(path: Path, width: int, height: int) -> Path:
+    """A few-hundred-byte PNG whose header claims width x height pixels."""
+    small = path.with_suffix(".tmp.png")
+    Image.new("L", (8, 8)).save(small)
+    data = bytearray(small.read_bytes())
+    small.unlink()
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])) & 0xFFFFFFFF)
+    path.write_bytes(bytes(data))
     return path
 
 
-def test_featurepipes_splits_keep_each_group_whole(tmp_path):
-    cat = scan(str(grouped_manifest(tmp_path)))
-    for seed in range(3):
-        splits = assign_splits(cat, seed)
-        assert broken_groups(cat, splits) == {}
-        sizes = {s: len(v) for s, v in splits.items()}
-        assert abs(sizes["test"] / len(cat) - 0.15) < 0.05 and abs(sizes["val"] / len(cat) - 0.15) < 0.05
-        for idx in splits.values():
-            assert set(cat.labels[idx]) == {0, 1, 2}
+def test_decompression_bomb_is_skipped_before_decoding(tmp_path):
+    data = tmp_path / "data"
+    write_images(data, 8, size=28)
+    png_claiming(data / "bar" / "bomb.png", 30000, 30000)
+    r = cli("data", "inspect", "--data", data)
+    assert "bomb.png" in r.output and "header claims 30000x30000 pixels" in r.output and "usable" in r.output
+    run = tmp_path / "r"
+    cli("train-cnn", "--data", data, "--out", run, "--epochs", "1")
+    assert "30000x30000" in (run / "skipped.csv").read_text()
 
 
-def test_val_carved_from_a_given_train_split_keeps_groups_whole(tmp_path):
-    manifest = grouped_manifest(tmp_path, with_split=lambda k, g: "test" if int(g[1:]) % 5 == 0 else "train")
-    cat = scan(str(manifest))
-    splits = assign_splits(cat, 0)
-    assert len(splits["val"]) > 0 and broken_groups(cat, splits) == {}
+def test_pixel_limit_is_configurable(tmp_path, monkeypatch):
+    from featurepipe.data.images import UnreadableImage, read_file
 
-
-def test_a_class_in_too_few_groups_is_refused(tmp_path):
-    path = tmp_path / "m.csv"
-    path.write_text("path,label,group\n" + "".join(f"{i}.png,{'a' if i < 20 else 'b'},{'p1' if i >= 20 else i}\n"
-                                                   for i in range(24)))
-    with pytest.raises(FeaturepipeError, match="class 'b' occurs in 1 group"):
-        assign_splits(scan(str(path)), 0)
-
-
-# ---- refusals: one line, exit code 2 ----------------------------------------------------------------------------
-
-def test_refusals_are_one_line_with_exit_code_2(tmp_path, tiny_run, split_folders):
-    notes = tmp_path / "notes.txt"
-    notes.write_text("hello")
-    no_dot = tmp_path / "no_dot"
-    shutil.copytree(split_folders, no_dot)
-    shutil.rmtree(no_dot / "test" / "dot")
-    unknown_label = tmp_path / "unknown.csv"
-    files = write_images(tmp_path / "img", 4)
-    unknown_label.write_text("path,label\n" + "".join(f"{p.relative_to(tmp_path).as_posix()},"
-                                                      f"{'zebra' if k == 0 else ['0', '1', '2'][k % 3]}\n"
-                                                      for k, (p, _) in enumerate(files)))
-    all_empty = tmp_path / "all_empty"
-    for p, _ in write_images(all_empty, 3):
-        p.write_bytes(b"")
-    twice = tmp_path / "twice.csv"
-    twice.write_text("path,label\na.png,x\nb.png,y\na.png,x\n")
-    cases = [
-        (["train-cnn", "--data", notes, "--out", tmp_path / "r1"], "unknown data source"),
-        (["train-cnn", "--data", no_dot, "--out", tmp_path / "r2"], "the test split has no image of class 'dot'"),
-        (["extract", "--run", tiny_run, "--data", unknown_label, "--out", tmp_path / "u.h5"], "zebra"),
-        (["train-cnn", "--data", twice, "--out", tmp_path / "r3"], "'a.png' is listed more than once"),
-        (["train-cnn", "--data", all_empty, "--out", tmp_path / "r6"], "are unreadable; featurepipe data inspect says why"),
-        (["train-cnn", "--data", split_folders, "--out", tmp_path / "r4", "--arch", "convnext_tiny", "--img-size", "30"],
-         "convnext_tiny needs at least 32 px"),
-        (["train-cnn", "--data", split_folders, "--out", tiny_run, "--resume"], "was trained on"),
-        (["train-cnn", "--data", split_folders, "--out", tmp_path / "r5", "--on-bad-image", "ignore"],
-         "--on-bad-image ignore: choose skip or error"),
-    ]
-    for args, message in cases:
-        r = cli(*args, ok=False)
-        assert r.exit_code == 2, (args, r.output)
-        error = [line for line in r.output.splitlines() if line.startswith("featurepipe: error:")]
-        assert len(error) == 1 and message in error[0], (args, r.output)
-        assert "Traceback" not in r.output
-
-
-# ---- interruptions ----------------------------------------------------------------------------------------------
-
-KILL_ON_THIRD_BATCH = textwrap.dedent("""
-    import os, signal, sys
-    from featurepipe.models import Net
-    embed, calls = Net.embed, []
-    def dying(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            os.kill(os.getpid(), signal.SIGKILL)  # no cleanup at all, as with a crash or an OOM kill
-        return embed(self, *args, **kwargs)
-    Net.embed = dying
-    from featurepipe.cli import main
-    sys.argv = ["featurepipe", *sys.argv[1:]]
-    main()
-""")
-
-
-def _default_sigint() -> None:
-    # A shell running a job in the background (CI can) makes it ignore SIGINT, and Python then installs
-    # no KeyboardInterrupt handler; a terminal's Ctrl-C reaches a process that has the default.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-
-
-def test_killed_extract_leaves_no_complete_file_and_resumes_to_the_same_features(tiny_run, tmp_path):
-    run = tmp_path / "run"
-    shutil.copytree(tiny_run, run)
-    (run / "features.h5").unlink()
-    r = subprocess.run([sys.executable, "-c", KILL_ON_THIRD_BATCH, "extract", "--run", str(run), "--batch-size", "16"],
-                       capture_output=True, text=True, env=_env(), timeout=300)
-    assert r.returncode == -signal.SIGKILL, r.stderr
-
-    # Nothing a later command would take for finished; the partial file says how far it got.
-    assert not (run / "features.h5").exists()
-    assert cli("fit-heads", "--run", run, ok=False).exit_code == 2
-    with h5py.File(run / "features.h5.partial", "r") as h5:
-        assert [int(h5[s].attrs["done"]) for s in ("train", "val", "test")] == [32, 0, 0]
-
-    r = cli("extract", "--run", run, "--batch-size", "16")
-    assert "resuming" in r.output
-    assert not (run / "features.h5.partial").exists()
-    with h5py.File(run / "features.h5") as resumed, h5py.File(tiny_run / "features.h5") as whole:
-        assert dict(resumed.attrs) == dict(whole.attrs)
-        for s in ("train", "val", "test"):
-            assert "done" not in resumed[s].attrs
-            np.testing.assert_array_equal(resumed[s]["features"][:], whole[s]["features"][:])
-            np.testing.assert_array_equal(resumed[s]["labels"][:], whole[s]["labels"][:])
-    cli("fit-heads", "--run", run, "--heads", "logreg")
-
-
-def test_partial_file_of_another_checkpoint_is_not_resumed(tiny_run, tmp_path):
-    run = tmp_path / "run"
-    shutil.copytree(tiny_run, run)
-    (run / "features.h5").unlink()
-    with h5py.File(run / "features.h5.partial", "w") as h5:
-        h5.attrs["checkpoint"] = "0123456789abcdef"
-    r = cli("extract", "--run", run)
-    assert "starting over" in r.output and "resuming" not in r.output
-    with h5py.File(run / "features.h5") as new, h5py.File(tiny_run / "features.h5") as whole:
-        np.testing.assert_allclose(new["test"]["features"][:], whole["test"]["features"][:], rtol=1e-5, atol=1e-6)
-
-
-def test_ctrl_c_exits_cleanly_and_resume_finishes(tmp_path):
-    data = tmp_path / "big.npz"
-    arrays = {}
-    for seed, split, n in [(0, "train", 60), (1, "val", 10), (2, "test", 10)]:
-        x, y = make_arrays(n, seed=seed)
-        arrays[f"{split}_images"], arrays[f"{split}_labels"] = x, y
-    np.savez(data, **arrays)
-    run = tmp_path / "run"
-    args = [sys.executable, "-m", "featurepipe", "train-cnn", "--data", str(data), "--out", str(run), "--epochs", "3"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
-                            start_new_session=True, preexec_fn=_default_sigint)
-    deadline = time.monotonic() + 300
-    while not (run / "cnn" / "last.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGINT)  # as Ctrl-C in a terminal: the whole process group
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
-    assert "featurepipe: interrupted" in err and "Traceback" not in err
-    assert len((run / "cnn" / "history.csv").read_text().splitlines()) < 1 + 3  # stopped before the end
-    cli("train-cnn", "--data", data, "--out", run, "--epochs", "3", "--resume")
-    assert len((run / "cnn" / "history.csv").read_text().splitlines()) == 1 + 3
-
-
-def test_kfold_keeps_each_group_in_one_fold(tmp_path):
-    manifest = grouped_manifest(tmp_path)
-    with manifest.open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    group_of = {row["path"]: row["group"] for row in rows}
-    images, _ = make_arrays(len(rows) // 3 + 1, size=28)
-    (tmp_path / "img").mkdir()
-    for row, img in zip(rows, images):
-        Image.fromarray(img).save(tmp_path / row["path"])
-    run = tmp_path / "run"
-    cli("train-cnn", "--data", manifest, "--out", run, "--folds", "3", "--epochs", "1")
-    held_out = []
-    for k in (1, 2, 3):
-        with open(run / "folds" / f"fold{k}" / "cnn" / "val_predictions.csv", newline="", encoding="utf-8") as f:
-            held_out.append({group_of[row["id"]] for row in csv.DictReader(f)})
-    assert all(not held_out[a] & held_out[b] for a in range(3) for b in range(a + 1, 3))
-    assert cli("train-cnn", "--data", manifest, "--out", tmp_path / "many", "--folds", "60", "--epochs", "1",
-               ok=False).output.strip().endswith("use fewer folds")
+    path = tmp_path / "x.png"
+    Image.new("L", (40, 40)).save(path)
+    monkeypatch.setenv("FEATUREPIPE_MAX_IMAGE_PIXELS", "1000")
+    with pytest.raises(UnreadableImage, match="40x40"):
+        read_file(str(path), 28, 1)

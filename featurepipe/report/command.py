@@ -1,0 +1,149 @@
+"""`featurepipe compare`: one run's report (`compare`), or several runs side by side (`compare_runs`)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from featurepipe.errors import FeaturepipeError
+from featurepipe.evaluate import report
+from featurepipe.progress import log
+from featurepipe.report.csv_files import metrics_csv, per_class_csv
+from featurepipe.report.documents import run_document, runs_document
+from featurepipe.report.figures import RUN_FIGURES, run_figures, runs_figures
+from featurepipe.report.gallery import (GRADCAM_SIZE, failure_row, gallery_figure, gradcam_figure, images_or_note,
+                                        top_losses)
+from featurepipe.report.inputs import load_all
+from featurepipe.report.scoring import score_run
+from featurepipe.run_config import RunConfig
+from featurepipe.runs import RunPaths, environment, read_json, run_paths, write_json, write_text
+
+MIN_RESAMPLES = 1000
+
+
+@dataclass
+class CompareOptions:
+    resamples: int = 2000  # stratified bootstrap resamples for every interval
+    gradcam: bool = True
+
+    def validate(self) -> None:
+        if self.resamples < MIN_RESAMPLES:
+            raise FeaturepipeError(
+                f"--bootstrap {self.resamples}: use at least {MIN_RESAMPLES} resamples for stable 95% intervals"
+            )
+
+
+def compare(run: str | Path, out: str | Path | None = None, options: CompareOptions | None = None) -> dict[str, Any]:
+    """Compare the heads with the CNN of one run; writes into `out` (default RUN/compare)."""
+    options = options or CompareOptions()
+    options.validate()
+    started = time.perf_counter()
+    paths = run_paths(run)
+    cfg = RunConfig.load(paths)
+    preds = load_all(cfg)
+    out = Path(out) if out is not None else paths.compare
+    ref = preds["cnn"]
+    summary = {
+        "test_size": len(ref.ids),
+        "class_names": ref.class_names,
+        "class_counts": np.bincount(ref.y_true, minlength=len(ref.class_names)).tolist(),
+        **score_run(cfg, preds, options.resamples),
+        "heads": {n: _head_choice(paths, n) for n in preds if n != "cnn"},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "run": {"path": str(paths.root), "arch": cfg.model.arch, "seed": cfg.seed, "data": cfg.data.source,
+                "img_size": cfg.model.img_size},
+        "environment": environment(),
+    }
+
+    figures = run_figures(paths, preds, summary, out)
+    cam_seconds = 0.0
+    notes: dict[str, str] = {}
+    failures = top_losses(preds)
+    images = images_or_note(cfg, [ref.ids[i] for i in failures], notes)
+    if images is not None:
+        figures["top_losses"] = gallery_figure(preds, failures, images, out / "top_losses.png")
+        if options.gradcam:
+            t0 = time.perf_counter()
+            figures["gradcam"] = gradcam_figure(paths, ref, failures[:GRADCAM_SIZE], images[:GRADCAM_SIZE],
+                                                out / "gradcam.png")
+            cam_seconds = time.perf_counter() - t0
+    summary["failures"] = [failure_row(preds, i) for i in failures]
+    summary["figures"] = {k: v.name for k, v in figures.items()}
+    for stale in set(RUN_FIGURES) - set(figures):
+        (out / f"{stale}.png").unlink(missing_ok=True)  # e.g. gradcam.png of an earlier compare, now --no-gradcam
+
+    write_text(out / "per_class.csv", per_class_csv(summary["per_class"]))
+    write_text(out / "metrics.csv", metrics_csv(summary["models"]))
+    write_text(out / "classification_reports.txt",
+               "".join(f"== {name} ==\n{report(p)}\n" for name, p in preds.items()))
+    doc = run_document(summary, cfg, figures, notes)
+    write_text(out / "summary.md", doc.markdown(out))
+    write_text(out / "report.html", doc.html())
+    summary["timing"] = {"compare_seconds_excluding_gradcam": round(time.perf_counter() - started - cam_seconds, 2),
+                         "gradcam_seconds": round(cam_seconds, 2)}
+    write_json(out / "summary.json", summary)
+    best = max(summary["models"], key=lambda n: summary["models"][n]["accuracy"])
+    log(f"best on test accuracy: {best} ({summary['models'][best]['accuracy']:.4f}); "
+        f"{summary['timing']['compare_seconds_excluding_gradcam']:.1f} s"
+        + (f" + Grad-CAM {cam_seconds:.1f} s" if options.gradcam else "") + f" → {out / 'report.html'}")
+    return summary
+
+
+def _head_choice(paths: RunPaths, name: str) -> dict[str, Any]:
+    info = read_json(paths.head_info(name))
+    return {"params": info.get("params", {}), "val_macro_f1": info.get("val_macro_f1")}
+
+
+def compare_runs(runs: list[str | Path], out: str | Path | None, options: CompareOptions | None = None) -> dict[str, Any]:
+    """One run: its full report (see `compare`). Several: side by side in one table and chart, in `out`."""
+    options = options or CompareOptions()
+    if len(runs) == 1:
+        return compare(runs[0], out, options)
+    options.validate()
+    if out is None:
+        raise FeaturepipeError("--out: required when comparing several runs; name a folder for the joint report")
+    if len({Path(r).resolve() for r in runs}) < len(runs):
+        raise FeaturepipeError("--run: the same run is given twice; give each run once")
+    out = Path(out)
+    labels = _labels([Path(r) for r in runs])
+    results: dict[str, Any] = {}
+    test_ids, class_names = {}, None
+    for label, run in zip(labels, runs):
+        paths = run_paths(run)
+        cfg = RunConfig.load(paths)
+        preds = load_all(cfg)
+        if class_names is not None and preds["cnn"].class_names != class_names:
+            raise FeaturepipeError(f"--run {run}: its classes ({', '.join(preds['cnn'].class_names)}) differ from "
+                                   f"the first run's ({', '.join(class_names)}); compare runs of one task")
+        class_names = preds["cnn"].class_names
+        test_ids[label] = preds["cnn"].ids
+        evaluated = score_run(cfg, preds, options.resamples)
+        results[label] = {"path": str(paths.root), "arch": cfg.model.arch, "seed": cfg.seed,
+                          "data": cfg.data.source, "test_size": len(preds["cnn"].ids),
+                          "models": evaluated["models"], "tests": evaluated["tests"],
+                          "baseline": evaluated["baseline"]}
+    same = len({tuple(ids) for ids in test_ids.values()}) == 1
+    summary = {"class_names": class_names, "same_test_images": same, "runs": results,
+               "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "environment": environment()}
+    figures = runs_figures(results, out)
+    summary["figures"] = {k: v.name for k, v in figures.items()}
+    doc = runs_document(summary, figures)
+    write_text(out / "summary.md", doc.markdown(out))
+    write_text(out / "report.html", doc.html())
+    write_json(out / "summary.json", summary)
+    log(f"{len(runs)} runs side by side → {out / 'report.html'}")
+    return summary
+
+
+def _labels(runs: list[Path]) -> list[str]:
+    """Short unique names: the folder name, with its parents added until the names differ."""
+    for depth in range(1, max(len(r.resolve().parts) for r in runs) + 1):
+        labels = ["/".join(r.resolve().parts[-depth:]) for r in runs]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [str(r) for r in runs]

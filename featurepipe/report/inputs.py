@@ -1,0 +1,39 @@
+"""What a comparison reads from a run: every model's test predictions, and what each cost to fit and run."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from featurepipe.errors import FeaturepipeError
+from featurepipe.evaluate import Predictions, load_predictions
+from featurepipe.run_config import RunConfig
+from featurepipe.runs import RunPaths, read_json, require
+
+
+def load_all(cfg: RunConfig) -> dict[str, Predictions]:
+    """The CNN's and every head's test predictions, refused unless all cover the same test images."""
+    paths, class_names = cfg.paths, cfg.class_names
+    require(paths.predictions("cnn"), "CNN test predictions", f"run featurepipe train-cnn --out {paths.root} first")
+    heads = cfg.fitted_heads()
+    if not heads:
+        raise FeaturepipeError(f"{paths.heads}: no fitted heads; run featurepipe fit-heads --run {paths.root} first")
+    preds = {"cnn": load_predictions(paths.predictions("cnn"), class_names)}
+    for name in heads:
+        cfg.head_info(name)  # refuses a head of an older checkpoint
+        preds[name] = load_predictions(paths.predictions(name), class_names)
+    reference = preds["cnn"]
+    for name, p in preds.items():
+        if p.ids != reference.ids or not np.array_equal(p.y_true, reference.y_true):
+            raise FeaturepipeError(
+                f"{paths.predictions(name)}: covers other test images (or labels) than the CNN's; "
+                f"re-run featurepipe extract and fit-heads --run {paths.root}"
+            )
+    return preds
+
+
+def model_cost(paths: RunPaths, name: str) -> dict[str, float | None]:
+    """Fit (training) time and prediction time per image, as train-cnn and fit-heads measured them."""
+    source = paths.cnn_metrics if name == "cnn" else paths.head_info(name)
+    info = read_json(source) if source.exists() else {}
+    return {"fit_seconds": info.get("train_seconds" if name == "cnn" else "fit_seconds"),
+            "predict_seconds_per_image": info.get("predict_seconds_per_image")}

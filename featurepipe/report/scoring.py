@@ -1,0 +1,99 @@
+"""The statistics of a comparison: bootstrap intervals for every model, each head's paired tests against
+the CNN (McNemar, DeLong, Holm-adjusted), the verdicts, and the majority-class baseline."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from featurepipe import stats
+from featurepipe.evaluate import Predictions, majority_baseline, per_class, scores
+from featurepipe.report.inputs import model_cost
+from featurepipe.run_config import RunConfig
+
+LEVEL = 0.95
+ALPHA = 0.05
+
+
+def score_run(cfg: RunConfig, preds: dict[str, Predictions], resamples: int) -> dict[str, Any]:
+    """`evaluate_models` with each model's fit and prediction times added to its scores, and the
+    majority-class baseline (verdicts against a CNN that is not above it say so)."""
+    evaluated = evaluate_models(preds, resamples, cfg.seed)
+    for name, scores_ in evaluated["models"].items():
+        scores_.update(model_cost(cfg.paths, name))
+    ref = preds["cnn"]
+    # Runs written before config.json kept class counts: the test split's own majority class instead.
+    train_counts = cfg.data.counts.get("train") or np.bincount(ref.y_true, minlength=len(ref.class_names))
+    evaluated["baseline"] = baseline(train_counts, ref, evaluated["models"]["cnn"])
+    if not evaluated["baseline"]["cnn_above"]:
+        for t in evaluated["tests"].values():
+            t["verdict"] = _verdict(t, cnn_learned=False)
+    return evaluated
+
+
+def evaluate_models(preds: dict[str, Predictions], resamples: int, seed: int) -> dict[str, Any]:
+    """Scores with bootstrap intervals for every model, and every head's paired tests against the CNN.
+
+    All models are scored on the same resamples, so the intervals of a difference are paired too.
+    """
+    ref = preds["cnn"]
+    n_classes = len(ref.class_names)
+    idx = stats.stratified_resamples(ref.y_true, resamples, seed)
+    models, boot = {}, {}
+    for name, p in preds.items():
+        boot[name] = {
+            "accuracy": stats.accuracy_rows(p.y_true, p.y_pred, idx),
+            "macro_f1": stats.macro_f1_rows(p.y_true, p.y_pred, idx, n_classes),
+        }
+        models[name] = scores(p) | {f"{k}_ci": stats.percentile_interval(v, LEVEL) for k, v in boot[name].items()}
+
+    tests: dict[str, dict[str, Any]] = {}
+    cnn_right = ref.y_pred == ref.y_true
+    for name, p in preds.items():
+        if name == "cnn":
+            continue
+        t: dict[str, Any] = {}
+        for metric in ("accuracy", "macro_f1"):
+            t[f"delta_{metric}"] = models[name][metric] - models["cnn"][metric]
+            t[f"delta_{metric}_ci"] = stats.percentile_interval(boot[name][metric] - boot["cnn"][metric], LEVEL)
+        mc = stats.mcnemar_exact(cnn_right, p.y_pred == p.y_true)
+        t["mcnemar"] = {"cnn_only_right": mc.b, "head_only_right": mc.c, "p_value": mc.p_value}
+        if n_classes == 2 and len(np.unique(ref.y_true)) == 2:
+            d = stats.delong_test(ref.y_true, ref.proba[:, 1], p.proba[:, 1])
+            t["delong"] = {"auc_cnn": d.auc_a, "auc_head": d.auc_b, "difference": d.difference, "z": d.z,
+                           "p_value": d.p_value}
+        tests[name] = t
+    for test in ("mcnemar", "delong"):
+        names = [n for n in tests if test in tests[n]]
+        for n, adjusted in zip(names, stats.holm([tests[n][test]["p_value"] for n in names]) if names else []):
+            tests[n][test]["p_holm"] = adjusted
+    for t in tests.values():
+        t["verdict"] = _verdict(t)
+    return {
+        "models": models,
+        "per_class": {name: per_class(p) for name, p in preds.items()},
+        "tests": tests,
+        "bootstrap": {"resamples": resamples, "seed": seed, "level": LEVEL, "stratified": True,
+                      "interval": "percentile"},
+    }
+
+
+# A head's significant win over a CNN that is not above the majority-class baseline: no evidence about heads.
+UNTRAINED_WIN = "head better than a CNN that did not learn"
+
+
+def _verdict(t: dict[str, Any], cnn_learned: bool = True) -> str:
+    if t["mcnemar"]["p_holm"] >= ALPHA:
+        return "no significant difference"
+    if t["delta_accuracy"] > 0:
+        return "head better" if cnn_learned else UNTRAINED_WIN
+    return "CNN better"
+
+
+def baseline(train_counts: list[int], ref: Predictions, cnn: dict[str, Any]) -> dict[str, Any]:
+    """The majority-class baseline on the test images, and whether the CNN is above it: the lower end of
+    its accuracy interval above the baseline's accuracy (the baseline is the same on every stratified
+    resample, so this is the paired test too)."""
+    base = majority_baseline(train_counts, ref)
+    return {**base, "cnn_above": bool(cnn["accuracy_ci"][0] > base["accuracy"])}

@@ -1,0 +1,111 @@
+"""What a finished run holds, typed and read once: `RunConfig.load(paths)`.
+
+config.json is written by train-cnn (its layout unchanged, so runs of every earlier version load);
+here it becomes frozen dataclasses, and the checks every later command makes of a run live here
+once: that its training finished, which heads are fitted, and that a head was fitted on features of
+the run's current checkpoint.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Any
+
+from featurepipe.errors import FeaturepipeError
+from featurepipe.models import fingerprint
+from featurepipe.runs import RunPaths, is_finished, read_json, require
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the run's images came from. Runs older than a field have its default."""
+
+    class_names: list[str]
+    source: str | None = None
+    kind: str | None = None
+    fingerprint: str | None = None  # of ids, labels and contents (train.data_fingerprint)
+    index_fingerprint: str | None = None  # of ids, labels and classes only
+    counts: dict[str, list[int]] = field(default_factory=dict)  # images per class, per split
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """The train-cnn options later commands depend on (config.json's "train" holds them all)."""
+
+    seed: int = 0
+    allow_outside: bool = False
+    monitor: str | None = None  # None: a run older than --monitor, which always kept the best epoch
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The checkpoint's meta: what the CNN takes as input."""
+
+    arch: str
+    img_size: int
+    in_channels: int
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    paths: RunPaths
+    data: DataConfig
+    train: TrainSettings
+    model: ModelConfig | None  # None in runs (and test fixtures) that have only the CNN's predictions
+    sections: dict[str, Any]  # config.json as read: check_same_data and the report's listing take it whole
+
+    @classmethod
+    def load(cls, paths: RunPaths) -> "RunConfig":
+        """The config of a finished run: one whose training was interrupted is refused (see is_finished)."""
+        require(paths.config, "run config", f"train a CNN first: featurepipe train-cnn --data SRC --out {paths.root}")
+        raw = read_json(paths.config)
+        if not is_finished(paths):
+            raise FeaturepipeError(
+                f"{paths.root}: its training did not finish (no {paths.cnn_metrics}); continue it with featurepipe "
+                f"train-cnn --data {raw.get('data', {}).get('source', 'SRC')} --out {paths.root} --resume")
+        return cls.parse(paths, raw)
+
+    @classmethod
+    def parse(cls, paths: RunPaths, raw: dict[str, Any]) -> "RunConfig":
+        data, train, model = raw["data"], raw.get("train", {}), raw.get("model")
+        return cls(
+            paths,
+            DataConfig(data["class_names"], data.get("source"), data.get("kind"), data.get("fingerprint"),
+                       data.get("index_fingerprint"), data.get("counts", {})),
+            TrainSettings(train.get("seed", 0), train.get("allow_outside", False), train.get("monitor")),
+            None if model is None else ModelConfig(model["arch"], model["img_size"], model["in_channels"]),
+            raw,
+        )
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.data.class_names
+
+    @property
+    def seed(self) -> int:
+        return self.train.seed
+
+    @functools.cached_property
+    def checkpoint(self) -> str:
+        """The fingerprint of the run's checkpoint now: what everything derived from it records."""
+        return fingerprint(require(self.paths.checkpoint, "trained CNN",
+                                   f"run featurepipe train-cnn --out {self.paths.root} first"))
+
+    def fitted_heads(self) -> list[str]:
+        """Every head fit-heads has written (stack included), by name."""
+        heads = self.paths.heads
+        return sorted(p.stem for p in heads.glob("*.joblib")) if heads.exists() else []
+
+    def head_info(self, name: str) -> dict[str, Any]:
+        """A fitted head's json, refused when it was fitted on features of another checkpoint than the current."""
+        paths = self.paths
+        require(paths.head_model(name), f"fitted head '{name}'", f"run featurepipe fit-heads --run {paths.root} "
+                                                                  f"--heads {name} first")
+        info = read_json(require(paths.head_info(name), "head info", f"re-run featurepipe fit-heads --heads {name}"))
+        if info.get("checkpoint") != self.checkpoint:
+            raise FeaturepipeError(
+                f"{paths.head_model(name)}: fitted on features of an older checkpoint; "
+                f"re-run featurepipe extract and fit-heads --run {paths.root}"
+            )
+        return info
