@@ -28,7 +28,8 @@ def read_test_images(paths: RunPaths, config: dict[str, Any], ids: list[str]) ->
     test = fdata.assign_splits(catalog, config["train"]["seed"], read_json(paths.splits))["test"]
     position = {catalog.ids[i]: int(i) for i in test}
     model = config["model"]
-    return [catalog.store.read(position[id_], model["img_size"], model["in_channels"]) for id_ in ids]
+    store = fdata.cache.reuse(catalog.store, model["img_size"], model["in_channels"])  # decoded by train-cnn
+    return [store.read(position[id_], model["img_size"], model["in_channels"]) for id_ in ids]
 
 
 def cam_layer(net: Net) -> nn.Module:

@@ -209,7 +209,9 @@ def prepare(data: str, cfg: TrainConfig, saved_splits: dict[str, list[str]] | No
         "class_names": catalog.class_names,
     }
     store, position = catalog.store, np.arange(len(catalog))
-    if all(s is not catalog.store for s, _ in stores.values()):
+    if isinstance(stores["train"][0], fdata.DiskCache):  # every split's images, at catalog positions
+        store = stores["train"][0]
+    elif all(s is not catalog.store for s, _ in stores.values()):
         # One store for all splits (k-fold mixes train and val): the splits' in-memory copies, joined.
         store = fdata.ArrayStore(np.concatenate([s.images for s, _ in stores.values()]), "cached images")
         offset = 0
