@@ -137,8 +137,10 @@ def extract(run: str | Path, batch_size: int = 256, data: str | None = None, out
                for i in range(start, end, batch_size)]
     if dev.type == "cpu" and not catalog.store.in_memory:
         loader = fdata.decode_in_turn(ds, batches)
+    elif dev.type == "cuda" and fdata.gpu.jpeg_archive(catalog.store):  # nvJPEG, the rest on the CPU (data/gpu.py)
+        loader = fdata.gpu.decode_on_device(ds, batches, dev)
     else:
-        loader = iter(fdata.make_loader(ds, None, pin_memory=pin, batches=batches))
+        loader = iter(fdata.gpu.on_device(fdata.make_loader(ds, None, pin_memory=pin, batches=batches), dev))
     skipped: list[fdata.Skipped] = []
     unreadable = None
     try:

@@ -1,6 +1,7 @@
 """Data: sources → catalog → splits → torch datasets."""
 
 from featurepipe.data.augment import AUGMENTATIONS, augmentation, resolve_augmentation
+from featurepipe.data import gpu
 from featurepipe.data.cache import DiskCache
 from featurepipe.data.dataset import (
     ImageDataset,
