@@ -16,6 +16,8 @@ import featurepipe.data.load as load_module
 from featurepipe.data import cache
 from featurepipe.data.sources import FileStore
 from featurepipe.errors import FeaturepipeError
+from featurepipe.explain import read_test_images
+from featurepipe.runs import run_paths
 from test_robust import messy_archive
 
 
@@ -178,14 +180,17 @@ def test_extract_and_the_gallery_after_training_decode_no_image(tmp_path, cache_
     cli("extract", "--run", run, "--device", "cpu", "--batch-size", "8")
     streamed = run.parent / "streamed.h5"
     (run / "features.h5").rename(streamed)
+    config = json.loads((run / "config.json").read_text())
+    test_ids = json.loads((run / "splits.json").read_text())["test"]
+    decoded = read_test_images(run_paths(run), config, test_ids)  # from the files
     monkeypatch.setenv("FEATUREPIPE_CACHE_DIR", str(cache_dir))
     with monkeypatch.context() as m:
         no_decoding(m)
         assert "reading decoded images from" in cli("extract", "--run", run, "--device", "cpu", "--batch-size", "8").output
         cli("fit-heads", "--run", run, "--heads", "logreg")
         cli("compare", "--run", run)
+        np.testing.assert_array_equal(np.stack(read_test_images(run_paths(run), config, test_ids)), np.stack(decoded))
     with h5py.File(run / "features.h5") as cached, h5py.File(streamed) as first:
         for split in fdata.SPLITS:
             np.testing.assert_array_equal(cached[split]["ids"][:], first[split]["ids"][:])
             np.testing.assert_allclose(cached[split]["features"][:], first[split]["features"][:], rtol=1e-6, atol=1e-6)
-    assert json.loads((run / "config.json").read_text())["data"]["source"] == str(root)

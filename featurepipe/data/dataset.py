@@ -56,11 +56,13 @@ class ImageDataset(Dataset):
         trained 5 % faster on 2 cores (1313 -> 1378 images/s), to the same weights. The batch comes out
         channels_last, as the model takes it."""
         images = getattr(self.store, "images", None)
-        if images is None or images.shape[1:] != (self.size, self.size, self.channels) or \
-                not getattr(self.store, "ready", lambda _: True)(self.indices[ks]):  # a disk cache lacking rows
+        if images is None or images.shape[1:] != (self.size, self.size, self.channels):
             return [self[k] for k in ks]
         ks = np.asarray(ks, dtype=np.int64)
-        x = torch.from_numpy(images[self.indices[ks]]).permute(0, 3, 1, 2)
+        rows = self.indices[ks]
+        if hasattr(self.store, "ready") and not self.store.ready(rows):  # a disk cache still lacking some
+            return [self[k] for k in ks.tolist()]
+        x = torch.from_numpy(images[rows]).permute(0, 3, 1, 2)
         return x, torch.from_numpy(self.labels[ks].astype(np.int64)), torch.from_numpy(ks), ("",) * len(ks)
 
     def check(self, k: torch.Tensor, why: list[str]) -> None:
