@@ -102,12 +102,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1, help="of the real train-cnn")
     parser.add_argument("--pass-images", type=int, default=6000, help="train images per measured pass (2 cores)")
     parser.add_argument("--work", type=Path, default=Path("/work/data16/bench"))
+    parser.add_argument("--epoch-only", action="store_true", help="the epoch and memory figures only")
     args = parser.parse_args()
-    from featurepipe.data import cache
-    from featurepipe.extract import extract
-    from featurepipe.train import TrainConfig, train
-
-    shutil.rmtree(args.work, ignore_errors=True)
+    if not args.epoch_only:
+        shutil.rmtree(args.work, ignore_errors=True)
     os.environ["FEATUREPIPE_CACHE_DIR"] = str(args.work / "cache")
     os.environ["FEATUREPIPE_CACHE_BYTES"] = "1"  # every split above the cap
     torch.manual_seed(0)
@@ -122,6 +120,15 @@ def main() -> None:
     print(f"decode: {len(catalog)} JPEGs in {fill:.1f} s ({len(catalog) / fill:.0f} img/s) -> {disk.folder}: "
           f"{st.st_size / 2**20:.0f} MiB ({st.st_blocks * 512 / 2**20:.0f} MiB allocated), {len(skipped)} unreadable",
           flush=True)
+
+    if not args.epoch_only:
+        train_and_extract(args)
+    epoch_and_memory(args, catalog, stores, disk)
+
+
+def train_and_extract(args) -> None:
+    from featurepipe.extract import extract
+    from featurepipe.train import TrainConfig, train
 
     run = args.work / "run"
     cfg = TrainConfig(arch="sixblock", img_size=args.size, epochs=args.epochs, batch_size=128, overwrite=True,
@@ -138,7 +145,9 @@ def main() -> None:
         extract(str(run), batch_size=256, device="cpu")
         print(f"extract: {time.perf_counter() - t0:.1f} s, JPEG decodes: {decodes.n}", flush=True)
 
-    # Training passes, disk cache against memory, alternating.
+
+def epoch_and_memory(args, catalog, stores, disk) -> None:
+    """Training passes, disk cache against memory, alternating; then memory of N and 8N cached rows."""
     # A random share of the train split: rows all over the map, as an epoch reads them.
     positions = np.sort(np.random.default_rng(0).permutation(stores["train"][1])[:args.pass_images])
     memory = fdata.ArrayStore(np.array(disk.images[positions]), "in memory")
@@ -150,8 +159,8 @@ def main() -> None:
     augment = fdata.augmentation("xray")
     rates: dict[str, list[float]] = {"memory": [], "disk": []}
     for r in range(args.rounds):
-        for name, ds in sets.items():
-            rates[name].append(training_pass(ds, net, augment, opt, 128, seed=r))
+        for name in ("memory", "disk") if r % 2 == 0 else ("disk", "memory"):  # neither always goes first
+            rates[name].append(training_pass(sets[name], net, augment, opt, 128, seed=r))
         print(f"epoch round {r}: " + ", ".join(f"{k} {v[-1]:.0f} img/s" for k, v in rates.items()), flush=True)
     best = {k: max(v) for k, v in rates.items()}
     print(f"epoch: disk cache {best['disk']:.0f} / in memory {best['memory']:.0f} img/s = "

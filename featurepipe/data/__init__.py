@@ -18,7 +18,8 @@ from featurepipe.data.sources import SPLITS, ArrayStore, Catalog, scan
 from featurepipe.data.splits import assign_splits, split_ids
 
 __all__ = [
-    "AUGMENTATIONS", "SPLITS", "ArrayStore", "DiskCache", "Catalog", "ImageDataset", "assign_splits", "augmentation", "channel_stats",
+    "AUGMENTATIONS", "SPLITS", "ArrayStore", "Catalog", "ImageDataset", "assign_splits", "augmentation", "channel_stats",
+    "DiskCache", "gpu",
     "decode_in_turn", "describe_images", "fits_in_cache", "make_loader", "pixel_sample", "resolve_augmentation", "scan",
     "split_ids",
     "BAD_IMAGE_POLICIES", "Skipped", "UnreadableImage", "check_policy", "load_splits", "save_skipped",

@@ -139,7 +139,8 @@ class DiskCache:
             reasons = {int(k): v for k, v in state["reasons"].items()}
         except (OSError, ValueError, KeyError, TypeError, zlib.error) as e:
             return f"state.json unreadable ({type(e).__name__})"
-        if len(status) != len(self.status) or len(crc) != len(self.crc) or set(np.flatnonzero(status == BAD)) != set(reasons):
+        if len(status) != len(self.status) or len(crc) != len(self.crc) or \
+                set(np.flatnonzero(status == BAD)) != set(reasons):
             return "state.json inconsistent"
         try:
             if self.data.stat().st_size != self.nbytes:

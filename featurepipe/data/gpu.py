@@ -88,7 +88,8 @@ def _device_copy(store, device: torch.device) -> torch.Tensor:
         return held
     images = store.images
     fits = device.type != "cuda" or images.nbytes <= DEVICE_SHARE * torch.cuda.mem_get_info(device)[0]
-    tensor = torch.from_numpy(np.asarray(images)) if not fits else torch.from_numpy(np.ascontiguousarray(images)).to(device)
+    tensor = torch.from_numpy(np.ascontiguousarray(images))
+    tensor = tensor.to(device) if fits else tensor
     _on_device[store] = tensor
     return tensor
 

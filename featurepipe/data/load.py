@@ -66,7 +66,8 @@ def load_splits(catalog: Catalog, splits: dict[str, np.ndarray], size: int, chan
             stores[split], kept[split] = (catalog.store, idx), idx
             continue
         if disk is not None:
-            images, failed = None, disk.fill(idx, stop_at_first=on_bad == "error", description=f"decode {split} to disk")
+            images, failed = None, disk.fill(idx, stop_at_first=on_bad == "error",
+                                             description=f"decode {split} to disk")
         else:
             keep = fits_in_cache(len(idx), size, channels)
             images, failed = decode_all(catalog.store, idx, size, channels, keep=keep, stop_at_first=on_bad == "error",
