@@ -213,3 +213,28 @@ def test_training_from_the_disk_cache_learns_the_in_memory_weights(tmp_path, cac
     assert state[0].keys() == state[1].keys()
     for name in state[0]:
         assert torch.equal(state[0][name], state[1][name]), name
+
+
+def test_a_full_disk_while_filling_is_one_line_and_keeps_the_rows_recorded(tmp_path, cache_dir, monkeypatch):
+    import errno
+
+    root = tmp_path / "data"
+    write_images(root, 6)
+    monkeypatch.setattr(cache, "RECORD_ROWS", 4)
+    real, calls = os.pwrite, []
+
+    def fills_up(fd, data, offset):
+        calls.append(offset)
+        if len(calls) > 9:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(cache.os, "pwrite", fills_up)
+    with pytest.raises(FeaturepipeError, match="cannot write .No space left on device.; free space"):
+        load(root)
+    monkeypatch.setattr(cache.os, "pwrite", real)
+    catalog = fdata.scan(str(root))
+    disk = cache.reuse(catalog.store, 24, 1)
+    assert int((disk.status == cache.OK).sum()) == 9  # the rows written before the disk filled up
+    every = np.flatnonzero(disk.status == cache.OK)
+    np.testing.assert_array_equal(disk.images[every], np.stack([catalog.store.read(int(i), 24, 1) for i in every]))

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -41,6 +42,7 @@ from featurepipe.data.images import UnreadableImage
 from featurepipe.data.sources import FileStore
 from featurepipe.errors import FeaturepipeError
 from featurepipe.progress import log
+from featurepipe.runs import cannot_write
 
 # In-memory cap (bytes of decoded images per split) above which a split goes to the disk cache.
 MEMORY_BYTES = 4 * 1024**3
@@ -159,15 +161,20 @@ class DiskCache:
         return ""
 
     def create(self) -> None:
-        """An empty cache: the pixels' file with its blocks reserved (a full disk now, not a SIGBUS in a
-        write to the map later), then the state that makes the folder valid."""
+        """An empty cache: the pixels' file with its blocks reserved (a full disk now, not half-way
+        through the fill), then the state that makes the folder valid."""
         if self.folder.exists():
             shutil.rmtree(self.folder)
         self.folder.mkdir(parents=True)
         header = _header(self.shape)
         with open(self.data, "wb") as f:
             f.write(header)
-            os.posix_fallocate(f.fileno(), 0, self.nbytes)
+            try:
+                os.posix_fallocate(f.fileno(), 0, self.nbytes)
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system without fallocate
+                    raise
+                f.truncate(self.nbytes)
         self._record()
         self.images = np.load(self.data, mmap_mode="c")
 
@@ -177,7 +184,9 @@ class DiskCache:
         after what was decoded so far is recorded."""
         from featurepipe.data.load import each_image
 
-        with self._locked():  # opened again inside: another process may have filled rows meanwhile
+        # Opened again under the lock: another process may have filled rows meanwhile. A full disk or a
+        # folder not ours is one line (FEATUREPIPE_CACHE_DIR=off does without); rows recorded so far stay.
+        with cannot_write(self.folder), self._locked():
             todo = indices[self.status[indices] == TODO]
             if len(todo):
                 self._decode(todo, stop_at_first, description, each_image)
@@ -300,7 +309,7 @@ def reuse(store, size: int, channels: int):
     """The disk cache of this file archive at this size where one exists (extract, the gallery, a
     re-run), else the store itself; creates nothing."""
     base = root()
-    if store.in_memory or base is None:
+    if store.in_memory or base is None or not base.is_dir():  # no cache at all: spare stat-ing every file
         return store
     cache = DiskCache(store, base / key(store, size, channels), size, channels)
     if not cache.folder.exists() or cache.open():
