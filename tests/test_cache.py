@@ -10,23 +10,15 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import cli, write_images
+from conftest import cli, messy_archive, write_images
 from featurepipe import data as fdata
 import featurepipe.data.load as load_module
 from featurepipe.data import cache
 from featurepipe.data.sources import FileStore
 from featurepipe.errors import FeaturepipeError
 from featurepipe.explain import read_test_images
+from featurepipe.run_config import RunConfig
 from featurepipe.runs import run_paths
-from test_robust import messy_archive
-
-
-@pytest.fixture
-def cache_dir(tmp_path, monkeypatch):
-    """Every split above the memory cap, caches under tmp_path."""
-    monkeypatch.setenv("FEATUREPIPE_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("FEATUREPIPE_CACHE_BYTES", "1")
-    return tmp_path / "cache"
 
 
 def no_decoding(monkeypatch):
@@ -180,9 +172,9 @@ def test_extract_and_the_gallery_after_training_decode_no_image(tmp_path, cache_
     cli("extract", "--run", run, "--device", "cpu", "--batch-size", "8")
     streamed = run.parent / "streamed.h5"
     (run / "features.h5").rename(streamed)
-    config = json.loads((run / "config.json").read_text())
+    config = RunConfig.load(run_paths(run))
     test_ids = json.loads((run / "splits.json").read_text())["test"]
-    decoded = read_test_images(run_paths(run), config, test_ids)  # from the files
+    decoded = read_test_images(config, test_ids)  # from the files
     monkeypatch.setenv("FEATUREPIPE_CACHE_DIR", str(cache_dir))
     with monkeypatch.context() as m:
         no_decoding(m)
@@ -190,7 +182,7 @@ def test_extract_and_the_gallery_after_training_decode_no_image(tmp_path, cache_
         assert "reading decoded images from" in out
         cli("fit-heads", "--run", run, "--heads", "logreg")
         cli("compare", "--run", run)
-        np.testing.assert_array_equal(np.stack(read_test_images(run_paths(run), config, test_ids)), np.stack(decoded))
+        np.testing.assert_array_equal(np.stack(read_test_images(config, test_ids)), np.stack(decoded))
     with h5py.File(run / "features.h5") as cached, h5py.File(streamed) as first:
         for split in fdata.SPLITS:
             np.testing.assert_array_equal(cached[split]["ids"][:], first[split]["ids"][:])

@@ -15,7 +15,6 @@ from conftest import make_arrays, write_images
 from featurepipe import data as fdata
 from featurepipe.data import cache, gpu
 from featurepipe.train import BalancedSampler
-from test_cache import cache_dir  # noqa: F401  (a fixture)
 
 CPU = torch.device("cpu")
 
