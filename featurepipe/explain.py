@@ -25,7 +25,9 @@ def read_test_images(cfg: RunConfig, ids: list[str]) -> list[np.ndarray]:
     check_same_data(cfg.sections, catalog, "compare")  # else the gallery would show other images under these ids
     test = fdata.assign_splits(catalog, cfg.seed, read_json(cfg.paths.splits))["test"]
     position = {catalog.ids[i]: int(i) for i in test}
-    return [catalog.store.read(position[id_], cfg.model.img_size, cfg.model.in_channels) for id_ in ids]
+    size, channels = cfg.model.img_size, cfg.model.in_channels
+    store = fdata.cache.reuse(catalog.store, size, channels)  # decoded by train-cnn
+    return [store.read(position[id_], size, channels) for id_ in ids]
 
 
 def cam_layer(net: Net) -> nn.Module:

@@ -131,14 +131,17 @@ def extract(run: str | Path, batch_size: int = 256, data: str | None = None, out
     shards = {s: np.arange(progress[s].done + rank, len(splits[s]), world) for s in fdata.SPLITS}
     position = np.concatenate(list(shards.values()))  # item k of the loader is image position[k] of its split
     items = np.concatenate([splits[s][shards[s]] for s in fdata.SPLITS])
+    catalog.store = fdata.cache.reuse(catalog.store, meta["img_size"], meta["in_channels"])  # decoded by train-cnn
     ds = fdata.ImageDataset(catalog.store, items, catalog.labels[items], meta["img_size"], meta["in_channels"])
     starts = np.cumsum([0] + [len(v) for v in shards.values()])
     batches = [list(range(i, min(i + batch_size, end))) for start, end in zip(starts, starts[1:])
                for i in range(start, end, batch_size)]
     if dev.type == "cpu" and not catalog.store.in_memory:
         loader = fdata.decode_in_turn(ds, batches)
+    elif dev.type == "cuda" and fdata.gpu.jpeg_archive(catalog.store):  # nvJPEG, the rest on the CPU (data/gpu.py)
+        loader = fdata.gpu.decode_on_device(ds, batches, dev)
     else:
-        loader = iter(fdata.make_loader(ds, None, pin_memory=pin, batches=batches))
+        loader = iter(fdata.gpu.on_device(fdata.make_loader(ds, None, pin_memory=pin, batches=batches), dev))
     skipped: list[fdata.Skipped] = []
     unreadable = None
     try:

@@ -148,7 +148,9 @@ def prepare(data: str, cfg: TrainConfig, device: torch.device,
         "class_names": catalog.class_names,
     }
     store, position = catalog.store, np.arange(len(catalog))
-    if all(s is not catalog.store for s, _ in stores.values()):
+    if isinstance(stores["train"][0], fdata.DiskCache):  # every split's images, at catalog positions
+        store = stores["train"][0]
+    elif all(s is not catalog.store for s, _ in stores.values()):
         # One store for all splits (k-fold mixes train and val): the splits' in-memory copies, joined.
         store = fdata.ArrayStore(np.concatenate([s.images for s, _ in stores.values()]), "cached images")
         offset = 0
@@ -170,7 +172,9 @@ def resolve(cfg: TrainConfig, catalog: fdata.Catalog, splits: dict[str, np.ndarr
                                f"at least {entry.min_img_size} px")
     in_channels = entry.in_channels(grey)
     img_size = cfg.img_size or auto_img_size(arch, short_side, weights is not None)
-    pixels = fdata.pixel_sample(catalog.store, train_idx, img_size, in_channels, cfg.seed)
+    # A re-run finds this sample in the disk cache, decoded by the first (data/cache.py).
+    pixels = fdata.pixel_sample(fdata.cache.reuse(catalog.store, img_size, in_channels), train_idx, img_size,
+                                in_channels, cfg.seed)
     intensity = fdata.intensity.measure(pixels)
     mean, std = entry.normalisation(weights)
     if mean is None:
@@ -394,6 +398,8 @@ def fit(prep: Prepared, train_idx: np.ndarray, val_idx: np.ndarray, run: RunPath
                                      pin_memory=pin, drop_last=drops_last(len(train_ds), r["batch_size"]),
                                      sampler=sampler)
     val_loader = fdata.make_loader(prep.dataset(val_idx), 256, pin_memory=pin)
+    # On a GPU, images in memory are copied there once and batches sliced there (data/gpu.py).
+    train_loader, val_loader = fdata.gpu.on_device(train_loader, device), fdata.gpu.on_device(val_loader, device)
 
     net = create_model(r["arch"], n_classes, r["in_channels"], r["mean"], r["std"], r["weights"],
                        window=tuple(r["window"]))

@@ -11,7 +11,10 @@ from the same arrays, upscaled), it prints one table:
   train     images/s of a train-cnn epoch's training pass (loader, augmentation, step) vs pure
             forward+backward+step on in-memory tensors;
   memory    peak resident memory of `extract --data` on N and 8N images (separate processes);
-  hdf5      write and full-read throughput of a features file (MB/s), per --compression.
+  hdf5      write and full-read throughput of a features file (MB/s), per --compression;
+  --cache   the disk cache's (scripts/bench_cache.py): epoch from the cache / from memory, decodes after
+            training, memory of N and 8N cached images.
+On a GPU, extract and training take data/gpu.py's paths: arrays sliced on the device, JPEGs by nvJPEG.
 
 Shared and virtual machines vary by tens of percent from minute to minute, so each rate is the
 best of several rounds, taken alternately (--rounds): the least disturbed round of each, measured
@@ -199,6 +202,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="rounds per rate (training: epochs); the best is kept")
     parser.add_argument("--quick", action="store_true", help="sixblock only")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (as the commands' --device)")
+    parser.add_argument("--cache", action="store_true",
+                        help="also the disk cache's figures (scripts/bench_cache.py) on the resnet18 JPEG folder")
     args = parser.parse_args()
     device = resolve_device(args.device)
     gpu = f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
@@ -214,6 +219,9 @@ def main() -> None:
             small = jpeg_folder(args.data, work / "mem512-n", args.mem_n, 512)
             big = jpeg_folder(args.data, work / "mem512-8n", 8 * args.mem_n, 512)
             rows.append(bench("resnet18@224", folder, "resnet18", 224, 64, work, (small, big), args.rounds, device))
+            if args.cache:
+                subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_cache.py"), "--data", str(folder),
+                                "--work", str(work / "cache-bench"), "--rounds", str(args.rounds)], check=True)
         # The 512-d features of the last run when there is one (resnet18), else sixblock's 256-d.
         real = read_split(work / f"run-{rows[-1]['config']}" / "features.h5", "train").features
         h5rates = {c: hdf5_throughput(work / "h5bench.h5", real, c) for c in COMPRESSION}

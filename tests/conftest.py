@@ -332,3 +332,36 @@ def assert_report_matches_sklearn(run: Path, out: Path | None = None) -> None:
                 assert t["delong"]["auc_cnn"] == pytest.approx(metrics.roc_auc_score(y, ref[:, 1]))
             else:
                 assert "delong" not in t
+
+
+def messy_archive(root: Path) -> dict[str, str]:
+    """train/val/test class folders with non-ASCII names, junk files, and broken images in every split.
+
+    Returns {id: what is wrong} for the broken ones.
+    """
+    for seed, split, n in [(0, "train", 12), (1, "val", 4), (2, "test", 5)]:
+        write_images(root / split, n, seed=seed)
+    for split in ("train", "val", "test"):
+        for f in sorted((root / split / "dot").glob("*.png"))[:2]:
+            f.rename(f.with_name(f"pünktchen_{f.name}"))
+        (root / split / "bar" / ".DS_Store").write_bytes(b"\x00junk")
+        (root / split / "column" / "Thumbs.db").write_bytes(b"\x00junk")
+    good = next((root / "train" / "bar").glob("*.png")).read_bytes()
+    broken = {
+        "train/bar/leer.png": b"",  # zero bytes, as in Kvasir-Capsule
+        "train/column/abgebrochen.png": good[: len(good) // 2],  # truncated download
+        "val/dot/fehlerseite.jpg": b"<html><body>404 Not Found</body></html>",  # an error page saved as an image
+        "test/column/zufall.bmp": bytes(np.random.default_rng(0).integers(0, 256, 300, dtype=np.uint8)),
+        "test/dot/kaputt_ü.png": good[:40] + b"\xff" * 20 + good[60:],  # header fine, pixel data broken
+    }
+    for rel, content in broken.items():
+        (root / rel).write_bytes(content)
+    return broken
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    """Every split above the memory cap, caches under tmp_path."""
+    monkeypatch.setenv("FEATUREPIPE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("FEATUREPIPE_CACHE_BYTES", "1")
+    return tmp_path / "cache"

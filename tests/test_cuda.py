@@ -66,3 +66,40 @@ def test_more_processes_than_gpus_is_refused_in_one_line(npz_file, tmp_path):
     assert result.returncode != 0
     assert f"{n} processes per node but this machine has {n - 1} GPU" in result.stderr
     assert not (tmp_path / "run" / "cnn" / "model.pt").exists()
+
+
+# ---- issue 16: feeding the GPU (data/gpu.py, data/cache.py) ------------------------------------------------
+
+def test_batches_sliced_on_the_gpu_are_the_loaders():
+    import test_gpu_feed as feed
+
+    cuda = torch.device("cuda")
+    for drop_last in (False, True):
+        feed.test_device_batches_are_the_loaders_over_epochs(drop_last, 3, device=cuda)
+    feed.test_device_batches_follow_a_sampler_and_given_batches(device=cuda)
+    loader = feed.fdata.make_loader(feed.memory_dataset(), 8)
+    sliced = feed.gpu.on_device(loader, cuda)
+    assert isinstance(sliced, feed.gpu.DeviceLoader) and sliced.images.device.type == "cuda"
+    x, y, *_ = next(iter(sliced))
+    assert x.device.type == y.device.type == "cuda"
+
+
+@pytest.mark.parametrize("size,channels", [(224, 3), (64, 1)])
+def test_nvjpeg_routes_and_matches_the_cpu_decoder(tmp_path, size, channels):
+    import test_gpu_feed as feed
+
+    # nvJPEG's IDCT and chroma upsampling are not libjpeg's: a looser bound than on the CPU.
+    feed.test_device_decoding_routes_and_matches_the_cpu_decoder(tmp_path, size, channels, device=torch.device("cuda"),
+                                                                 tolerance=(1.5, 12))
+
+
+def test_a_jpeg_folder_extracts_on_the_gpu_as_on_the_cpu(train_test_folders, tmp_path):
+    run = tmp_path / "run"
+    cli("train-cnn", "--data", train_test_folders, "--out", run, "--epochs", "2", "--img-size", "32", "--device", "cuda")
+    cli("extract", "--run", run, "--device", "cpu")
+    cpu = {s: read_split(run / "features.h5", s) for s in ("train", "test")}
+    cli("extract", "--run", run, "--device", "cuda", "--no-amp")  # the JPEGs decoded by nvJPEG
+    gpu = {s: read_split(run / "features.h5", s) for s in ("train", "test")}
+    for s in cpu:
+        assert gpu[s].ids == cpu[s].ids
+        assert relative_error(gpu[s].features, cpu[s].features) < 3e-2  # TF32, and nvJPEG's pixels within 1-2 levels

@@ -18,7 +18,7 @@ from featurepipe.data.images import read_file
 from featurepipe.data.load import decode_all
 from featurepipe.data.sources import FileStore
 
-from conftest import CLASSES, cli, grey_pattern, write_images
+from conftest import CLASSES, cli, grey_pattern, messy_archive, write_images
 
 
 # ---- modes, EXIF orientation, colour ---------------------------------------------------------------------------------
@@ -92,31 +92,6 @@ def test_float_scan_with_nan_and_inf_decodes(tmp_path):
 
 
 # ---- unreadable images: skipped, listed, or an error -----------------------------------------------------------------
-
-def messy_archive(root: Path) -> dict[str, str]:
-    """train/val/test class folders with non-ASCII names, junk files, and broken images in every split.
-
-    Returns {id: what is wrong} for the broken ones.
-    """
-    for seed, split, n in [(0, "train", 12), (1, "val", 4), (2, "test", 5)]:
-        write_images(root / split, n, seed=seed)
-    for split in ("train", "val", "test"):
-        for f in sorted((root / split / "dot").glob("*.png"))[:2]:
-            f.rename(f.with_name(f"pünktchen_{f.name}"))
-        (root / split / "bar" / ".DS_Store").write_bytes(b"\x00junk")
-        (root / split / "column" / "Thumbs.db").write_bytes(b"\x00junk")
-    good = next((root / "train" / "bar").glob("*.png")).read_bytes()
-    broken = {
-        "train/bar/leer.png": b"",  # zero bytes, as in Kvasir-Capsule
-        "train/column/abgebrochen.png": good[: len(good) // 2],  # truncated download
-        "val/dot/fehlerseite.jpg": b"<html><body>404 Not Found</body></html>",  # an error page saved as an image
-        "test/column/zufall.bmp": bytes(np.random.default_rng(0).integers(0, 256, 300, dtype=np.uint8)),
-        "test/dot/kaputt_ü.png": good[:40] + b"\xff" * 20 + good[60:],  # header fine, pixel data broken
-    }
-    for rel, content in broken.items():
-        (root / rel).write_bytes(content)
-    return broken
-
 
 def labelled_as_folder(ids, labels, class_names) -> bool:
     return all(i.split("/")[1] == class_names[y] for i, y in zip(ids, labels))

@@ -1,6 +1,8 @@
 """Data: sources → catalog → splits → torch datasets."""
 
 from featurepipe.data.augment import AUGMENTATIONS, augmentation, resolve_augmentation
+from featurepipe.data import gpu
+from featurepipe.data.cache import DiskCache
 from featurepipe.data.dataset import (
     ImageDataset,
     channel_stats,
@@ -17,6 +19,7 @@ from featurepipe.data.splits import assign_splits, split_ids
 
 __all__ = [
     "AUGMENTATIONS", "SPLITS", "ArrayStore", "Catalog", "ImageDataset", "assign_splits", "augmentation", "channel_stats",
+    "DiskCache", "gpu",
     "decode_in_turn", "describe_images", "fits_in_cache", "make_loader", "pixel_sample", "resolve_augmentation", "scan",
     "split_ids",
     "BAD_IMAGE_POLICIES", "Skipped", "UnreadableImage", "check_policy", "load_splits", "save_skipped",

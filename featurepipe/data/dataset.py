@@ -14,16 +14,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from featurepipe.data import intensity
+from featurepipe.data import cache, intensity
 from featurepipe.data.images import UnreadableImage
 from featurepipe.data.intensity import FULL_RANGE
 from featurepipe.data.sources import ArrayStore, FileStore
 from featurepipe.distributed import launch
 from featurepipe.errors import FeaturepipeError
 
-# Decoded, resized images of a data set up to this size stay in memory: 2000-px scans decode in
-# tens of milliseconds each, and training reads every image once per epoch.
-CACHE_BYTES = 4 * 1024**3
+# Decoded, resized images of a split up to cache.memory_bytes() (4 GiB) stay in memory: 2000-px scans
+# decode in tens of milliseconds each, and training reads every image once per epoch. Larger splits
+# go to the disk cache (data/cache.py).
 
 
 class ImageDataset(Dataset):
@@ -60,7 +60,10 @@ class ImageDataset(Dataset):
         if images is None or images.shape[1:] != (self.size, self.size, self.channels):
             return [self[k] for k in ks]
         ks = np.asarray(ks, dtype=np.int64)
-        x = torch.from_numpy(images[self.indices[ks]]).permute(0, 3, 1, 2)
+        rows = self.indices[ks]
+        if hasattr(self.store, "ready") and not self.store.ready(rows):  # a disk cache still lacking some
+            return [self[k] for k in ks.tolist()]
+        x = torch.from_numpy(images[rows]).permute(0, 3, 1, 2)
         return x, torch.from_numpy(self.labels[ks].astype(np.int64)), torch.from_numpy(ks), ("",) * len(ks)
 
     def check(self, k: torch.Tensor, why: list[str]) -> None:
@@ -131,7 +134,7 @@ def _seed_worker(worker_id: int) -> None:
 
 
 def fits_in_cache(n: int, size: int, channels: int) -> bool:
-    return n * size * size * channels <= CACHE_BYTES
+    return n * size * size * channels <= cache.memory_bytes()
 
 
 def sample_positions(n: int, k: int, seed: int) -> np.ndarray:

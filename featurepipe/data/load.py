@@ -21,6 +21,7 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
 from featurepipe import distributed
+from featurepipe.data import cache
 from featurepipe.data.dataset import fits_in_cache, num_workers
 from featurepipe.data.images import UnreadableImage
 from featurepipe.data.sources import SPLITS, ArrayStore, Catalog, FileStore
@@ -51,22 +52,29 @@ def load_splits(catalog: Catalog, splits: dict[str, np.ndarray], size: int, chan
     """Decode every image of every split once; returns (stores, splits, skipped).
 
     stores[split] is (store, positions) to build an ImageDataset from: the in-memory copy where the
-    split fits in CACHE_BYTES, else the source itself. The returned splits are the given ones less the
+    split fits in cache.memory_bytes(), else the disk cache (data/cache.py; the same store for every
+    split, at catalog positions) or, with none, the source itself. The returned splits are the given ones less the
     unreadable images, which `skipped` lists. Every split must still hold every class.
     """
     check_policy(on_bad)
     stores, kept, skipped = {}, {}, []
+    # A split too big for memory: every split goes to the disk cache, at catalog positions.
+    disk = cache.for_archive(catalog.store, [len(splits[s]) for s in SPLITS], size, channels)
     for split in SPLITS:
         idx = splits[split]
         if catalog.store.in_memory:  # arrays always decode
             stores[split], kept[split] = (catalog.store, idx), idx
             continue
-        cache = fits_in_cache(len(idx), size, channels)
-        images, failed = decode_all(catalog.store, idx, size, channels, keep=cache, stop_at_first=on_bad == "error",
-                                    description=f"{'decode' if cache else 'check'} {split}")
+        if disk is not None:
+            images, failed = None, disk.fill(idx, stop_at_first=on_bad == "error",
+                                             description=f"decode {split} to disk")
+        else:
+            keep = fits_in_cache(len(idx), size, channels)
+            images, failed = decode_all(catalog.store, idx, size, channels, keep=keep, stop_at_first=on_bad == "error",
+                                        description=f"{'decode' if keep else 'check'} {split}")
         good = np.array([k for k in range(len(idx)) if k not in failed], dtype=np.int64)
         kept[split] = idx[good]
-        stores[split] = (images, good) if cache else (catalog.store, idx[good])
+        stores[split] = (images, good) if images is not None else (disk or catalog.store, idx[good])
         skipped += [Skipped(catalog.ids[idx[k]], split, catalog.class_names[catalog.labels[idx[k]]], why)
                     for k, why in sorted(failed.items())]
     if skipped:
