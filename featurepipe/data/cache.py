@@ -30,7 +30,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 import zlib
 from pathlib import Path
@@ -42,7 +41,7 @@ from featurepipe.data.images import UnreadableImage
 from featurepipe.data.sources import FileStore
 from featurepipe.errors import FeaturepipeError
 from featurepipe.progress import log
-from featurepipe.runs import cannot_write
+from featurepipe.runs import atomic_path, cannot_write
 
 # In-memory cap (bytes of decoded images per split) above which a split goes to the disk cache.
 MEMORY_BYTES = 4 * 1024**3
@@ -234,16 +233,10 @@ class DiskCache:
             "crc": base64.b64encode(zlib.compress(self.crc.tobytes())).decode(),
             "reasons": {str(i): why for i, why in sorted(self.reasons.items())},
         }
-        # Not runs.atomic_path: under torchrun whichever process holds the lock fills and records, not rank 0.
-        fd, tmp = tempfile.mkstemp(prefix=".state.", suffix=".tmp", dir=self.folder)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(state, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.state)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        with atomic_path(self.state) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            json.dump(state, f)
+            f.flush()
+            os.fsync(f.fileno())  # the record claims durable pixels: it must be durable itself
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
