@@ -47,17 +47,59 @@ class EMA(Callback):
 
 class FreezePhase(Callback):
     """Phase 1 trains the new head on a frozen backbone for `freeze_epochs`, phase 2 everything
-    (fastai's fine_tune); `build(phase)` makes each phase's optimizer and schedule."""
+    (fastai's fine_tune), and each extension of the schedule (Extend) is one more phase of its own;
+    `build(phase, epochs, lr_scale)` makes a phase's optimizer and schedule."""
 
-    def __init__(self, freeze_epochs: int, build: Callable[[str], tuple[torch.optim.Optimizer, Any]]) -> None:
-        self.freeze_epochs, self.build, self.phase = freeze_epochs, build, None
+    def __init__(self, freeze_epochs: int, epochs: int,
+                 build: Callable[[str, int, float], tuple[torch.optim.Optimizer, Any]]) -> None:
+        self.freeze_epochs, self.epochs, self.build, self.phase = freeze_epochs, epochs, build, None
 
     def on_epoch_start(self, trainer: Trainer) -> None:
-        phase = "head" if trainer.epoch <= self.freeze_epochs else "all"
+        phase = self.phase_of(trainer)
         if phase != self.phase:
             self.phase = phase
-            trainer.optimizer, trainer.scheduler = self.build(phase)
-            trainer.frozen = phase == "head"
+            name, epochs, lr_scale, _ = phase
+            trainer.optimizer, trainer.scheduler = self.build(name, epochs, lr_scale)
+            trainer.frozen = name == "head"
+
+    def phase_of(self, trainer: Trainer) -> tuple[str, int, float, int]:
+        """(name, epochs, share of the peak learning rate, first epoch) of the phase trainer.epoch is in."""
+        if trainer.epoch <= self.freeze_epochs:
+            return "head", self.freeze_epochs, 1.0, 1
+        started = [e for e in trainer.state.get("extensions", []) if trainer.epoch >= e["start"]]
+        if started:
+            e = started[-1]
+            return "all", e["epochs"], e["lr_scale"], e["start"]
+        return "all", self.epochs, 1.0, self.freeze_epochs + 1
+
+
+class Extend(Callback):
+    """Where the schedule ends with the model still learning (`still_learning`, from the validation
+    losses of its last phase), one more, shorter cycle from the final weights, at most `most` times
+    (see defaults.py for the rule and its measurements). The final weights stay what is kept: only
+    the length of training depends on val, never which weights are kept. Goes before ResumeState,
+    which saves the lengthened schedule."""
+
+    def __init__(self, phases: FreezePhase, still_learning: Callable[[list[float], float], bool],
+                 error: Callable[[], float], epochs: Callable[[int], int], lr_scale: float, most: int) -> None:
+        self.phases, self.still_learning, self.error = phases, still_learning, error
+        self.epochs, self.lr_scale, self.most = epochs, lr_scale, most
+
+    def on_epoch_end(self, trainer: Trainer, row: dict[str, Any]) -> None:
+        extensions = trainer.state.setdefault("extensions", [])
+        if trainer.epoch < trainer.epochs or trainer.stop or len(extensions) >= self.most:
+            return
+        _, planned, _, start = self.phases.phase_of(trainer)
+        losses = [h["val_loss"] for h in trainer.state["history"][start - 1:]]
+        # Every rank takes rank 0's decision (its val scores are the ones recorded).
+        if not distributed.broadcast_object(self.still_learning(losses, self.error())):
+            return
+        more = self.epochs(self.phases.epochs)
+        extensions.append({"start": trainer.epoch + 1, "epochs": more, "lr_scale": self.lr_scale})
+        trainer.epochs += more
+        log(f"still learning at epoch {trainer.epoch} (the val loss fell by more than its noise over the last "
+            f"quarter of the schedule, to {row['val_loss']:.4f}): {more} more epochs from the final weights, at "
+            f"{self.lr_scale:g} × the peak learning rate")
 
 
 class DDP(Callback):
@@ -207,6 +249,7 @@ class ResumeState(Callback):
             self.ema.averaged.load_state_dict(ckpt["ema"])
         trainer.state = ckpt["state"]
         trainer.epoch = trainer.state["epoch"]
+        trainer.epochs += sum(e["epochs"] for e in trainer.state.get("extensions", []))
         self.phases.on_epoch_start(trainer)  # the optimizer of the phase it stopped in
         trainer.optimizer.load_state_dict(ckpt["optimizer"])
         trainer.scheduler.load_state_dict(ckpt["scheduler"])

@@ -73,7 +73,9 @@ class Trainer:
         try:
             self._call("on_fit_start")
             started = time.perf_counter() - self.state.get("seconds", 0.0)
-            for self.epoch in range(self.state["epoch"] + 1, self.epochs + 1):
+            # `epochs` is read anew every epoch: a callback may lengthen the schedule (callbacks.Extend).
+            while self.state["epoch"] < self.epochs:
+                self.epoch = self.state["epoch"] + 1
                 self._call("on_epoch_start")
                 t0 = time.perf_counter()
                 train_loss, train_accuracy = self.train_epoch()

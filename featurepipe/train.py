@@ -22,15 +22,14 @@ import torch
 from torch import nn
 
 from featurepipe import data as fdata
-from featurepipe import distributed
-from featurepipe.callbacks import (DDP, EMA, EarlyStopping, FreezePhase, History, KeepBest, Progress, ResumeState,
-                                   SeedEpochs)
+from featurepipe import defaults, distributed
+from featurepipe.callbacks import (DDP, EMA, EarlyStopping, Extend, FreezePhase, History, KeepBest, Progress,
+                                   ResumeState, SeedEpochs)
 from featurepipe.device import autocast, keep_freed_memory, resolve_device, to_device
 from featurepipe.engine import Callback, Trainer, diverged
 from featurepipe.errors import FeaturepipeError
 from featurepipe.evaluate import (Predictions, clearly_above, macro_f1, majority_baseline, save_evaluation,
                                   save_predictions, scores)
-from featurepipe.defaults import auto_arch, auto_batch_size, auto_epochs, auto_img_size
 from featurepipe.models import ARCHS, Net, create_model, save_checkpoint
 from featurepipe.options import TrainConfig
 from featurepipe.progress import log
@@ -116,13 +115,14 @@ def resolve(cfg: TrainConfig, catalog: fdata.Catalog, splits: dict[str, np.ndarr
     train_idx = splits["train"]
     short_side, grey = fdata.describe_images(catalog.store, train_idx, cfg.seed)
     n_train = len(train_idx) + (len(splits["val"]) if cfg.folds > 1 else 0)
-    arch, weights, why = (cfg.arch, cfg.weights, "as given") if cfg.arch != "auto" else auto_arch(short_side, n_train)
+    arch, weights, why = ((cfg.arch, cfg.weights, "as given") if cfg.arch != "auto"
+                          else defaults.auto_arch(short_side, n_train))
     entry = ARCHS[arch]
     if cfg.img_size is not None and cfg.img_size < entry.min_img_size:
         raise FeaturepipeError(f"--img-size {cfg.img_size}: too small; {arch} (chosen by --arch auto: {why}) needs "
                                f"at least {entry.min_img_size} px")
     in_channels = entry.in_channels(grey)
-    img_size = cfg.img_size or auto_img_size(arch, short_side, weights is not None)
+    img_size = cfg.img_size or defaults.auto_img_size(arch, short_side, weights is not None)
     # A re-run finds this sample in the disk cache, decoded by the first (data/cache.py).
     pixels = fdata.pixel_sample(fdata.cache.reuse(catalog.store, img_size, in_channels), train_idx, img_size,
                                 in_channels, cfg.seed)
@@ -130,8 +130,9 @@ def resolve(cfg: TrainConfig, catalog: fdata.Catalog, splits: dict[str, np.ndarr
     mean, std = entry.normalisation(weights)
     if mean is None:
         mean, std = fdata.channel_stats(pixels, intensity.window)
-    batch_size = cfg.batch_size or auto_batch_size(n_train)
-    epochs = cfg.epochs or auto_epochs(n_train, batch_size, weights is not None)
+    augment = fdata.resolve_augmentation(cfg.augment, grey)
+    batch_size = cfg.batch_size or defaults.auto_batch_size(n_train)
+    epochs = cfg.epochs or defaults.auto_epochs(n_train, batch_size, weights is not None)
     resolved = {
         "arch": arch, "weights": weights, "arch_reason": why,
         "img_size": img_size, "in_channels": in_channels, "median_short_side": short_side, "grey": grey,
@@ -139,7 +140,9 @@ def resolve(cfg: TrainConfig, catalog: fdata.Catalog, splits: dict[str, np.ndarr
         "freeze_epochs": cfg.freeze_epochs if cfg.freeze_epochs is not None else (1 if weights else 0),
         "lr": cfg.lr or (1e-3 if weights else 2e-3),
         "patience": cfg.patience or max(8, epochs // 3),
-        "augment": fdata.resolve_augmentation(cfg.augment, grey),
+        # Epochs left out: the schedule may grow where it ends still learning (callbacks.Extend).
+        "extend_max": defaults.EXTEND_MAX if cfg.epochs is None else 0,
+        "augment": augment,
         "intensity": {"high": intensity.high, "levels": intensity.levels, "low_range": intensity.low_range,
                       "description": intensity.describe()},
         "window": list(intensity.window),
@@ -364,7 +367,9 @@ def fit(prep: Prepared, train_idx: np.ndarray, val_idx: np.ndarray, run: RunPath
     criterion = nn.CrossEntropyLoss(weight=torch.tensor(class_weights, dtype=torch.float32, device=device),
                                     label_smoothing=cfg.label_smoothing)
     validation = Validation(val_loader, device, cfg.amp, prep.catalog.class_names, class_weights, r["lr"])
-    phases = FreezePhase(r["freeze_epochs"], lambda phase: _optimizer(net, cfg, phase, len(train_loader)))
+    phases = FreezePhase(r["freeze_epochs"], r["epochs"],
+                         lambda phase, epochs, lr_scale: _optimizer(net, cfg, phase, len(train_loader), epochs,
+                                                                    lr_scale))
     trainer = Trainer(net, train_loader, criterion, device, cfg.amp, augment, validation, epochs=total, callbacks=[
         phases,  # first: the epoch's optimizer, which DDP wraps
         *([DDP()] if world > 1 else []),
@@ -374,8 +379,11 @@ def fit(prep: Prepared, train_idx: np.ndarray, val_idx: np.ndarray, run: RunPath
         KeepBest(cfg.monitor, functools.partial(validation.error, cfg.monitor), run.checkpoint, prep.meta),
         Progress(),
         History(run),
-        ResumeState(run, prep.meta, cfg.resume, phases, ema),
         EarlyStopping(cfg.monitor, r["patience"], r["freeze_epochs"]),
+        *([Extend(phases, defaults.still_learning, functools.partial(validation.error, "loss"),
+                  defaults.extension_epochs, defaults.EXTEND_LR_SCALE, r["extend_max"])]
+          if r.get("extend_max") else []),
+        ResumeState(run, prep.meta, cfg.resume, phases, ema),  # after all that changes the state it saves
         *callbacks,
     ])
     trainer.fit()
@@ -389,7 +397,8 @@ def fit(prep: Prepared, train_idx: np.ndarray, val_idx: np.ndarray, run: RunPath
         save_checkpoint(run.checkpoint, evaluated, prep.meta, epoch=best["epoch"])
     state = trainer.state
     return evaluated, {
-        "best_epoch": best["epoch"], "epochs_run": state["epoch"], "monitor": cfg.monitor, "seed": cfg.seed,
+        "best_epoch": best["epoch"], "epochs_run": state["epoch"], "extensions": state.get("extensions", []),
+        "monitor": cfg.monitor, "seed": cfg.seed,
         "train_seconds": round(state["seconds"], 1), "val_best": state["history"][best["epoch"] - 1],
     }
 
@@ -495,16 +504,19 @@ def evaluate(prep: Prepared, net: Net | None, idx: np.ndarray, proba: np.ndarray
     return Predictions(prep.ids(idx), prep.catalog.labels[idx], proba, names)
 
 
-def _optimizer(net: Net, cfg: TrainConfig, phase: str, steps_per_epoch: int):
-    """AdamW + one-cycle schedule for a phase. Pretrained backbones get lower, layer-wise rates."""
+def _optimizer(net: Net, cfg: TrainConfig, phase: str, steps_per_epoch: int, epochs: int | None = None,
+               lr_scale: float = 1.0):
+    """AdamW + one-cycle schedule for a phase of `epochs` (by default the run's), peaking at `lr_scale` × the
+    run's rates. Pretrained backbones get lower, layer-wise rates."""
     r = cfg.resolved
-    lr = r["lr"]
+    lr = r["lr"] * lr_scale
     for p in net.features.parameters():
         p.requires_grad_(phase == "all")
+    if epochs is None:
+        epochs = r["freeze_epochs"] if phase == "head" else r["epochs"]
     if phase == "head":
-        groups, epochs = [{"params": list(net.head.parameters()), "lr": lr}], r["freeze_epochs"]
+        groups = [{"params": list(net.head.parameters()), "lr": lr}]
     else:
-        epochs = r["epochs"]
         groups = [{"params": list(net.head.parameters()), "lr": lr}]
         backbone = [p for p in net.features.parameters()]
         if r["weights"]:

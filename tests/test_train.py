@@ -11,7 +11,7 @@ from featurepipe.data import AUGMENTATIONS, ArrayStore, ImageDataset, augmentati
 from featurepipe.engine import Callback, Trainer
 from featurepipe.evaluate import load_predictions
 from featurepipe.models import create_model
-from featurepipe.defaults import auto_arch, auto_batch_size, auto_epochs, auto_img_size
+from featurepipe.defaults import auto_arch, auto_batch_size, auto_epochs, auto_img_size, still_learning
 from featurepipe.train import BalancedSampler, TrainConfig, _optimizer, drops_last, train
 
 from conftest import cli, copy_run, refused, train_args
@@ -61,10 +61,52 @@ def test_schedule_in_steps():
         assert epochs * math.ceil(n / batch) >= 1_000 or epochs == 200
         tuned = auto_epochs(n, batch, pretrained=True)
         assert tuned * math.ceil(n / batch) >= 300 or tuned == 40
+    # Thousands of images fine-tuned: every image seen at least 15 times, not ~300 steps' worth (5 epochs).
+    assert auto_epochs(4800, 64, pretrained=True) == 15 and auto_epochs(2239, 64, pretrained=True) == 15
     # No epoch silently drops a large share of the images: 178 with batch 64 used to lose 28 %.
     for n in range(17, 3000):
         batch = auto_batch_size(n)
         assert not drops_last(n, batch) or n % batch < batch / 4 and n % batch / n < 0.1
+
+
+def test_still_learning_asks_whether_the_last_quarter_beat_the_rest_by_more_than_the_noise():
+    falling = [1.4 - 0.05 * i for i in range(12)]  # 0.15 better over the last quarter
+    assert still_learning(falling, standard_error=0.05)
+    assert not still_learning(falling, standard_error=0.2)  # within the noise of this val set
+    levelled = [1.4, 1.0, 0.8, 0.7, 0.65, 0.64, 0.65, 0.64, 0.63, 0.64, 0.63, 0.64]
+    assert not still_learning(levelled, standard_error=0.02)
+    assert not still_learning([1.0, 0.5, 0.2], standard_error=0.0)  # too short to tell
+
+
+def _weights_of(run):
+    return torch.load(run / "cnn" / "model.pt", map_location="cpu", weights_only=True)["state_dict"]
+
+
+def test_a_schedule_that_ends_still_learning_runs_one_more_cycle_and_resumes_into_it(npz_file, tmp_path,
+                                                                                     monkeypatch):
+    import featurepipe.defaults as defaults_module
+
+    monkeypatch.setattr(defaults_module, "auto_epochs", lambda *args: 4)
+    # Still learning at the end of the planned 4 epochs, not at the end of the 2 more.
+    monkeypatch.setattr(defaults_module, "still_learning", lambda losses, se: len(losses) == 4)
+    cfg = dict(seed=1, augment="light")
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    metrics = train(str(npz_file), whole, TrainConfig(**cfg))
+    assert metrics["epochs_run"] == 6 and metrics["best_epoch"] == 6  # the final weights, as without it
+    assert metrics["extensions"] == [{"start": 5, "epochs": 2, "lr_scale": 0.5}]
+    lr = np.genfromtxt(whole / "cnn" / "history.csv", delimiter=",", names=True)["lr"]
+    assert len(lr) == 6 and lr[4] > lr[3]  # a warm restart: the schedule's rate rises again
+    assert lr[4:].max() <= 0.5 * lr[:4].max() + 1e-12
+
+    with pytest.raises(KeyboardInterrupt):
+        train(str(npz_file), broken, TrainConfig(**cfg), callbacks=[CtrlC(epoch=6)])
+    train(str(npz_file), broken, TrainConfig(**cfg, resume=True))
+    a, b = _weights_of(whole), _weights_of(broken)
+    assert all(torch.allclose(a[k].float(), b[k].float()) for k in a)
+
+    # Epochs given are kept as given.
+    given = train(str(npz_file), tmp_path / "given", TrainConfig(**cfg, epochs=4))
+    assert given["epochs_run"] == 4 and given["extensions"] == []
 
 
 def test_auto_arch():
