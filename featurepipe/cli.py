@@ -29,6 +29,9 @@ def _cli(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
+            from featurepipe.data.images import max_image_pixels
+
+            max_image_pixels()  # read in every worker later: a bad value is refused here, once
             return fn(*args, **kwargs)
         except FeaturepipeError as e:
             typer.echo(f"featurepipe: error: {e}", err=True)
