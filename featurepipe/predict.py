@@ -58,7 +58,7 @@ class Predictor:
                 raise FeaturepipeError(f"{paths.head_info(name)}: its classes differ from the CNN's; "
                                        f"re-run featurepipe fit-heads --run {paths.root}")
             self.infos[name] = info
-            self.heads[name] = load_head(paths, name)
+            self.heads[name] = load_head(paths, name, info)
         return self.infos[name]
 
     @torch.inference_mode()

@@ -5,24 +5,42 @@ from __future__ import annotations
 from typing import Any
 
 import joblib
+import numpy as np
 import skops.io as sio
 
 from featurepipe.errors import FeaturepipeError, first_line
 from featurepipe.evaluate import Predictions, save_evaluation, save_predictions, scores
 from featurepipe.heads.registry import TRUSTED_TYPES
 from featurepipe.progress import log
-from featurepipe.runs import RunPaths, atomic_path, environment, require, write_json
+from featurepipe.runs import RunPaths, atomic_path, environment, file_sha256, require, write_json
 
 
-def load_head(paths: RunPaths, name: str):
-    """A fitted head, from its .skops file with only TRUSTED_TYPES allowed: never code from the run folder."""
+def load_head(paths: RunPaths, name: str, info: dict[str, Any]):
+    """A fitted head, from its .skops file with only TRUSTED_TYPES allowed: never code from the run folder.
+    `info` is its json: the file must be the one fit-heads wrote with it (its sha256), and take the
+    features and give the classes the json says, so a head copied from another run is refused."""
     path = require(paths.head_safe(name), f"safe copy of head '{name}'",
                    f"re-fit it: featurepipe fit-heads --run {paths.root} --heads {name}")
+    refit = f"re-fit it: featurepipe fit-heads --run {paths.root} --heads {name}"
+    digest = info.get("skops_sha256")
+    if digest is None:
+        log(f"warning: {paths.head_info(name)} records no hash of {path.name} (fitted by an older featurepipe); "
+            f"it cannot tell whether the file is its own; {refit}")
+    elif file_sha256(path) != digest:
+        raise FeaturepipeError(f"{path}: not the file fit-heads wrote with {paths.head_info(name).name} (its sha256 "
+                               f"differs: replaced or copied from another run); {refit}")
     try:
-        return sio.load(path, trusted=TRUSTED_TYPES)
+        head = sio.load(path, trusted=TRUSTED_TYPES)
     except Exception as e:  # untrusted types, a damaged zip, another skops version's format, ...
-        raise FeaturepipeError(f"{path}: not a head featurepipe can load safely ({first_line(e)}); "
-                               f"re-fit it: featurepipe fit-heads --run {paths.root} --heads {name}") from None
+        raise FeaturepipeError(f"{path}: not a head featurepipe can load safely ({first_line(e)}); {refit}") from None
+    k = len(info.get("class_names") or [])
+    width = info["features"]["dim"] if "features" in info else k * len(info.get("inputs", []))
+    classes = np.asarray(getattr(head, "classes_", []))
+    if getattr(head, "n_features_in_", width) != width or classes.dtype.kind not in "iu" or \
+            (len(classes) and not 0 <= classes.min() <= classes.max() < k):
+        raise FeaturepipeError(f"{path}: takes {getattr(head, 'n_features_in_', '?')} features and gives classes "
+                               f"{classes.tolist()[:8]}, not the {width} features and {k} classes of its json; {refit}")
+    return head
 
 
 def write_head(paths: RunPaths, name: str, model, info: dict[str, Any], fit_seconds: float,
@@ -30,13 +48,14 @@ def write_head(paths: RunPaths, name: str, model, info: dict[str, Any], fit_seco
     """The files every head leaves, the ones compare and predict read: model, json, predictions, report."""
     with atomic_path(paths.head_safe(name)) as tmp:
         sio.dump(model, tmp)
+        digest = file_sha256(tmp)
     with atomic_path(paths.head_model(name)) as tmp:
         joblib.dump(model, tmp)
     save_predictions(paths.predictions(name, "val"), val)
     test_scores = save_evaluation(paths.predictions(name), paths.report(name), test)
     val_scores = scores(val) if len(val.ids) else {}
     write_json(paths.head_info(name), {
-        **info, "val_macro_f1": val_scores.get("macro_f1"), "val": val_scores, "test": test_scores,
+        **info, "skops_sha256": digest, "val_macro_f1": val_scores.get("macro_f1"), "val": val_scores, "test": test_scores,
         "fit_seconds": round(fit_seconds, 3), "predict_seconds_per_image": predict_seconds / max(1, len(test.ids)),
         "environment": environment(),
     })
