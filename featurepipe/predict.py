@@ -119,7 +119,7 @@ def predict(run: str | Path, model: str, inputs: list[str], out: str | Path | No
         raise FeaturepipeError(f"--batch-size {batch_size}: must be at least 1")
     fdata.check_policy(on_bad_image)
     if out is not None:  # refused before any work, not after it
-        out = check_output(Path(out), "--out", overwrite=overwrite)
+        out = check_output(Path(out), "--out", overwrite=overwrite, beside=(skipped_beside(Path(out)),))
     paths = run_paths(run)
     dev = resolve_device(device)
     predictor = Predictor(paths, model, dev, amp)

@@ -132,6 +132,23 @@ def test_predict_does_not_overwrite(hostile_run, tmp_path):
     assert model.read_bytes() == before
 
 
+def test_a_lock_that_is_a_folder_is_one_line(hostile_run, tmp_path):
+    run = copy_run(hostile_run, tmp_path)
+    (run / ".lock").unlink(missing_ok=True)
+    (run / ".lock").mkdir()
+    refused(cli("fit-heads", "--run", run, "--heads", "logreg", ok=False), str(run / ".lock"), "is a folder")
+
+
+def test_predict_and_extract_do_not_replace_a_users_skipped_list(hostile_run, tmp_path):
+    images = hostile_run.parent / "data" / "@dot"
+    for args, out in ((["predict", "--run", hostile_run, images], tmp_path / "p.csv"),
+                      (["extract", "--run", hostile_run, "--data", hostile_run.parent / "data"], tmp_path / "f.h5")):
+        mine = out.with_name(f"{out.stem}.skipped.csv")
+        mine.write_text("my list")
+        refused(cli(*args, "--out", out, ok=False), str(mine), "--overwrite")
+        assert mine.read_text() == "my list" and not out.exists()
+
+
 def test_extract_does_not_replace_a_run_file(hostile_run):
     target = hostile_run / "features.h5"
     before = target.stat().st_mtime_ns
