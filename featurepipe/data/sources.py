@@ -327,7 +327,7 @@ class Inside:
         return os.path.commonpath([self.folder, os.path.realpath(path)]) == self.folder
 
     def via(self, path: str | os.PathLike) -> str:
-        """' (a link to ...)' where links took the path out, for the message."""
+        """' (it leads to REAL through a link)' where links took the path elsewhere, for the message."""
         real = os.path.realpath(path)
         return f" (it leads to {real} through a link)" if real != os.path.normpath(os.path.abspath(path)) else ""
 
