@@ -33,13 +33,16 @@ def load_head(paths: RunPaths, name: str, info: dict[str, Any]):
         head = sio.load(path, trusted=TRUSTED_TYPES)
     except Exception as e:  # untrusted types, a damaged zip, another skops version's format, ...
         raise FeaturepipeError(f"{path}: not a head featurepipe can load safely ({first_line(e)}); {refit}") from None
+    # What the json says the head takes (the embedding's width; the stack: k probabilities per input) and
+    # gives; a json of an older featurepipe may not say, and then that check is left out.
     k = len(info.get("class_names") or [])
-    width = info["features"]["dim"] if "features" in info else k * len(info.get("inputs", []))
-    classes = np.asarray(getattr(head, "classes_", []))
-    if getattr(head, "n_features_in_", width) != width or classes.dtype.kind not in "iu" or \
-            (len(classes) and not 0 <= classes.min() <= classes.max() < k):
-        raise FeaturepipeError(f"{path}: takes {getattr(head, 'n_features_in_', '?')} features and gives classes "
-                               f"{classes.tolist()[:8]}, not the {width} features and {k} classes of its json; {refit}")
+    width = info["features"].get("dim") if "features" in info else k * len(info["inputs"]) if "inputs" in info else None
+    n_in, classes = getattr(head, "n_features_in_", None), np.asarray(getattr(head, "classes_", np.arange(0)))
+    wrong_width = None not in (width, n_in) and n_in != width
+    wrong_classes = k and len(classes) and (classes.dtype.kind not in "iu" or classes.min() < 0 or classes.max() >= k)
+    if wrong_width or wrong_classes:
+        raise FeaturepipeError(f"{path}: takes {n_in} features and gives classes {classes.tolist()[:8]}, not the "
+                               f"{width} features and {k} classes of its json; {refit}")
     return head
 
 
