@@ -647,7 +647,7 @@ class Cases:
         mine.mkdir()
         (mine / "summary.md").write_text("my notes")
         (mine / "metrics.csv").write_text("mine")
-        self.refuse("summary.md", "--overwrite")
+        self.refuse("my_report/", "already exists", "--overwrite")  # the first of the user's files it meets
         return "compare --out a folder holding a user's summary.md and metrics.csv", [
             "compare", "--run", self.run, "--out", mine, "--no-gradcam"]
 
