@@ -29,6 +29,9 @@ def _cli(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
+            from featurepipe.data.images import max_image_pixels
+
+            max_image_pixels()  # read in every worker later: a bad value is refused here, once
             return fn(*args, **kwargs)
         except FeaturepipeError as e:
             typer.echo(f"featurepipe: error: {e}", err=True)
@@ -166,14 +169,16 @@ def compare(
     out: Optional[Path] = typer.Option(None, help="Report folder. Default RUN/compare; required with several runs."),
     bootstrap: int = typer.Option(2000, help="Stratified bootstrap resamples for the 95% intervals (at least 1000)."),
     gradcam: bool = typer.Option(True, help="Grad-CAM overlays of the CNN on its highest-loss test images."),
+    overwrite: bool = typer.Option(False, help="Replace the report's files (summary.md, metrics.csv, ...) in --out."),
 ) -> None:
     """Heads against the CNN on the same test images: intervals, paired tests, per-class tables, charts,
     report.html. With several --run: one table and chart of all runs."""
     from featurepipe.report import CompareOptions, compare_runs
-    from featurepipe.runs import check_output, run_lock
+    from featurepipe.report.command import check_out
+    from featurepipe.runs import run_lock
 
     if out is not None:
-        check_output(out, "--out", folder=True)
+        check_out(out, len(run), overwrite)
     with contextlib.ExitStack() as locks:
         for r in dict.fromkeys(run):
             locks.enter_context(run_lock(r))

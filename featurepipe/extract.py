@@ -81,7 +81,7 @@ def extract(run: str | Path, batch_size: int = 256, data: str | None = None, out
     check_choice("--compression", compression, COMPRESSION)
     fdata.check_policy(on_bad_image)
     if out is not None:
-        check_output(Path(out), "--out", overwrite=overwrite)
+        check_output(Path(out), "--out", overwrite=overwrite, beside=(skipped_beside(Path(out)),))
     dev = distributed.setup(resolve_device(device))
     net, meta = load_checkpoint(paths.checkpoint, dev)
     net = net.to(memory_format=torch.channels_last)

@@ -73,8 +73,8 @@ MONITORS = ("none", "loss", "macro_f1")
 SAMPLERS = ("shuffle", "balanced")
 BAD_IMAGE_HELP = ("skip: leave unreadable images out (warns once, lists them in skipped.csv); "
                   "error: stop at the first.")
-ALLOW_OUTSIDE_HELP = ("Let a CSV manifest name files outside its own folder (../x.png, /abs/x.png); "
-                      "only for manifests you trust.")
+ALLOW_OUTSIDE_HELP = ("Let a CSV manifest name files outside its own folder (../x.png, /abs/x.png, links), "
+                      "or a data folder hold links out of it; only for data you trust.")
 AMP_HELP = "Mixed precision. Default: on CUDA only (bf16, else fp16); --amp adds bf16 on the CPU."
 
 
@@ -128,7 +128,7 @@ class TrainConfig:
     resume: bool = option(False, "Continue an interrupted run from its last epoch.")
     overwrite: bool = option(False, "Replace a run directory that already holds a trained CNN.")
     on_bad_image: str = option("skip", BAD_IMAGE_HELP, one_of(_bad_image_policies, joined="{}", sep=" or "))
-    allow_outside: bool = option(False, ALLOW_OUTSIDE_HELP)  # CSV rows may name files outside the CSV's folder
+    allow_outside: bool = option(False, ALLOW_OUTSIDE_HELP)  # CSV rows and folder links may lead out of the data
     resolved: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:

@@ -33,6 +33,18 @@ def model_colors(names: list[str]) -> dict[str, str]:
     return colors
 
 
+# No side of a figure beyond this: sizes grow with classes, models and runs, and a figure sized 0.45 in
+# per class took 17.6 GB to draw for 1 000 classes.
+MAX_INCHES = 24.0
+# Above this many classes a confusion matrix is drawn without class names (they would overlap).
+NAMED_CLASSES = 40
+
+
+def _inches(width: float, height: float) -> tuple[float, float]:
+    scale = min(1.0, MAX_INCHES / max(width, height))
+    return width * scale, height * scale
+
+
 def _save(fig, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
@@ -66,7 +78,7 @@ def metric_bars(values: dict[str, float], path: Path, metric: str = "accuracy", 
     names = list(values)
     colors = model_colors(names)
     heights = [values[n] for n in names]
-    fig, ax = plt.subplots(figsize=(max(4.5, 1.1 * len(names) + 2), 4))
+    fig, ax = plt.subplots(figsize=_inches(max(4.5, 1.1 * len(names) + 2), 4))
     xs = np.arange(len(names))
     ax.bar(xs, heights, color=[colors[n] for n in names], width=0.65)
     tops = heights
@@ -102,7 +114,7 @@ def grouped_bars(values: dict[str, dict[str, float]], ci: dict[str, dict[str, li
     models = ["cnn", *sorted(m for m in models if m != "cnn")] if "cnn" in models else sorted(models)
     colors = model_colors(models)
     width = 0.8 / len(models)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(groups) * len(models) + 2.5), 4.4))
+    fig, ax = plt.subplots(figsize=_inches(max(6.0, 0.6 * len(groups) * len(models) + 2.5), 4.4))
     crowded = len(models) > 5  # value labels turn upright when bars get too narrow for them
     lows = []
     for j, model in enumerate(models):
@@ -129,7 +141,7 @@ def _panels(n: int, size: float = 3.2, max_cols: int = 4):
     # Balanced rows: four models make one row of four, five make rows of three and two.
     rows = math.ceil(n / max_cols)
     cols = math.ceil(n / rows)
-    fig, axes = plt.subplots(rows, cols, figsize=(size * cols, size * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=_inches(size * cols, size * rows), squeeze=False)
     for ax in axes.ravel()[n:]:
         ax.set_visible(False)
     return fig, axes.ravel()[:n]
@@ -140,7 +152,7 @@ def confusion_matrices(matrices: dict[str, np.ndarray], class_names: list[str], 
     colors = model_colors(list(matrices))
     k = len(class_names)
     # Many classes need bigger panels, so fewer per row.
-    fig, axes = _panels(len(matrices), size=max(3.2, 0.45 * k + 1.6), max_cols=4 if k <= 5 else 2)
+    fig, axes = _panels(len(matrices), size=max(3.2, 0.45 * min(k, NAMED_CLASSES) + 1.6), max_cols=4 if k <= 5 else 2)
     for ax, (name, cm) in zip(axes, matrices.items()):
         rows = cm.sum(axis=1, keepdims=True)
         norm = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=np.float64), where=rows > 0)
@@ -152,14 +164,17 @@ def confusion_matrices(matrices: dict[str, np.ndarray], class_names: list[str], 
                 text = f"{v:.2f}\n({cm[i, j]})" if k <= 5 else f"{v:.2f}"
                 ax.text(j, i, text, ha="center", va="center", fontsize=9 if k <= 5 else 7,
                         color="white" if v > 0.55 else "black")
-        ticks = range(k)
-        ax.set_xticks(ticks, class_names, rotation=45 if k > 4 else 0, ha="right" if k > 4 else "center")
-        ax.set_yticks(ticks, class_names)
+        if k <= NAMED_CLASSES:
+            ticks = range(k)
+            ax.set_xticks(ticks, class_names, rotation=45 if k > 4 else 0, ha="right" if k > 4 else "center")
+            ax.set_yticks(ticks, class_names)
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
         ax.set_title(name, color=colors[name], fontweight="bold")
     fig.suptitle("Confusion matrices, normalised per true class (counts in brackets)" if k <= 5
-                 else "Confusion matrices, normalised per true class")
+                 else "Confusion matrices, normalised per true class" if k <= NAMED_CLASSES
+                 else f"Confusion matrices, normalised per true class; {k} classes, so no names or values: "
+                      "classes in the order of per_class.csv")
     fig.tight_layout()
     _save(fig, path)
 
@@ -264,7 +279,8 @@ def image_gallery(images: list[np.ndarray], captions: list[str], wrong: list[boo
     """A grid of test images, each captioned (wrong predictions in red)."""
     rows = math.ceil(len(images) / cols)
     lines = max(c.count("\n") + 1 for c in captions)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.1 * cols, (2.0 + 0.17 * lines) * rows + 0.4), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=_inches(2.1 * cols, (2.0 + 0.17 * lines) * rows + 0.4),
+                             squeeze=False)
     for ax in axes.ravel():
         ax.set_visible(False)
     for ax, image, caption, bad in zip(axes.ravel(), images, captions, wrong):
@@ -281,7 +297,7 @@ def gradcam_grid(images: list[np.ndarray], cams: list[list[np.ndarray]], titles:
     """One column per image: the image on top, below it each class-activation map over it
     (`cams[i][j]` in [0, 1], titled `titles[i][j + 1]`); columns may hold fewer maps than others."""
     n_rows = 1 + max(len(c) for c in cams)
-    fig, axes = plt.subplots(n_rows, len(images), figsize=(2.3 * len(images), 2.75 * n_rows), squeeze=False)
+    fig, axes = plt.subplots(n_rows, len(images), figsize=_inches(2.3 * len(images), 2.75 * n_rows), squeeze=False)
     for col, (image, maps, names) in enumerate(zip(images, cams, titles)):
         _show(axes[0, col], image)
         axes[0, col].set_title(names[0], fontsize=8)

@@ -58,7 +58,7 @@ class Predictor:
                 raise FeaturepipeError(f"{paths.head_info(name)}: its classes differ from the CNN's; "
                                        f"re-run featurepipe fit-heads --run {paths.root}")
             self.infos[name] = info
-            self.heads[name] = load_head(paths, name)
+            self.heads[name] = load_head(paths, name, info)
         return self.infos[name]
 
     @torch.inference_mode()
@@ -119,7 +119,7 @@ def predict(run: str | Path, model: str, inputs: list[str], out: str | Path | No
         raise FeaturepipeError(f"--batch-size {batch_size}: must be at least 1")
     fdata.check_policy(on_bad_image)
     if out is not None:  # refused before any work, not after it
-        out = check_output(Path(out), "--out", overwrite=overwrite)
+        out = check_output(Path(out), "--out", overwrite=overwrite, beside=(skipped_beside(Path(out)),))
     paths = run_paths(run)
     dev = resolve_device(device)
     predictor = Predictor(paths, model, dev, amp)

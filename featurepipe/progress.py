@@ -63,3 +63,7 @@ def progress_bar(unit: str = "img") -> Progress:
 
 def log(message: str) -> None:
     console().print(message, highlight=False)
+
+
+def gib(n: float) -> str:
+    return f"{n / 1024**3:.2f} GiB"

@@ -93,19 +93,22 @@ class RunConfig:
                                    f"run featurepipe train-cnn --out {self.paths.root} first"))
 
     def fitted_heads(self) -> list[str]:
-        """Every head fit-heads has written (stack included), by name."""
+        """Every head fit-heads has written (stack included), by name: those with the .skops file
+        featurepipe loads and their json (a .joblib alone is never loaded, so it is no head)."""
         heads = self.paths.heads
-        return sorted(p.stem for p in heads.glob("*.joblib")) if heads.exists() else []
+        if not heads.exists():
+            return []
+        return sorted(p.stem for p in heads.glob("*.skops") if self.paths.head_info(p.stem).is_file())
 
     def head_info(self, name: str) -> dict[str, Any]:
         """A fitted head's json, refused when it was fitted on features of another checkpoint than the current."""
         paths = self.paths
-        require(paths.head_model(name), f"fitted head '{name}'", f"run featurepipe fit-heads --run {paths.root} "
+        require(paths.head_safe(name), f"fitted head '{name}'", f"run featurepipe fit-heads --run {paths.root} "
                                                                   f"--heads {name} first")
         info = read_json(require(paths.head_info(name), "head info", f"re-run featurepipe fit-heads --heads {name}"))
         if info.get("checkpoint") != self.checkpoint:
             raise FeaturepipeError(
-                f"{paths.head_model(name)}: fitted on features of an older checkpoint; "
+                f"{paths.head_safe(name)}: fitted on features of an older checkpoint; "
                 f"re-run featurepipe extract and fit-heads --run {paths.root}"
             )
         return info

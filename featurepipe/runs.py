@@ -155,11 +155,15 @@ def cannot_write(path: Path) -> Iterator[None]:
                                "permissions, then re-run the command (finished files are intact)") from None
 
 
-def check_output(path: Path, option: str, *, folder: bool = False, overwrite: bool = False) -> Path:
+def check_output(path: Path, option: str, *, folder: bool = False, overwrite: bool = False,
+                 beside: tuple[Path, ...] = ()) -> Path:
     """Refuse, before any work, an output that cannot or must not be written: a folder where a file is
     wanted (or the reverse), a path below a file, a read-only place, or (for files) an existing file
     without --overwrite. A file belonging to a run (inside a folder with config.json) is never replaced
-    by another command's --out."""
+    by another command's --out. `beside`: the other files the command writes (a report folder's
+    files, X.skipped.csv beside X), held to the same rule."""
+    for other in beside:
+        check_output(other, option, overwrite=overwrite)
     path = Path(path).expanduser()
     if path.exists() and path.is_dir() != folder:
         raise FeaturepipeError(f"{option} {path}: is {'a file' if folder else 'a folder'}; give "
@@ -212,6 +216,8 @@ def run_lock(root: Path, option: str = "--run", create: bool = False) -> Iterato
         with cannot_write(lock):
             root.mkdir(parents=True, exist_ok=True)
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    except IsADirectoryError:
+        raise FeaturepipeError(f"{lock}: is a folder, not featurepipe's lock file; remove it and re-run") from None
     except FeaturepipeError:
         if create:
             raise

@@ -6,14 +6,17 @@ sees) on tiny generated data under a temporary folder:
   python scripts/bad_inputs_table.py [--keep DIR]
 
 A row is "crashed" if the command printed a Python traceback, died of something else than the signal
-the case sends, or ran code planted in a run folder (a PWNED_* file appeared). The last line counts
-the rows, those that held and those that crashed.
+the case sends, ran code planted in a run folder (a PWNED_* file appeared), or failed the case's own
+expectation where it has one (refused in one line, a user's file intact, a warning given: the rows
+of issue 22, whose failures were quiet). The last line counts the rows, those that held and those
+that crashed.
 """
 
 from __future__ import annotations
 
 import argparse
 import fcntl
+import hashlib
 import json
 import os
 import resource
@@ -68,6 +71,8 @@ class Cases:
     def __init__(self, tmp: Path, run: Path) -> None:
         self.tmp, self.run = tmp, run
         self.limit = None  # a file-size limit (bytes) for the next case's command: a full disk
+        self.env: dict[str, str] = {}  # environment variables for the next case's command
+        self.expect = None  # for the next case: r -> "" if it held, else what went wrong
 
     def d(self, name: str) -> Path:
         return self.tmp / name
@@ -439,13 +444,22 @@ class Cases:
         return "--lr 1e30 (training diverges)", ["train-cnn", "--data", self.tmp / "good", "--out", self.d("r_div"),
                                                  "--lr", "1e30", "--epochs", "2"]
 
-    def heads_small_data(self):
-        root, run = self.d("small"), self.d("small_run")
-        images(root / "train", n=2)
-        images(root / "val", n=2, seed=1)
-        images(root / "test", n=2, seed=2)
-        for args in (["train-cnn", "--data", root, "--out", run, "--epochs", "1"], ["extract", "--run", run]):
+    def split_run(self, name: str, counts: tuple[int, int, int], classes=CLASSES, drop: tuple[str, ...] = (),
+                  heads: str | None = None) -> Path:
+        """A run (1 epoch, extracted, `heads` fitted) on train/val/test folders of counts images a class,
+        less the files `drop` names."""
+        root, run = self.d(name), self.d(f"{name}_run")
+        for seed, (split, n) in enumerate(zip(("train", "val", "test"), counts)):
+            images(root / split, n=n, seed=seed, classes=classes)
+        for rel in drop:
+            (root / rel).unlink()
+        stages = [["train-cnn", "--data", root, "--out", run, "--epochs", "1"], ["extract", "--run", run]]
+        for args in stages + ([["fit-heads", "--run", run, "--heads", heads]] if heads else []):
             featurepipe(args, check=True)
+        return run
+
+    def heads_small_data(self):
+        run = self.split_run("small", (2, 2, 2))
         return "knn, svm, hgb with --tune cv on 2 images a class", ["fit-heads", "--run", run, "--heads",
                                                                      "knn,svm,hgb", "--tune", "cv"]
 
@@ -471,6 +485,245 @@ class Cases:
                                                                    self.d("r_ctrlc"), "--epochs", "3"]
 
 
+    # ---- issue 22: links, bombs, a cache that must check, files that must not be replaced ----
+
+    def refuse(self, *words: str) -> None:
+        """The next case holds if it is refused in one line naming every word."""
+        def expect(r):
+            errors = [ln for ln in r.stderr.splitlines() if ln.startswith("featurepipe: error:")]
+            if r.returncode != 2 or len(errors) != 1:
+                return f"not refused in one line (exit {r.returncode})"
+            missing = [w for w in words if w not in errors[0]]
+            return f"the line does not name {', '.join(missing)}" if missing else ""
+        self.expect = expect
+
+    def says(self, *words: str, absent: tuple[str, ...] = ()) -> None:
+        """The next case holds if it exits 0 and its output holds every word and none of `absent`."""
+        def expect(r):
+            out = r.stdout + r.stderr
+            missing = [w for w in words if w not in out] + [f"no {w}" for w in absent if w in out]
+            return f"exit {r.returncode}" if r.returncode else (f"missing {', '.join(missing)}" if missing else "")
+        self.expect = expect
+
+    def csv_link_out(self):
+        root = self.d("csvlink")
+        files = images(root / "img", n=4)
+        images(self.d("private"), n=1, classes=("x",))
+        (root / "img" / "esc").symlink_to(self.d("private") / "x")
+        rows = [(p.relative_to(root).as_posix(), p.parent.name) for p in files] + [("img/esc/0_000.png", "a")]
+        self.refuse("img/esc/0_000.png", "--allow-outside", "link")
+        return ("CSV row img/esc/0_000.png where img/esc is a link out of the CSV's folder",
+                ["train-cnn", "--data", manifest(root / "m.csv", rows), "--out", self.d("r")])
+
+    def folder_links_out(self):
+        root = self.d("folderlink")
+        images(root)
+        images(self.d("elsewhere"), n=3, classes=("d",))
+        (root / "d").symlink_to(self.d("elsewhere") / "d")
+        (root / "b" / "passwd.png").symlink_to("/etc/passwd")
+        self.refuse("outside the data folder", "--allow-outside")
+        return ("class folder d -> /elsewhere and b/passwd.png -> /etc/passwd",
+                ["train-cnn", "--data", root, "--out", self.d("r")])
+
+    def npz_bomb(self):
+        import io as _io
+        import zipfile
+
+        header = _io.BytesIO()
+        np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False,
+                                                      "shape": (100000, 128, 128)})
+        labels = _io.BytesIO()
+        np.save(labels, np.arange(100000) % 3)
+        with zipfile.ZipFile(self.d("bomb.npz"), "w", zipfile.ZIP_DEFLATED) as z:
+            with z.open("train_images.npy", "w", force_zip64=True) as f:
+                f.write(header.getvalue())
+                for _ in range(100000 * 128 * 128 // (1 << 24)):  # zeros: 1.6 GB that deflate to ~1.6 MB
+                    f.write(bytes(1 << 24))
+                f.write(bytes(100000 * 128 * 128 % (1 << 24)))
+            z.writestr("train_labels.npy", labels.getvalue())
+            z.writestr("test_images.npy", header.getvalue())  # declares 1.6 GB, holds none
+            z.writestr("test_labels.npy", labels.getvalue())
+        self.refuse("bomb.npz", "test_images", "(100000, 128, 128)")
+        return (f"a {self.d('bomb.npz').stat().st_size / 1e6:.1f} MB .npz declaring (100000, 128, 128) uint8 twice",
+                ["data", "inspect", "--data", self.d("bomb.npz")])
+
+    def npz_text_file(self):
+        self.d("notes.npz").write_text("hello, not numpy\n")
+        self.refuse("not an .npz (zip) file")
+        return "a 16-byte text file named .npz", ["data", "inspect", "--data", self.d("notes.npz")]
+
+    def cached_run(self, name: str, n: int = 10) -> tuple[Path, Path, dict[str, str]]:
+        """A run trained through the disk cache (every split above its cap) on BMP images (a rewrite of
+        other pixels keeps the byte size)."""
+        root, run = self.d(f"{name}_data"), self.d(f"{name}_run")
+        for p in images(root, n=n):
+            Image.open(p).save(p.with_suffix(".bmp"))
+            p.unlink()
+        env = {"FEATUREPIPE_CACHE_DIR": str(self.d(f"{name}_cache")), "FEATUREPIPE_CACHE_BYTES": "1"}
+        featurepipe(["train-cnn", "--data", root, "--out", run, "--epochs", "1"], check=True, env={**os.environ, **env})
+        return root, run, env
+
+    def cache_rewritten_in_place(self):
+        root, run, self.env = self.cached_run("inplace")
+        a, b = sorted((root / "a").iterdir())[:2]
+        st = a.stat()
+        with open(a, "r+b") as f:  # cp -p, rsync -t --inplace: other pixels, same size, mtime put back
+            f.write(b.read_bytes())
+        os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns))
+        self.says(absent=("reading decoded images",))
+        return ("an image rewritten in place, same size, mtime restored, then extract (disk cache)",
+                ["extract", "--run", run, "--overwrite"])
+
+    def cache_damaged_row(self):
+        root, run, self.env = self.cached_run("damaged", n=100)
+        folder = next(p for p in Path(self.env["FEATUREPIPE_CACHE_DIR"]).iterdir() if p.is_dir())
+        data = np.load(folder / "images.npy", mmap_mode="r+")
+        data[7, :4] ^= 0xFF  # one row of 300: the opening sample checks 64
+        data.flush()
+        del data
+
+        def expect(r):  # row 7 decoded from its file with a warning, or the whole cache passed over
+            out = r.stdout + r.stderr
+            held = "row 7" in out and "changed since it was written" in out or "reading decoded images" not in out
+            return f"exit {r.returncode}" if r.returncode else "" if held else "the damaged row was served"
+        self.expect = expect
+        return "one damaged row of a 300-image disk cache, then extract", ["extract", "--run", run, "--overwrite"]
+
+    def cache_dir_is_a_file(self):
+        self.d("cachefile").write_text("not a folder")
+        self.env = {"FEATUREPIPE_CACHE_DIR": str(self.d("cachefile")), "FEATUREPIPE_CACHE_BYTES": "1"}
+        self.says("warning: no decode cache")
+        return "FEATUREPIPE_CACHE_DIR is a file", ["train-cnn", "--data", self.tmp / "good", "--out", self.d("r_cf"),
+                                                   "--epochs", "1"]
+
+    def cache_key_is_a_link(self):
+        root, run, self.env = self.cached_run("keylink")
+        cache = Path(self.env["FEATUREPIPE_CACHE_DIR"])
+        folder = next(p for p in cache.iterdir() if p.is_dir())
+        shutil.rmtree(folder)
+        (self.d("keylink_target")).mkdir()
+        folder.symlink_to(self.d("keylink_target"))
+        self.says("warning: no decode cache")
+        return "the cache's key folder replaced by a symlink", ["train-cnn", "--data", root, "--out", run,
+                                                                "--overwrite", "--epochs", "1"]
+
+    def other_runs_head(self):
+        import skops.io as sio
+        from sklearn.linear_model import LogisticRegression
+
+        run = self.copy_run("foreign_head_run")
+        X = np.random.default_rng(1).normal(size=(30, 4))
+        sio.dump(LogisticRegression().fit(X, np.arange(30) % 3), run / "heads" / "logreg.skops")
+        self.refuse("logreg.skops", "sha256")
+        return ("heads/logreg.skops copied from another run, its json left as it was",
+                ["predict", "--run", run, "--model", "logreg", self.tmp / "good" / "a"])
+
+    def head_other_width(self):
+        import skops.io as sio
+        from sklearn.linear_model import LogisticRegression
+
+        run = self.copy_run("wide_head_run")
+        X = np.random.default_rng(1).normal(size=(30, 7))
+        sio.dump(LogisticRegression().fit(X, np.arange(30) % 5), run / "heads" / "logreg.skops")
+        info = json.loads((run / "heads" / "logreg.json").read_text())
+        info["skops_sha256"] = hashlib.sha256((run / "heads" / "logreg.skops").read_bytes()).hexdigest()
+        (run / "heads" / "logreg.json").write_text(json.dumps(info))
+        self.refuse("logreg.skops", "takes 7 features")
+        return ("a head of 7 features and 5 classes, its json's hash forged to match",
+                ["predict", "--run", run, "--model", "logreg", self.tmp / "good" / "a"])
+
+    def planted_joblib_alone(self):
+        import joblib
+
+        run = self.copy_run("joblib_alone_run")
+        joblib.dump(Planted(self.d("PWNED_BY_RF")), run / "heads" / "rf.joblib")
+        shutil.copy(run / "heads" / "logreg.json", run / "heads" / "rf.json")
+        self.refuse("--model rf", "fitted head: logreg")
+        return ("heads/rf.joblib (a pickle) and rf.json without rf.skops",
+                ["predict", "--run", run, "--model", "rf", self.tmp / "good" / "a"])
+
+    def compare_out_user_files(self):
+        mine = self.d("my_report")
+        mine.mkdir()
+        (mine / "summary.md").write_text("my notes")
+        (mine / "metrics.csv").write_text("mine")
+        self.refuse("my_report/", "already exists", "--overwrite")  # the first of the user's files it meets
+        return "compare --out a folder holding a user's summary.md and metrics.csv", [
+            "compare", "--run", self.run, "--out", mine, "--no-gradcam"]
+
+    def extract_out_user_skipped(self):
+        (self.d("mine.skipped.csv")).write_text("my list")
+        self.refuse("mine.skipped.csv", "--overwrite")
+        return "extract --out X.h5 beside a user's X.skipped.csv", [
+            "extract", "--run", self.run, "--data", self.tmp / "good", "--out", self.d("mine.h5")]
+
+    def predict_out_user_skipped(self):
+        (self.d("pred.skipped.csv")).write_text("my list")
+        self.refuse("pred.skipped.csv", "--overwrite")
+        return "predict --out X.csv beside a user's X.skipped.csv", [
+            "predict", "--run", self.run, self.tmp / "good" / "a", "--out", self.d("pred.csv")]
+
+    def lock_is_a_folder(self):
+        run = self.copy_run("lockdir_run")
+        (run / ".lock").unlink(missing_ok=True)
+        (run / ".lock").mkdir()
+        self.refuse(".lock", "is a folder")
+        return "RUN/.lock is a folder", ["fit-heads", "--run", run, "--heads", "logreg"]
+
+    def csv_nul_byte(self):
+        files = images(self.d("csvnul"), n=4)
+        rows = [(p.relative_to(self.tmp).as_posix(), p.parent.name) for p in files] + [("csvnul/a/x\0y.png", "a")]
+        self.refuse("nul.csv:14", "NUL")
+        return "CSV path with a NUL byte", ["train-cnn", "--data", manifest(self.d("nul.csv"), rows), "--out",
+                                            self.d("r")]
+
+    def csv_long_field(self):
+        files = images(self.d("csvlong"), n=4)
+        rows = [(p.relative_to(self.tmp).as_posix(), p.parent.name) for p in files] + [("x" * 200_000, "a")]
+        self.refuse("long.csv:14", "field larger than field limit")
+        return "CSV field of 200 000 characters", ["train-cnn", "--data", manifest(self.d("long.csv"), rows), "--out",
+                                                   self.d("r")]
+
+    def max_pixels_bad(self):
+        self.env = {"FEATUREPIPE_MAX_IMAGE_PIXELS": "1e9"}
+        self.refuse("FEATUREPIPE_MAX_IMAGE_PIXELS=1e9")
+        return "FEATUREPIPE_MAX_IMAGE_PIXELS=1e9", ["extract", "--run", self.run, "--data", self.tmp / "good",
+                                                    "--out", self.d("px.h5")]
+
+    def max_pixels_zero(self):
+        self.env = {"FEATUREPIPE_MAX_IMAGE_PIXELS": "0"}
+        self.refuse("FEATUREPIPE_MAX_IMAGE_PIXELS=0")
+        return "FEATUREPIPE_MAX_IMAGE_PIXELS=0", ["data", "inspect", "--data", self.tmp / "good"]
+
+    def stack_tiny(self):
+        run = self.split_run("stack_small", (3, 1, 2))
+        self.says("stack: skipped", absent=("--tune val",))
+        return "fit-heads --heads logreg,stack on 1 val image a class", ["fit-heads", "--run", run, "--heads",
+                                                                         "logreg,stack"]
+
+    def three_test_images(self):
+        run = self.split_run("three", (10, 3, 2), classes=("a", "b"), drop=("test/b/2_001.png",), heads="logreg")
+
+        def expect(r):
+            text = (run / "compare" / "summary.md").read_text() if r.returncode == 0 else ""
+            if r.returncode or "RuntimeWarning" in r.stderr or "nan" in text.replace("nanmean", ""):
+                return f"exit {r.returncode}, a RuntimeWarning or nan"
+            return "" if "cannot be computed" in text else "summary.md does not say what cannot be computed"
+        self.expect = expect
+        return "compare on a 3-image test split (2 + 1)", ["compare", "--run", run, "--no-gradcam"]
+
+    def many_classes(self):
+        root, run = self.d("k1000"), self.d("k1000_run")
+        names = tuple(f"c{k:04d}" for k in range(1000))
+        for split, n in (("train", 2), ("val", 1), ("test", 1)):
+            images(root / split, n=n, size=8, classes=names, seed={"train": 0, "val": 1, "test": 2}[split])
+        for args in (["train-cnn", "--data", root, "--out", run, "--epochs", "1", "--img-size", "28"],
+                     ["extract", "--run", run], ["fit-heads", "--run", run, "--heads", "logreg", "--tune", "none"]):
+            featurepipe(args, check=True)
+        self.says("best on test accuracy")
+        return "compare on 1 000 classes", ["compare", "--run", run, "--no-gradcam", "--bootstrap", "1000"]
+
+
 def _file_size_limit(nbytes: int) -> None:
     """In the child: writes past `nbytes` fail with EFBIG, as on a full disk."""
     resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, nbytes))
@@ -478,6 +731,7 @@ def _file_size_limit(nbytes: int) -> None:
 
 
 def featurepipe(args, **kw) -> subprocess.CompletedProcess:
+    kw.setdefault("env", os.environ)
     return subprocess.run([sys.executable, "-m", "featurepipe", *map(str, args)], capture_output=True, text=True, **kw)
 
 
@@ -536,7 +790,8 @@ def main() -> None:
     cases = Cases(tmp, run)
     print("| bad input | command | what featurepipe did | exit code | crashed |")
     print("|---|---|---|---|---|")
-    names = [m for m in vars(Cases) if not m.startswith("_") and m not in ("d", "copy_run")]
+    names = [m for m in vars(Cases) if not m.startswith("_") and m not in ("d", "copy_run", "refuse", "says",
+                                                                           "cached_run", "split_run")]
     rows = held = crashed_rows = 0
     for name in a.only.split(",") if a.only else names:
         what, args = getattr(cases, name)()
@@ -561,8 +816,14 @@ def main() -> None:
             crashed = "Traceback" in r1.stderr + r2.stderr or r1.returncode != 130
         else:
             limit, cases.limit = cases.limit, None
-            r = featurepipe(args, preexec_fn=(lambda: _file_size_limit(limit)) if limit else None)
+            env, cases.env = cases.env, {}
+            r = featurepipe(args, preexec_fn=(lambda: _file_size_limit(limit)) if limit else None,
+                            env={**os.environ, **env})
             did, crashed = said(r), "Traceback" in r.stderr + r.stdout or r.returncode < 0
+            expect, cases.expect = cases.expect, None
+            why = expect(r) if expect and not crashed else ""
+            if why:
+                did, crashed = f"NOT HELD ({why}); {did}", True
             ran = [m.name for m in tmp.glob("PWNED_*")]
             if ran:
                 did, crashed = f"CODE RAN ({', '.join(ran)}); {did}", True

@@ -9,6 +9,7 @@ import os
 import h5py
 import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import cli, messy_archive, write_images
 from featurepipe import data as fdata
@@ -230,3 +231,72 @@ def test_a_full_disk_while_filling_is_one_line_and_keeps_the_rows_recorded(tmp_p
     assert int((disk.status == cache.OK).sum()) == 9  # the rows written before the disk filled up
     every = np.flatnonzero(disk.status == cache.OK)
     np.testing.assert_array_equal(disk.images[every], np.stack([catalog.store.read(int(i), 24, 1) for i in every]))
+
+
+def test_an_image_rewritten_in_place_with_its_mtime_put_back_is_not_served_from_the_cache(tmp_path, cache_dir):
+    root = tmp_path / "data"
+    files = [p for p, _ in write_images(root, 4, ext=".bmp")]  # BMP: the same byte size for other pixels
+    catalog, _ = load(root)
+    path = files[0]
+    before = os.stat(path)
+    new = np.asarray(Image.open(files[1]))
+    with open(path, "r+b") as f:  # in place, as `cp -p` or `rsync -t --inplace` would, mtime restored
+        Image.fromarray(new).save(f, format="BMP")
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = os.stat(path)
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    i = catalog.store.paths.index(str(path))
+    store = cache.reuse(fdata.scan(str(root)).store, 24, 1)
+    np.testing.assert_array_equal(store.read(i, 24, 1), catalog.store.read(i, 24, 1))
+    np.testing.assert_array_equal(store.read(i, 24, 1), catalog.store.read(catalog.store.paths.index(str(files[1])),
+                                                                             24, 1))
+
+
+def test_a_damaged_row_is_decoded_from_its_file_and_rewritten_by_the_next_fill(tmp_path, cache_dir, monkeypatch,
+                                                                                 capsys):
+    root = tmp_path / "data"
+    write_images(root, 6)
+    monkeypatch.setattr(cache, "CHECKED_ROWS", 0)  # a row the opening sample misses (64 of 300 in the issue)
+    catalog, (stores, _, _) = load(root)
+    disk = stores["train"][0]
+    i, row = 5, 24 * 24
+    with open(disk.data, "r+b") as f:
+        f.seek(cache._header_bytes(disk.shape) + i * row + 100)
+        f.write(b"\x07" * 50)
+    capsys.readouterr()
+    every = np.arange(len(catalog))
+    truth = np.stack([catalog.store.read(int(k), 24, 1) for k in every])
+    disk = cache.reuse(fdata.scan(str(root)).store, 24, 1)
+    assert isinstance(disk, fdata.DiskCache)
+    assert not disk.ready(every)  # the gathering path falls back to reading item by item
+    ds = fdata.ImageDataset(disk, every, catalog.labels, 24, 1)
+    np.testing.assert_array_equal(np.stack([ds[k][0].permute(1, 2, 0).numpy() for k in range(len(ds))]), truth)
+    assert f"row {i}" in capsys.readouterr().err
+    disk.fill(every)
+    assert disk.ready(every)
+    np.testing.assert_array_equal(cache.reuse(fdata.scan(str(root)).store, 24, 1).images[every], truth)
+
+
+@pytest.mark.parametrize("where", ["cache_dir_is_a_file", "key_is_a_file", "key_is_a_link", "lock_is_a_folder"])
+def test_an_unusable_cache_folder_is_a_warning_and_the_images_are_decoded(tmp_path, cache_dir, monkeypatch, capsys,
+                                                                          where):
+    root = tmp_path / "data"
+    write_images(root, 4)
+    catalog = fdata.scan(str(root))
+    folder = cache_dir / cache.key(catalog.store, 24, 1)
+    cache_dir.mkdir()
+    if where == "cache_dir_is_a_file":
+        cache_dir.rmdir()
+        cache_dir.write_text("not a folder")
+    elif where == "key_is_a_file":
+        folder.write_text("x")
+    elif where == "key_is_a_link":
+        (tmp_path / "elsewhere").mkdir()
+        folder.symlink_to(tmp_path / "elsewhere")
+    else:
+        cache.lock_path(folder).mkdir()
+    catalog, (stores, kept, _) = load(root)
+    assert "warning: no decode cache" in capsys.readouterr().err
+    assert stores["train"][0] is catalog.store and sum(len(k) for k in kept.values()) == len(catalog)
+    assert cache.reuse(catalog.store, 24, 1) is catalog.store
+    assert not (tmp_path / "elsewhere").exists() or not any((tmp_path / "elsewhere").iterdir())

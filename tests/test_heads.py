@@ -248,4 +248,44 @@ def test_heads_saved_before_the_package_split_still_load(tmp_path):
                 mp.setattr(registry.log_proba, attr, value)
             sio.dump(spec.build(0, 1).fit(X, y), paths.head_safe(name))
         assert old in sio.get_untrusted_types(file=paths.head_safe(name))
-        assert load_head(paths, name).predict(X).shape == (60,)
+        info = {"class_names": ["a", "b"], **({"inputs": ["cnn", "h1", "h2", "h3"]} if name == STACK
+                                              else {"features": {"dim": 8}})}
+        assert load_head(paths, name, info).predict(X).shape == (60,)
+
+
+def test_a_head_file_from_another_run_is_refused(tmp_path):
+    from featurepipe.heads import load_head
+    from featurepipe.runs import file_sha256, run_paths
+
+    ours, theirs = synthetic_run(tmp_path / "ours"), synthetic_run(tmp_path / "theirs", seed=1)
+    for run in (ours, theirs):
+        fit_heads(run, ["logreg"], HeadsConfig(tune="none", jobs=1))
+    paths = run_paths(ours)
+    assert head_json(ours, "logreg")["skops_sha256"] == file_sha256(paths.head_safe("logreg"))
+    load_head(paths, "logreg", head_json(ours, "logreg"))
+    (ours / "heads" / "logreg.skops").write_bytes((theirs / "heads" / "logreg.skops").read_bytes())
+    with pytest.raises(FeaturepipeError, match="logreg.skops: not the file fit-heads wrote with logreg.json"):
+        load_head(paths, "logreg", head_json(ours, "logreg"))
+
+
+@pytest.mark.parametrize("dim, classes, words", [(20, 3, "takes 20 features"), (12, 5, "classes [0, 1, 2, 3, 4]")])
+def test_a_head_of_another_width_or_class_count_is_one_line(tmp_path, dim, classes, words):
+    from featurepipe.heads import load_head
+    from featurepipe.runs import file_sha256, run_paths
+
+    ours, theirs = synthetic_run(tmp_path / "ours"), synthetic_run(tmp_path / "theirs", dim=dim, classes=classes)
+    for run in (ours, theirs):
+        fit_heads(run, ["logreg"], HeadsConfig(tune="none", jobs=1))
+    (ours / "heads" / "logreg.skops").write_bytes((theirs / "heads" / "logreg.skops").read_bytes())
+    info = head_json(ours, "logreg")
+    info["skops_sha256"] = file_sha256(ours / "heads" / "logreg.skops")  # the json forged to match
+    with pytest.raises(FeaturepipeError, match="not the 12 features and 3 classes of its json") as e:
+        load_head(run_paths(ours), "logreg", info)
+    assert words in str(e.value)
+
+
+def test_stack_on_a_tiny_val_split_is_skipped_with_a_line(tmp_path):
+    run = synthetic_run(tmp_path / "run", sizes={"train": 30, "val": 3, "test": 6})
+    r = cli("fit-heads", "--run", run, "--heads", "logreg,stack", "--tune", "none")
+    assert "stack: skipped: a class has fewer than 2 val images" in r.output and "--tune" not in r.output
+    assert (run / "heads" / "logreg.json").exists() and not (run / "heads" / "stack.json").exists()

@@ -322,3 +322,19 @@ def test_pixel_limit_is_configurable(tmp_path, monkeypatch):
     monkeypatch.setenv("FEATUREPIPE_MAX_IMAGE_PIXELS", "1000")
     with pytest.raises(UnreadableImage, match="40x40"):
         read_file(str(path), 28, 1)
+
+
+@pytest.mark.parametrize("value", ["1e9", "0", "-5", "lots"])
+def test_a_bad_pixel_limit_is_refused_once_before_any_image(tmp_path, monkeypatch, value):
+    from conftest import refused
+    from featurepipe.errors import FeaturepipeError
+
+    write_images(tmp_path / "data", 3, size=28)
+    monkeypatch.setenv("FEATUREPIPE_MAX_IMAGE_PIXELS", value)
+    r = cli("data", "inspect", "--data", tmp_path / "data", ok=False)
+    refused(r, f"FEATUREPIPE_MAX_IMAGE_PIXELS={value}", "whole number")
+    assert "unreadable" not in r.output
+    # Not an image's fault either where featurepipe is used as a library: the setting's error, not a skip.
+    with pytest.raises(FeaturepipeError, match="FEATUREPIPE_MAX_IMAGE_PIXELS") as e:
+        read_file(str(next((tmp_path / "data" / CLASSES[0]).iterdir())), 28, 1)
+    assert type(e.value) is FeaturepipeError

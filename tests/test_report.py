@@ -235,3 +235,63 @@ def test_the_training_curves_caption_says_which_epoch_the_run_kept(tmp_path, mon
     (run / "config.json").write_text(json.dumps(config))
     cli("compare", "--run", run, "--no-gradcam")
     assert caption in (run / "compare" / "summary.md").read_text()
+
+
+def test_compare_out_does_not_replace_a_users_files_without_overwrite(tmp_path):
+    from featurepipe.report.command import RUN_FILES
+
+    a, b = fake_run(tmp_path / "a"), fake_run(tmp_path / "b", seed=1)
+    cli("compare", "--run", a, "--no-gradcam")
+    cli("compare", "--run", a, "--no-gradcam")  # RUN/compare is the run's own: no --overwrite needed
+    assert set(p.name for p in (a / "compare").iterdir()) <= set(RUN_FILES)
+    for runs in ([a], [a, b]):
+        out = tmp_path / f"mine{len(runs)}"
+        out.mkdir()
+        (out / "summary.md").write_text("my notes")
+        args = [arg for r in runs for arg in ("--run", r)] + ["--out", out, "--no-gradcam"]
+        r = cli("compare", *args, ok=False)
+        assert r.exit_code == 2 and "Traceback" not in r.output
+        assert str(out / "summary.md") in r.output and "--overwrite" in r.output
+        assert [p.name for p in out.iterdir()] == ["summary.md"] and (out / "summary.md").read_text() == "my notes"
+        cli("compare", *args, "--overwrite")
+        assert (out / "summary.md").read_text() != "my notes"
+
+
+def test_figures_stay_bounded_and_say_what_is_left_out_for_many_classes(tmp_path):
+    from PIL import Image
+
+    from featurepipe import plots
+
+    k, rng = 1000, np.random.default_rng(0)
+    matrices = {m: np.diag(rng.integers(1, 5, k)) + (rng.random((k, k)) < 0.001) for m in ("cnn", "logreg", "svm")}
+    calls = []
+    real = plots.plt.subplots
+
+    def recorded(*args, **kwargs):
+        calls.append(kwargs["figsize"])
+        fig = real(*args, **kwargs)
+        calls.append(fig[0])
+        return fig
+
+    plots.plt.subplots = recorded
+    try:
+        plots.confusion_matrices(matrices, [f"class number {i}" for i in range(k)], tmp_path / "confusion.png")
+    finally:
+        plots.plt.subplots = real
+    assert max(calls[0]) <= plots.MAX_INCHES
+    assert "1000 classes, so no names" in calls[1]._suptitle.get_text()
+    width, height = Image.open(tmp_path / "confusion.png").size
+    assert max(width, height) <= plots.MAX_INCHES * 120 * 1.1
+
+
+def test_a_three_image_test_split_says_what_cannot_be_computed(tmp_path):
+    import warnings
+
+    run = fake_run(tmp_path / "run", n_classes=2, n_test=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        cli("compare", "--run", run, "--no-gradcam")
+    text = (run / "compare" / "summary.md").read_text()
+    html = re.sub(r"data:image/png;base64,[^\"]*", "", (run / "compare" / "report.html").read_text())
+    assert not re.search(r"\bnan\b", text, re.IGNORECASE) and not re.search(r"\bnan\b", html, re.IGNORECASE)
+    assert "DeLong's test cannot be computed: it needs 2 test images of each class" in text

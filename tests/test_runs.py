@@ -73,7 +73,24 @@ def test_planted_head_with_untrusted_types_is_refused(hostile_run, tmp_path):
     run = copy_run(hostile_run, tmp_path)
     sio.dump(Pipeline([("f", FunctionTransformer(shutil.rmtree))]), run / "heads" / "logreg.skops")
     refused(cli("predict", "--run", run, "--model", "logreg", hostile_run.parent / "data", ok=False),
+            "logreg.skops", "sha256")
+    # A json without the hash (an older featurepipe's) still never loads an untrusted type.
+    info = json.loads((run / "heads" / "logreg.json").read_text())
+    del info["skops_sha256"]
+    (run / "heads" / "logreg.json").write_text(json.dumps(info))
+    refused(cli("predict", "--run", run, "--model", "logreg", hostile_run.parent / "data", ok=False),
             "logreg.skops", "safely")
+
+
+def test_a_planted_joblib_without_its_skops_is_not_offered_as_a_fitted_head(hostile_run, tmp_path):
+    import joblib
+
+    run = copy_run(hostile_run, tmp_path)
+    joblib.dump(Planted(tmp_path / "pwned"), run / "heads" / "rf.joblib")
+    shutil.copy(run / "heads" / "logreg.json", run / "heads" / "rf.json")
+    line = refused(cli("predict", "--run", run, "--model", "rf", hostile_run.parent / "data", ok=False),
+                   "--model rf", "fitted head: logreg")
+    assert "rf," not in line.split("fitted head:")[1] and not (tmp_path / "pwned").exists()
 
 
 def test_planted_resume_state_runs_no_code(tiny_run, tmp_path):
@@ -113,6 +130,23 @@ def test_predict_does_not_overwrite(hostile_run, tmp_path):
     before = model.read_bytes()
     refused(cli("predict", "--run", hostile_run, images, "--out", model, "--overwrite", ok=False), "file of the run")
     assert model.read_bytes() == before
+
+
+def test_a_lock_that_is_a_folder_is_one_line(hostile_run, tmp_path):
+    run = copy_run(hostile_run, tmp_path)
+    (run / ".lock").unlink(missing_ok=True)
+    (run / ".lock").mkdir()
+    refused(cli("fit-heads", "--run", run, "--heads", "logreg", ok=False), str(run / ".lock"), "is a folder")
+
+
+def test_predict_and_extract_do_not_replace_a_users_skipped_list(hostile_run, tmp_path):
+    images = hostile_run.parent / "data" / "@dot"
+    for args, out in ((["predict", "--run", hostile_run, images], tmp_path / "p.csv"),
+                      (["extract", "--run", hostile_run, "--data", hostile_run.parent / "data"], tmp_path / "f.h5")):
+        mine = out.with_name(f"{out.stem}.skipped.csv")
+        mine.write_text("my list")
+        refused(cli(*args, "--out", out, ok=False), str(mine), "--overwrite")
+        assert mine.read_text() == "my list" and not out.exists()
 
 
 def test_extract_does_not_replace_a_run_file(hostile_run):
@@ -429,8 +463,10 @@ def test_fitted_heads_and_the_stale_checkpoint_check(tmp_path):
     assert cfg.fitted_heads() == []
     paths.heads.mkdir()
     for name, checkpoint in (("svm", fingerprint(paths.checkpoint)), ("rf", "0" * 16)):
-        paths.head_model(name).write_bytes(b"")
+        paths.head_safe(name).write_bytes(b"")
         paths.head_info(name).write_text(json.dumps({"checkpoint": checkpoint}))
+    paths.head_model("knn").write_bytes(b"")  # a pickle alone is never loaded, so it is no fitted head
+    paths.head_info("knn").write_text(json.dumps({"checkpoint": fingerprint(paths.checkpoint)}))
     assert cfg.fitted_heads() == ["rf", "svm"]
     assert cfg.head_info("svm")["checkpoint"] == cfg.checkpoint
     with pytest.raises(FeaturepipeError, match="older checkpoint"):

@@ -242,6 +242,32 @@ def test_csv_rows_outside_the_manifest_folder_are_refused(tmp_path, row):
         assert "16 images" in r.output
 
 
+def test_a_link_inside_the_manifest_folder_that_leads_out_is_refused(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    Image.fromarray(make_arrays(1, size=28)[0][0]).save(outside / "private.png")
+    m = _manifest(tmp_path, ["images/esc/private.png,bar", "images/inner/" + "bar,bar"])
+    (tmp_path / "d" / "images" / "esc").symlink_to(outside)
+    # A link that stays inside the folder is only another name for a file there.
+    (tmp_path / "d" / "images" / "inner").symlink_to(tmp_path / "d" / "images")
+    m.write_text(m.read_text().replace("images/inner/bar,bar", "images/inner/" +
+                                       next((tmp_path / "d" / "images" / "bar").iterdir()).name + ",bar"))
+    m.write_text(m.read_text().replace("images/inner/", "images/inner/bar/"))
+    line = refused(cli("data", "inspect", "--data", m, ok=False), f"{m}:17", "images/esc/private.png",
+                   "--allow-outside")
+    assert str(outside / "private.png") in line and "link" in line
+    cli("data", "inspect", "--data", m, "--allow-outside")
+    m.write_text("".join(ln for ln in m.read_text().splitlines(True) if "esc/" not in ln))
+    assert len(scan(str(m))) == 16
+
+
+def test_csv_with_a_nul_byte_or_an_overlong_field_names_the_row(tmp_path):
+    m = _manifest(tmp_path, ["images/bar/x\0y.png,bar"])
+    refused(cli("data", "inspect", "--data", m, ok=False), f"{m}:17", "NUL")
+    m = _manifest(tmp_path, ["images/bar/" + "x" * 200_000 + ".png,bar"], name="long.csv")
+    refused(cli("data", "inspect", "--data", m, ok=False), f"{m}:17", "field larger than field limit")
+
+
 def test_csv_deleted_files_are_skipped_not_a_traceback(tmp_path):
     m = _manifest(tmp_path, [])
     gone = sorted((tmp_path / "d" / "images" / "bar").iterdir())[0]
@@ -261,6 +287,31 @@ def test_csv_same_file_under_two_spellings_is_refused(tmp_path, spelling):
     first = write_images(tmp_path / "d" / "images", 5, size=28)[0]
     m = _manifest(tmp_path, [f"{spelling.format(first[0].relative_to(tmp_path / 'd' / 'images').as_posix())},{first[1]}"])
     refused(cli("data", "inspect", "--data", m, ok=False), "listed more than once", "row 2")
+
+
+# ---- folders and links ----
+
+def test_folder_links_out_of_the_data_are_refused_and_links_inside_work(tmp_path):
+    data, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    write_images(data, 5, size=28)
+    write_images(elsewhere, 2, size=28, seed=1)
+    bar = data / "bar"
+    # Inside: a link to another file of the folder, and a class folder that is a link to a folder inside.
+    (bar / "again.png").symlink_to(next((data / "column").iterdir()))
+    (tmp_path / "data" / ".store").mkdir()
+    (data / "column").rename(data / ".store" / "column")
+    (data / "column").symlink_to(data / ".store" / "column")
+    assert len(scan(str(data))) == 16
+    for link, target in ((data / "d", elsewhere / "dot"), (bar / "private.png", next((elsewhere / "bar").iterdir())),
+                         (bar / "passwd.png", Path("/etc/passwd"))):
+        link.symlink_to(target)
+        line = refused(cli("data", "inspect", "--data", data, ok=False), str(data), "outside the data folder",
+                       "--allow-outside")
+        assert str(target.resolve()) in line
+        assert "passwd" not in line or "passwd.png" in line
+        link.unlink()
+    (data / "d").symlink_to(elsewhere / "dot")
+    assert "d" in scan(str(data), allow_outside=True).class_names
 
 
 # ---- .npz ------------------------------------------------------------------------------------------------------------
@@ -303,6 +354,44 @@ def test_npz_bad_arrays_are_refused(tmp_path, name, value, words):
     refused(cli("data", "inspect", "--data", path, ok=False), str(path), *words)
 
 
+def _forged_npz(path: Path, shape: tuple[int, ...], data: bytes) -> Path:
+    """An .npz whose train_images header declares `shape` uint8 and holds `data` after it."""
+    import io
+    import zipfile
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False, "shape": shape})
+    labels = io.BytesIO()
+    np.save(labels, np.zeros(shape[0] if shape[0] < 10 else 3, np.int64))
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("train_images.npy", header.getvalue() + data)
+        z.writestr("train_labels.npy", labels.getvalue())
+    return path
+
+
+def test_an_npz_bomb_is_refused_from_its_headers_before_any_data_is_read(tmp_path, monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("np.load ran")
+
+    forged = _forged_npz(tmp_path / "forged.npz", (100000, 128, 128), bytes(1 << 20))
+    big = _forged_npz(tmp_path / "big.npz", (8, 512, 512), bytes(8 * 512 * 512))
+    monkeypatch.setattr(np, "load", no_loading)
+    refused(cli("data", "inspect", "--data", forged, ok=False), str(forged), "train_images", "(100000, 128, 128)",
+            "1.53 GiB", "holds")
+    from featurepipe.data import sources
+
+    monkeypatch.setattr(sources, "available_memory", lambda: 3 << 20)
+    refused(cli("data", "inspect", "--data", big, ok=False), str(big), "half the memory free", "image folder")
+
+
+def test_a_text_file_named_npz_is_said_to_be_no_npz(tmp_path):
+    path = tmp_path / "notes.npz"
+    path.write_text("just some notes\n")
+    line = refused(cli("data", "inspect", "--data", path, ok=False), str(path), "not an .npz (zip) file")
+    assert "pickle" not in line
+
+
 def test_npz_object_arrays_are_refused_unloaded(tmp_path):
     path = _npz(tmp_path / "o.npz", train_labels=np.array([0, 1, 2] * 7 + [None, 1, 2], dtype=object))
-    refused(cli("data", "inspect", "--data", path, ok=False), str(path), "cannot read .npz")
+    line = refused(cli("data", "inspect", "--data", path, ok=False), str(path), "train_labels", "object array")
+    assert "unsafe" not in line and "allow_pickle" not in line

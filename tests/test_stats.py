@@ -26,6 +26,25 @@ def test_stratified_resamples_keep_class_counts_and_are_seeded():
     assert not np.array_equal(idx, stats.stratified_resamples(y, 200, seed=4))
 
 
+def test_resampled_macro_f1_of_many_classes_holds_no_confusion_matrix_per_resample():
+    # compare on 1 000 classes was killed at 17.6 GB: resamples x classes x classes counts. 300 classes
+    # here (720 MB that way) to keep a failure of this test from taking the machine.
+    import tracemalloc
+
+    y, proba = noisy_predictions(n=900, k=300)
+    idx = stats.stratified_resamples(y, 1000, seed=0)
+    tracemalloc.start()
+    try:
+        f1 = stats.macro_f1_rows(y, proba.argmax(axis=1), idx, n_classes=300)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 100 * 2**20, peak
+    row = idx[0]
+    assert f1[0] == pytest.approx(f1_score(y[row], proba.argmax(axis=1)[row], labels=range(300), average="macro",
+                                           zero_division=0))
+
+
 def test_resampled_accuracy_and_macro_f1_equal_sklearn_on_each_resample():
     y, proba = noisy_predictions(k=4, skill=0.8)
     pred = proba.argmax(axis=1)

@@ -12,12 +12,16 @@ run, so a second run on the same data (another --arch, --seed, a re-run after de
 them; runs stay small to copy. FEATUREPIPE_CACHE_DIR moves it (`off` streams as before); each cache is
 a folder named by its key, deleted by hand (the log says where and how big).
 
-Key: every file's path, size and modification time, the image size and channel count; change any file
-and the key changes. Resumable: rows are written, made durable, then recorded in state.json (replaced
-atomically), so an interrupted fill continues where its last record stopped. Damage (a short file, a
-foreign header, a state that does not parse, rows whose checksum changed in a sample) is detected on
-opening and the cache rebuilt. Unreadable images are recorded with their reason, so the bad-image
-policy and skipped.csv come out as from decoding.
+Key: every file's path, size, modification time, change time and inode, the image size and channel
+count; change any file and the key changes. The change time is what catches a file rewritten in place
+with its size and mtime put back (`cp -p`, `rsync -t`, `tar` restore the mtime; nothing but the kernel
+sets the ctime), the inode a file replaced by another. Resumable: rows are written, made durable, then
+recorded in state.json (replaced atomically), so an interrupted fill continues where its last record
+stopped. Damage to the whole (a short file, a foreign header, a state that does not parse, rows whose
+checksum changed in a sample) is detected on opening and the cache rebuilt; each row's checksum is
+checked again the first time a process reads it, and a row that fails is decoded from its file
+instead (and rewritten by the next fill). Unreadable images are recorded with their reason, so the
+bad-image policy and skipped.csv come out as from decoding.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ import numpy as np
 from featurepipe.data.images import UnreadableImage
 from featurepipe.data.sources import FileStore
 from featurepipe.errors import FeaturepipeError
-from featurepipe.progress import log
+from featurepipe.progress import gib, log
 from featurepipe.runs import atomic_path, cannot_write
 
 # In-memory cap (bytes of decoded images per split) above which a split goes to the disk cache.
@@ -75,7 +79,7 @@ def key(store: FileStore, size: int, channels: int) -> str:
     for path in store.paths:
         try:
             st = os.stat(path)
-            h.update(f"{os.path.abspath(path)} {st.st_size} {st.st_mtime_ns}\n".encode())
+            h.update(f"{os.path.abspath(path)} {st.st_size} {st.st_mtime_ns} {st.st_ctime_ns} {st.st_ino}\n".encode())
         except OSError:  # gone: recorded as unreadable; its return changes the key
             h.update(f"{os.path.abspath(path)} -\n".encode())
     return h.hexdigest()
@@ -95,6 +99,10 @@ class DiskCache:
         self.crc = np.zeros(len(source.paths), np.uint32)
         self.reasons: dict[int, str] = {}
         self.images: np.ndarray | None = None
+        # Rows whose checksum this process has checked, and those that failed (kept across a reopen,
+        # so the next fill decodes them again).
+        self.checked = np.zeros(len(source.paths), bool)
+        self.damaged: set[int] = set()
 
     data = property(lambda self: self.folder / "images.npy")
     state = property(lambda self: self.folder / "state.json")
@@ -103,12 +111,22 @@ class DiskCache:
     def read(self, i: int, size: int | None, channels: int) -> np.ndarray:
         if self.status[i] == BAD:
             raise UnreadableImage(self.source.describe(i), self.reasons[i])
-        if self.status[i] == OK and (size, channels) == (self.size, self.channels):
+        if (size, channels) == (self.size, self.channels) and self.ready(np.array([i])):
             return self.images[i]
         return self.source.read(i, size, channels)
 
     def ready(self, indices: np.ndarray) -> bool:
-        """Whether every one of these rows can be gathered from the map as it is."""
+        """Whether every one of these rows can be gathered from the map as it is; every read of the map
+        asks first, so rows are checked against their checksum here, once per process."""
+        unchecked = indices[(self.status[indices] == OK) & ~self.checked[indices]]
+        for i in unchecked.tolist():
+            if zlib.crc32(np.ascontiguousarray(self.images[i])) != self.crc[i]:
+                if not self.damaged:
+                    log(f"warning: decode cache {self.folder}: row {i} ({self.source.describe(i)}) changed since it "
+                        "was written; such rows are decoded from their files until a fill rewrites them (or delete the folder)")
+                self.status[i] = TODO
+                self.damaged.add(i)
+        self.checked[unchecked] = True
         return bool((self.status[indices] == OK).all())
 
     def describe(self, i: int) -> str:
@@ -157,6 +175,8 @@ class DiskCache:
             if zlib.crc32(np.ascontiguousarray(images[i])) != crc[i]:
                 return f"row {i} changed since it was written"
         self.status, self.crc, self.reasons, self.images = status.copy(), crc.copy(), reasons, images
+        self.status[list(self.damaged)] = TODO
+        self.checked[:] = False
         return ""
 
     def create(self) -> None:
@@ -174,6 +194,8 @@ class DiskCache:
                 if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system without fallocate
                     raise
                 f.truncate(self.nbytes)
+        self.status[:], self.checked[:], self.reasons = TODO, False, {}
+        self.damaged.clear()
         self._record()
         self.images = np.load(self.data, mmap_mode="c")
 
@@ -212,6 +234,7 @@ class DiskCache:
                 pixels = np.ascontiguousarray(arr)
                 os.pwrite(fd, pixels, offset + i * row)
                 self.crc[i] = zlib.crc32(pixels)
+                self.damaged.discard(i)
                 written.append(i)
                 if len(written) >= RECORD_ROWS or time.monotonic() - last > RECORD_SECONDS:
                     self._commit(fd, written)
@@ -243,7 +266,7 @@ class DiskCache:
         """One filler at a time (torchrun's processes, two commands on the same data): the others wait,
         then find the rows done."""
         self.folder.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.folder.parent / f"{self.folder.name}.lock", "w") as lock:
+        with open(lock_path(self.folder), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 why = self.open() if self.folder.exists() else "new"
@@ -278,22 +301,47 @@ def _header_bytes(shape: tuple[int, ...]) -> int:
     return len(_header(shape))
 
 
+def lock_path(folder: Path) -> Path:
+    return folder.parent / f"{folder.name}.lock"
+
+
+def unusable(folder: Path) -> str:
+    """Why a cache cannot live at `folder` ('' when it can): its parent cannot be made or written (a file
+    named as FEATUREPIPE_CACHE_DIR, a read-only file system or HOME), or the folder or its lock is not
+    what featurepipe made there (a file, or a link that could lead anywhere)."""
+    base = folder.parent
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return f"cannot create {base} ({e.strerror or type(e).__name__})"
+    if not os.access(base, os.W_OK | os.X_OK):
+        return f"{base} is not writable"
+    for path, kind in ((folder, "folder"), (lock_path(folder), "file")):
+        if path.is_symlink() or (path.exists() and not (path.is_dir() if kind == "folder" else path.is_file())):
+            return f"{path} is not the {kind} featurepipe made there"
+    return ""
+
+
 def for_archive(store, counts: list[int], size: int, channels: int) -> DiskCache | None:
     """The disk cache train-cnn fills, where a split of this file archive is too big for memory and a
-    cache folder is configured with room for it; else None (the split streams, as before)."""
+    usable cache folder is configured with room for it; else None (the split streams, as before)."""
     base = root()
     if store.in_memory or base is None or all(n * size * size * channels <= memory_bytes() for n in counts):
         return None
     cache = DiskCache(store, base / key(store, size, channels), size, channels)
+    why = unusable(cache.folder)
+    if why:
+        log(f"warning: no decode cache ({why}): images above the memory cap are decoded every epoch; "
+            "FEATUREPIPE_CACHE_DIR moves the cache")
+        return None
     if not cache.folder.exists() or cache.open():
-        base.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(base).free
         if free < 1.1 * cache.nbytes:
-            log(f"warning: no room for a decode cache in {base} ({_gib(cache.nbytes)} needed, {_gib(free)} free): "
+            log(f"warning: no room for a decode cache in {base} ({gib(cache.nbytes)} needed, {gib(free)} free): "
                 "images above the memory cap are decoded every epoch; FEATUREPIPE_CACHE_DIR moves the cache")
             return None
     log(f"decode cache: {cache.shape[0]} images at {size}x{size}x{channels} in {cache.folder} "
-        f"({_gib(cache.nbytes)} on disk, {_gib(shutil.disk_usage(base).free)} free); "
+        f"({gib(cache.nbytes)} on disk, {gib(shutil.disk_usage(base).free)} free); "
         "FEATUREPIPE_CACHE_DIR moves it (off: decode every epoch)")
     return cache
 
@@ -305,11 +353,7 @@ def reuse(store, size: int, channels: int):
     if store.in_memory or base is None or not base.is_dir():  # no cache at all: spare stat-ing every file
         return store
     cache = DiskCache(store, base / key(store, size, channels), size, channels)
-    if not cache.folder.exists() or cache.open():
+    if cache.folder.is_symlink() or not cache.folder.is_dir() or cache.open():
         return store
     log(f"reading decoded images from {cache.folder} ({int((cache.status == OK).sum())} of {cache.shape[0]} cached)")
     return cache
-
-
-def _gib(n: float) -> str:
-    return f"{n / 1024**3:.2f} GiB"

@@ -21,11 +21,17 @@ DEFAULT_MAX_PIXELS = 2 * 89_478_485
 
 
 def max_image_pixels() -> int:
+    """The limit; a bad value is the user's to fix, and the CLI asks for it before any work (cli._cli),
+    so it is refused once instead of becoming every image's reason to be unreadable."""
     value = os.environ.get("FEATUREPIPE_MAX_IMAGE_PIXELS", "")
     try:
-        return int(value) if value else DEFAULT_MAX_PIXELS
+        limit = int(value) if value else DEFAULT_MAX_PIXELS
     except ValueError:
-        raise FeaturepipeError(f"FEATUREPIPE_MAX_IMAGE_PIXELS={value}: give a whole number of pixels") from None
+        limit = 0
+    if limit < 1:
+        raise FeaturepipeError(f"FEATUREPIPE_MAX_IMAGE_PIXELS={value}: give a whole number of pixels above 0, "
+                               f"e.g. {DEFAULT_MAX_PIXELS} (the default), or unset it")
+    return limit
 
 
 GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
@@ -81,13 +87,13 @@ def read_file(path: str, size: int | None, channels: int) -> np.ndarray:
 def open_image(path: str) -> Iterator[Image.Image]:
     """The image at `path`, header read; whatever opening or decoding it raises inside the block
     becomes an UnreadableImage naming the file."""
+    limit = max_image_pixels()  # outside the try: a bad setting is not this image's fault
     try:
         with warnings.catch_warnings():
             # Per-file chatter (palette transparency, odd EXIF) would flood the log of a large archive.
             warnings.simplefilter("ignore")
             # A file object, not the path: PIL memory-maps uncompressed files it opens by path, and on
             # that route (Pillow 13) a TIFF's EXIF orientation is lost for L, P, RGBA, CMYK and I;16.
-            limit = max_image_pixels()
             Image.MAX_IMAGE_PIXELS = None  # PIL's guard (warning, then an error without the size) is ours below
             with open(path, "rb") as f, Image.open(f) as img:
                 if img.width * img.height > limit:

@@ -10,6 +10,7 @@ import csv
 import hashlib
 import io
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from PIL import Image
 
 from featurepipe.data.images import IMAGE_EXTENSIONS, decode, is_gray, open_image, read_file
 from featurepipe.errors import FeaturepipeError
+from featurepipe.progress import gib
 
 SPLITS = ("train", "val", "test")
 PATH_ALIASES = ("filename", "file", "image", "image_path", "filepath")
@@ -112,8 +114,8 @@ class Catalog:
 
 
 def scan(source: str, allow_outside: bool = False) -> Catalog:
-    """Read a source's index (not its pixels). A CSV's rows must name files inside its folder unless
-    `allow_outside` (--allow-outside)."""
+    """Read a source's index (not its pixels). A CSV's rows, and a folder's files, must resolve (links
+    followed) to files inside the CSV's folder or the data folder unless `allow_outside` (--allow-outside)."""
     if source == "demo":
         return _demo()
     path = Path(source).expanduser()
@@ -124,7 +126,7 @@ def scan(source: str, allow_outside: bool = False) -> Catalog:
     if path.is_file() and path.suffix.lower() == ".csv":
         return _csv(path, allow_outside)
     if path.is_dir():
-        return _folder(path)
+        return _folder(path, allow_outside)
     raise FeaturepipeError(f"--data {source}: unknown data source; give an image folder, a .csv manifest, an .npz or 'demo'")
 
 
@@ -144,6 +146,7 @@ def _demo() -> Catalog:
 
 
 def _npz(path: Path) -> Catalog:
+    check_npz(path)
     try:
         data = np.load(path, allow_pickle=False)
         present = [s for s in SPLITS if f"{s}_images" in data and f"{s}_labels" in data]
@@ -177,6 +180,61 @@ def _npz(path: Path) -> Catalog:
     return Catalog(str(path), "npz", ids, y, names, ArrayStore(np.concatenate(images), path.name), split)
 
 
+_NPZ_KEYS = frozenset({*(f"{s}_{k}" for s in SPLITS for k in ("images", "labels")), "class_names"})
+
+
+def check_npz(path: Path) -> None:
+    """Refuse an .npz from its members' .npy headers, before any data is read: np.load allocates and
+    inflates whatever shape a header declares, and a 1.6 MB file of compressed zeros can declare
+    (100000, 128, 128). What featurepipe reads must fit twice in the memory free now (the splits are
+    joined into one array), and each member must hold the bytes its header declares."""
+    if not zipfile.is_zipfile(path):
+        raise FeaturepipeError(f"{path}: not an .npz (zip) file; give a MedMNIST-style .npz written by numpy.savez")
+    total = 0
+    try:
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                name = info.filename.removesuffix(".npy")
+                if name not in _NPZ_KEYS:
+                    continue  # never read
+                with z.open(info) as f:
+                    version = np.lib.format.read_magic(f)
+                    if version not in ((1, 0), (2, 0)):
+                        raise ValueError(f"{name} is an .npy of format {version[0]}.{version[1]}")
+                    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                    shape, _, dtype = read(f)
+                    header = f.tell()
+                if dtype.hasobject:
+                    raise FeaturepipeError(f"{path}: {name} is an object array, which only a pickle can hold and "
+                                           "featurepipe never loads; store plain numeric arrays")
+                nbytes = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+                if header + nbytes > info.file_size:
+                    raise FeaturepipeError(f"{path}: {name} declares {shape} {dtype} ({gib(nbytes)}) but holds "
+                                           f"{info.file_size:,} bytes; the file is damaged or forged")
+                total += nbytes
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        raise FeaturepipeError(f"{path}: cannot read .npz ({e}); store plain numeric arrays with numpy.savez") from None
+    free = available_memory()
+    if 2 * total > free:
+        raise FeaturepipeError(f"{path}: its arrays hold {gib(total)} once decompressed, more than half the memory "
+                               f"free now ({gib(free)}); use an image folder or a CSV manifest for data this large")
+
+
+def available_memory() -> int:
+    """Bytes the kernel can give without swapping (MemAvailable), else the free pages."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return 1 << 62  # unknown: the headers' own checks still hold
+
+
 def _npz_labels(path: Path, split: str, y: np.ndarray) -> np.ndarray:
     """Integer class indices 0..K-1, one per image; anything else is refused, not truncated."""
     if y.ndim == 2 and y.shape[1] != 1:
@@ -208,21 +266,28 @@ def _csv(path: Path, allow_outside: bool = False) -> Catalog:
             raise FeaturepipeError(
                 f"{path}: missing column(s) {', '.join(missing)}; a manifest needs path,label[,split][,group]"
             )
-        rows = list(reader)
+        try:
+            rows = list(reader)
+        except csv.Error as e:  # a field over csv.field_size_limit (131 072 characters): no path is that long
+            raise FeaturepipeError(f"{path}:{reader.line_num + 1}: {e}; is this a manifest of path,label rows?") from None
     if not rows:
         raise FeaturepipeError(f"{path}: the manifest has no rows")
     paths, labels, split, groups = [], [], [], []
     folder = os.path.normpath(os.path.abspath(path.parent))
+    inside = Inside(folder)
     where: dict[str, int] = {}
     for n, row in enumerate(rows, start=2):
         p, label = (row[cols["path"]] or "").strip(), (row[cols["label"]] or "").strip()
         if not p or not label:
             raise FeaturepipeError(f"{path}:{n}: empty path or label")
+        if "\0" in p:
+            raise FeaturepipeError(f"{path}:{n}: the path holds a NUL byte, which no file name can; fix the row")
         # One spelling per file (a/1.png, ./a/1.png and a//1.png are the same image), checked lexically.
         full = os.path.normpath(os.path.join(folder, p))
-        if not allow_outside and os.path.commonpath([folder, full]) != folder:
-            raise FeaturepipeError(f"{path}:{n}: '{p}' lies outside the manifest's folder {path.parent}; "
-                                   "move the images below it, or pass --allow-outside if you trust this manifest")
+        if not allow_outside and not inside(full):
+            raise FeaturepipeError(f"{path}:{n}: '{p}' lies outside the manifest's folder {path.parent}"
+                                   f"{inside.via(full)}; move the images below it, or pass --allow-outside if you "
+                                   "trust this manifest")
         if full in where:
             raise FeaturepipeError(f"{path}:{n}: '{p}' is listed more than once (as row {where[full]}, "
                                    "perhaps spelled otherwise); each image needs one row")
@@ -251,6 +316,22 @@ def _csv(path: Path, allow_outside: bool = False) -> Catalog:
     )
 
 
+class Inside:
+    """Whether a path lies inside `folder` once every link is followed: a link inside the folder
+    (img/esc -> /elsewhere) would otherwise carry a path that looks inside to a file that is not."""
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = os.path.realpath(folder)
+
+    def __call__(self, path: str | os.PathLike) -> bool:
+        return os.path.commonpath([self.folder, os.path.realpath(path)]) == self.folder
+
+    def via(self, path: str | os.PathLike) -> str:
+        """' (it leads to REAL through a link)' where links took the path elsewhere, for the message."""
+        real = os.path.realpath(path)
+        return f" (it leads to {real} through a link)" if real != os.path.normpath(os.path.abspath(path)) else ""
+
+
 def _ignored(name: str) -> bool:
     # Hidden files (.DS_Store, macOS's ._ twins), unzip leftovers and NAS thumbnail folders are not data.
     return name.startswith(".") or name in ("__MACOSX", "@eaDir")
@@ -268,7 +349,7 @@ def _images_under(folder: Path) -> list[Path]:
     )
 
 
-def _folder(root: Path) -> Catalog:
+def _folder(root: Path, allow_outside: bool = False) -> Catalog:
     dirs = {_SPLIT_ALIASES.get(d.name.lower()): d for d in _subdirs(root)}
     dirs.pop(None, None)
     if "train" in dirs and "test" in dirs:
@@ -294,6 +375,13 @@ def _folder(root: Path) -> Catalog:
             paths += files
             labels += [index[c]] * len(files)
             split += [s] * len(files)
+    if not allow_outside:
+        inside = Inside(root)
+        for p in paths:
+            if not inside(p):
+                raise FeaturepipeError(f"{root}: '{p.relative_to(root).as_posix()}' lies outside the data folder"
+                                       f"{inside.via(p)}; copy the images in, or pass --allow-outside if you trust "
+                                       "this folder's links")
     counts = np.bincount(labels, minlength=len(names)) if labels else np.zeros(len(names), int)
     for c, n in zip(names, counts):
         if n == 0:

@@ -109,7 +109,10 @@ def fit_heads(run: str | Path, names: list[str], config: HeadsConfig | None = No
                 bar.advance(task)
             if STACK in names:
                 bar.update(task, info=STACK)
-                results[STACK] = fit_stack(cfg, val, test, config.tune, config.jobs)
+                try:
+                    results[STACK] = fit_stack(cfg, val, test, config.tune, config.jobs)
+                except SkipHead as e:
+                    log(f"{STACK}: skipped: {e}")
                 bar.advance(task)
     return results
 

@@ -12,7 +12,7 @@ from featurepipe.errors import FeaturepipeError
 from featurepipe.evaluate import Predictions, load_predictions
 from featurepipe.extract import FeatureSplit
 from featurepipe.heads.files import write_head
-from featurepipe.heads.fitting import choose, full_proba, stratified_folds
+from featurepipe.heads.fitting import SkipHead, choose, full_proba, stratified_folds
 from featurepipe.heads.registry import STACK, STACK_SPEC, HeadSpec
 from featurepipe.run_config import RunConfig
 from featurepipe.runs import RunPaths, require
@@ -41,6 +41,9 @@ def fit_stack(cfg: RunConfig, val: FeatureSplit, test: FeatureSplit, tune: str, 
     P_val = _stacked(paths, inputs, "val", val.ids, class_names)
     P_test = _stacked(paths, inputs, "test", test.ids, class_names)
     y = np.asarray(val.labels)
+    if np.bincount(y)[np.unique(y)].min() < 2:
+        raise SkipHead("a class has fewer than 2 val images; the stack's own val figures come from "
+                       "cross-validation on val")
     spec = STACK_SPEC
     if tune == "none":
         params, table = dict(spec.defaults), []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -21,9 +22,24 @@ from featurepipe.report.gallery import (GRADCAM_SIZE, failure_row, gallery_figur
 from featurepipe.report.inputs import load_all
 from featurepipe.report.scoring import score_run
 from featurepipe.run_config import RunConfig
-from featurepipe.runs import RunPaths, environment, read_json, run_paths, write_json, write_text
+from featurepipe.runs import (RunPaths, check_output, environment, is_run, read_json, run_paths, write_json,
+                              write_text)
 
 MIN_RESAMPLES = 1000
+# What compare writes into its folder: with --out, a user's files of these names are not replaced
+# without --overwrite (RUN/compare is the run's own).
+RUN_FILES = ("per_class.csv", "metrics.csv", "classification_reports.txt", "summary.md", "report.html", "summary.json",
+             *(f"{name}.png" for name in RUN_FIGURES))
+RUNS_FILES = ("summary.md", "report.html", "summary.json", "accuracy.png", "macro_f1.png")
+
+
+def check_out(out: Path, n_runs: int, overwrite: bool = False) -> None:
+    """Refuse, before any work, an --out that cannot be written or holds a user's files compare would
+    replace; inside a run (RUN/compare given as --out) the files are compare's own."""
+    out = Path(out).expanduser()
+    ours = any(is_run(p) for p in Path(os.path.abspath(out)).parents)
+    check_output(out, "--out", folder=True, overwrite=overwrite,
+                 beside=() if ours else tuple(out / name for name in (RUN_FILES if n_runs == 1 else RUNS_FILES)))
 
 
 @dataclass

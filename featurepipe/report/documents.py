@@ -137,10 +137,11 @@ def run_document(summary: dict[str, Any], cfg: RunConfig, figures: dict[str, Pat
 
     doc.heading("Is the difference real? Each head against the CNN")
     doc.table(significance_table(tests))
+    delong = ("DeLong's test applies to two classes only; this task has more." if len(names) != 2
+              else "DeLong: test of the two correlated ROC-AUCs (binary task)." if all("delong" in t for t in tests.values())
+              else f"DeLong's test cannot be computed: it needs {stats.DELONG_MIN} test images of each class.")
     doc.para("only CNN / only head right: the discordant images McNemar's test uses; Holm's adjustment in "
-             "brackets. "
-             + ("DeLong: test of the two correlated ROC-AUCs (binary task)." if len(names) == 2
-                else "DeLong's test applies to two classes only; this task has more."), note=True)
+             "brackets. " + delong, note=True)
 
     doc.heading("All metrics")
     doc.table(Table(

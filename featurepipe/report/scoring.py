@@ -59,7 +59,7 @@ def evaluate_models(preds: dict[str, Predictions], resamples: int, seed: int) ->
             t[f"delta_{metric}_ci"] = stats.percentile_interval(boot[name][metric] - boot["cnn"][metric], LEVEL)
         mc = stats.mcnemar_exact(cnn_right, p.y_pred == p.y_true)
         t["mcnemar"] = {"cnn_only_right": mc.b, "head_only_right": mc.c, "p_value": mc.p_value}
-        if n_classes == 2 and len(np.unique(ref.y_true)) == 2:
+        if n_classes == 2 and np.bincount(ref.y_true, minlength=2).min() >= stats.DELONG_MIN:
             d = stats.delong_test(ref.y_true, ref.proba[:, 1], p.proba[:, 1])
             t["delong"] = {"auc_cnn": d.auc_a, "auc_head": d.auc_b, "difference": d.difference, "z": d.z,
                            "p_value": d.p_value}
