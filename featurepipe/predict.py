@@ -19,7 +19,7 @@ import torch
 from featurepipe import data as fdata
 from featurepipe.data.images import IMAGE_EXTENSIONS
 from featurepipe.data.sources import FileStore, _images_under
-from featurepipe.device import autocast, images_per_pass, in_passes, resolve_device, to_device
+from featurepipe.device import autocast, choose_precision, images_per_pass, in_passes, resolve_device, to_device
 from featurepipe.errors import FeaturepipeError
 from featurepipe.heads import NAMES, STACK, full_proba, load_head
 from featurepipe.models import load_checkpoint
@@ -36,9 +36,10 @@ class Predictor:
         self.run.checkpoint  # refuses a run without its checkpoint before any loading
         self.net, self.meta = load_checkpoint(paths.checkpoint, device)
         self.net = self.net.to(memory_format=torch.channels_last)
-        self.per_pass = images_per_pass(self.net, self.meta["img_size"], amp)
+        self.amp = choose_precision(device, amp).forward
+        self.per_pass = images_per_pass(self.net, self.meta["img_size"], self.amp)
         self.class_names = self.meta["class_names"]
-        self.device, self.amp, self.model = device, amp, model
+        self.device, self.model = device, model
         self.heads: dict[str, Any] = {}
         self.infos: dict[str, dict[str, Any]] = {}
         names = [model] if model != STACK else [model, *self._load(STACK)["inputs"]]

@@ -26,7 +26,7 @@ from featurepipe import data as fdata
 from featurepipe import distributed
 from featurepipe.callbacks import (DDP, EMA, EarlyStopping, FreezePhase, History, KeepBest, Progress, ResumeState,
                                    SeedEpochs)
-from featurepipe.device import autocast, keep_freed_memory, resolve_device, to_device
+from featurepipe.device import Precision, autocast, choose_precision, keep_freed_memory, resolve_device, to_device
 from featurepipe.engine import Callback, Trainer, diverged
 from featurepipe.errors import FeaturepipeError
 from featurepipe.evaluate import (Predictions, clearly_above, macro_f1, majority_baseline, save_evaluation,
@@ -109,6 +109,7 @@ class Prepared:
     store: fdata.ArrayStore | fdata.sources.FileStore
     position: np.ndarray  # catalog index → index in `store`
     device: torch.device
+    precision: Precision
     skipped: list = field(default_factory=list)  # unreadable images left out (fdata.Skipped)
 
     def dataset(self, idx: np.ndarray) -> fdata.ImageDataset:
@@ -139,6 +140,8 @@ def prepare(data: str, cfg: TrainConfig, device: torch.device,
     splits = fdata.assign_splits(catalog, cfg.seed, saved_splits)
     cfg = resolve(cfg, catalog, splits)
     r = cfg.resolved
+    precision = choose_precision(device, cfg.amp, r["arch"])
+    r["precision"] = precision.record(device)
     # Every image is decoded once here: unreadable ones are dropped (or stop the run, --on-bad-image
     # error), and what fits stays in memory, so 2000-px scans are not decoded again every epoch.
     stores, splits, skipped = fdata.load_splits(catalog, splits, r["img_size"], r["in_channels"], cfg.on_bad_image)
@@ -157,7 +160,7 @@ def prepare(data: str, cfg: TrainConfig, device: torch.device,
         for split, (s, positions) in stores.items():
             position[splits[split]] = offset + positions
             offset += len(s.images)
-    return Prepared(cfg, catalog, splits, meta, store, position, device, skipped)
+    return Prepared(cfg, catalog, splits, meta, store, position, device, precision, skipped)
 
 
 def resolve(cfg: TrainConfig, catalog: fdata.Catalog, splits: dict[str, np.ndarray]) -> TrainConfig:
@@ -255,6 +258,7 @@ def train(data: str, out: str | Path, cfg: TrainConfig, callbacks: Sequence[Call
     log(f"training {r['arch']} on {prep.device.type}: {len(splits['train'])} train / {len(splits['val'])} val "
         f"images, {r['img_size']} px, {r['in_channels']} channel(s), {r['epochs']} epochs of batches of "
         f"{r['batch_size']}, augment={r['augment']}" + (f", {cfg.folds} folds" if cfg.folds > 1 else ""))
+    log(prep.precision.describe(prep.device))
     result = cross_validate(prep, run, callbacks) if cfg.folds > 1 else single(prep, run, callbacks)
     if main:
         write_json(run.cnn_metrics, result)
@@ -412,9 +416,10 @@ def fit(prep: Prepared, train_idx: np.ndarray, val_idx: np.ndarray, run: RunPath
     class_weights = np.ones(n_classes) if sampler else balanced_class_weights(train_ds.labels, n_classes)
     criterion = nn.CrossEntropyLoss(weight=torch.tensor(class_weights, dtype=torch.float32, device=device),
                                     label_smoothing=cfg.label_smoothing)
-    validation = Validation(val_loader, device, cfg.amp, prep.catalog.class_names, class_weights, r["lr"])
+    amp = prep.precision
+    validation = Validation(val_loader, device, amp.forward, prep.catalog.class_names, class_weights, r["lr"])
     phases = FreezePhase(r["freeze_epochs"], lambda phase: _optimizer(net, cfg, phase, len(train_loader)))
-    trainer = Trainer(net, train_loader, criterion, device, cfg.amp, augment, validation, epochs=total, callbacks=[
+    trainer = Trainer(net, train_loader, criterion, device, amp.train_step, augment, validation, epochs=total, callbacks=[
         phases,  # first: the epoch's optimizer, which DDP wraps
         *([DDP()] if world > 1 else []),
         SeedEpochs(train_loader, sampler, cfg.seed),
@@ -433,7 +438,7 @@ def fit(prep: Prepared, train_idx: np.ndarray, val_idx: np.ndarray, run: RunPath
     best = torch.load(run.checkpoint, map_location="cpu", weights_only=True)
     evaluated = trainer.evaluated
     evaluated.load_state_dict(best["state_dict"])
-    recalibrate_batchnorm(evaluated, prep.dataset(train_idx), device, cfg.amp)
+    recalibrate_batchnorm(evaluated, prep.dataset(train_idx), device, amp.forward)
     if distributed.is_main():
         save_checkpoint(run.checkpoint, evaluated, prep.meta, epoch=best["epoch"])
     state = trainer.state
@@ -540,7 +545,7 @@ def evaluate(prep: Prepared, net: Net | None, idx: np.ndarray, proba: np.ndarray
     names = prep.catalog.class_names
     if proba is None:
         loader = fdata.make_loader(prep.dataset(idx), 256, pin_memory=prep.device.type == "cuda")
-        return predict(net, loader, prep.device, prep.cfg.amp, ids=prep.ids(idx), class_names=names)
+        return predict(net, loader, prep.device, prep.precision.forward, ids=prep.ids(idx), class_names=names)
     return Predictions(prep.ids(idx), prep.catalog.labels[idx], proba, names)
 
 
