@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from featurepipe import data as fdata
+from featurepipe.data.fingerprint import check_same_data
 from featurepipe import distributed
 from featurepipe.device import autocast, choose_precision, images_per_pass, in_passes, resolve_device, to_device
 from featurepipe.errors import FeaturepipeError, first_line
@@ -97,8 +98,6 @@ def extract(run: str | Path, batch_size: int = 256, data: str | None = None, out
         return f.float().cpu().numpy()
 
     if data is None:
-        from featurepipe.train import check_same_data
-
         catalog = fdata.scan(cfg.data.source, cfg.train.allow_outside)
         check_same_data(cfg.sections, catalog, f"extract --run {paths.root}")
         if catalog.class_names != class_names:

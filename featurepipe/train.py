@@ -8,7 +8,6 @@ options ask for.
 from __future__ import annotations
 
 import functools
-import hashlib
 import math
 import random
 import shutil
@@ -26,6 +25,7 @@ from featurepipe import data as fdata
 from featurepipe import distributed
 from featurepipe.callbacks import (DDP, EMA, EarlyStopping, FreezePhase, History, KeepBest, Progress, ResumeState,
                                    SeedEpochs)
+from featurepipe.data.fingerprint import check_same_data, data_fingerprint
 from featurepipe.device import Precision, autocast, choose_precision, keep_freed_memory, resolve_device, to_device
 from featurepipe.engine import Callback, Trainer, diverged
 from featurepipe.errors import FeaturepipeError
@@ -198,40 +198,6 @@ def resolve(cfg: TrainConfig, catalog: fdata.Catalog, splits: dict[str, np.ndarr
         "mean": mean, "std": std, "data_fingerprint": data_fingerprint(catalog),
     }
     return replace(cfg, resolved=resolved)
-
-
-def data_fingerprint(catalog: fdata.Catalog, contents: bool = True) -> str:
-    """A hash of ids, labels and content (arrays) or sizes (files): tells whether two runs saw the same data.
-    Without `contents`, of the index alone (ids, labels, classes)."""
-    h = hashlib.sha256()
-    h.update("\n".join(catalog.ids).encode())
-    h.update(np.asarray(catalog.labels, dtype=np.int64).tobytes())
-    h.update("\n".join(catalog.class_names).encode())
-    if contents and catalog.store.in_memory:
-        h.update(np.ascontiguousarray(catalog.store.images).data)
-    elif contents:
-        for path in catalog.store.paths:
-            try:
-                h.update(str(Path(path).stat().st_size).encode())
-            except OSError:  # gone or unreadable: load_splits skips it (or stops) and says why
-                h.update(b"-")
-    return h.hexdigest()[:16]
-
-
-def check_same_data(config: dict[str, Any], catalog: fdata.Catalog, where: str) -> None:
-    """Compare the data read again with config.json's fingerprints: other ids, labels or classes (an image
-    moved to another class) are refused; files changed under the same ids and labels are a warning, and
-    each image is then read (or found unreadable) as it is now. Runs without the index fingerprint
-    (older ones) refuse any change."""
-    data, now = config["data"], data_fingerprint(catalog)
-    index = data.get("index_fingerprint")
-    if (index is not None and index != data_fingerprint(catalog, contents=False)) or \
-            (index is None and data.get("fingerprint") not in (None, now)):
-        raise FeaturepipeError(f"{where}: {catalog.source} changed since the run was trained (its images, labels or "
-                               f"classes differ from config.json's fingerprint); train a new run on it")
-    if data.get("fingerprint") not in (None, now):
-        log(f"warning: {where}: files of {catalog.source} changed since the run was trained (sizes or pixels); "
-            "ids and labels are the same")
 
 
 def train(data: str, out: str | Path, cfg: TrainConfig, callbacks: Sequence[Callback] = ()) -> dict[str, Any] | None:
