@@ -44,6 +44,7 @@ def lr_find(data: str, out: str | Path, cfg: TrainConfig, start: float = 1e-6, e
     weights = torch.tensor(balanced_class_weights(train_ds.labels, n_classes), dtype=torch.float32)
     criterion = nn.CrossEntropyLoss(weight=weights.to(prep.device))
     trainer = Trainer(net, loader, criterion, prep.device, prep.precision.train_step, augment)
+    log(prep.precision.describe(prep.device))
     trainer.optimizer = torch.optim.AdamW(net.parameters(), lr=start, weight_decay=cfg.weight_decay)
     factor = (end / start) ** (1 / (steps - 1))
 

@@ -36,7 +36,8 @@ class Predictor:
         self.run.checkpoint  # refuses a run without its checkpoint before any loading
         self.net, self.meta = load_checkpoint(paths.checkpoint, device)
         self.net = self.net.to(memory_format=torch.channels_last)
-        self.amp = choose_precision(device, amp).forward
+        self.precision = choose_precision(device, amp)
+        self.amp = self.precision.forward
         self.per_pass = images_per_pass(self.net, self.meta["img_size"], self.amp)
         self.class_names = self.meta["class_names"]
         self.device, self.model = device, model
@@ -154,7 +155,7 @@ def predict(run: str | Path, model: str, inputs: list[str], out: str | Path | No
         sys.stdout.write(text)
     else:
         write_text(Path(out), text)
-        log(f"{model}: {len(ids)} images → {out}")
+        log(f"{model}: {len(ids)} images → {out}; {predictor.precision.describe(dev, training=False)}")
     return ids, proba, predictor.class_names
 
 

@@ -11,8 +11,9 @@ time, start-up included) and extract (a fresh process; the seconds of the extrac
 the interpreter, torch and featurepipe are loaded), then fits logreg and svm heads on the features
 (`--tune none`). It prints, per mode, train-cnn and extract seconds, their ratio to fp32's, the CNN's
 and the best head's test accuracy, and how the mode's features of the fp32-trained CNN compare with
-fp32's (mean and lowest cosine per image, largest absolute difference over the largest value,
-NaN/inf count), so that bf16's accuracy is checked apart from its training.
+fp32's for each of --feature-modes (mean and lowest cosine per image, largest absolute difference over
+the largest value, NaN/inf count, heads fitted on them), so that bf16's accuracy is checked apart
+from its training.
 
 Where auto resolves to fp32 (a CPU without native bf16: every AVX2-only one) the auto rows measure
 what the choice itself costs (nothing: the ratios are 1 within the machine's noise). On a CPU with
@@ -71,6 +72,13 @@ def extract_seconds(run: Path, mode: str, device: str) -> float:
     return float(result.stdout.strip().splitlines()[-1])
 
 
+def h5py_precision(path: Path) -> str:
+    import h5py
+
+    with h5py.File(path) as h5:
+        return str(h5.attrs["precision"])
+
+
 def best_head(run: Path) -> tuple[str, float]:
     accuracy = {h: json.loads((run / "heads" / f"{h}.json").read_text())["test"]["accuracy"] for h in HEADS.split(",")}
     name = max(accuracy, key=accuracy.get)
@@ -93,13 +101,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", default="A,B", help="comma-separated: A, B")
     parser.add_argument("--modes", default="fp32,auto", help="comma-separated: fp32 (always run), auto, bf16")
+    parser.add_argument("--feature-modes", default="bf16",
+                        help="comma-separated modes (auto, bf16) whose features of the fp32-trained CNN are compared "
+                             "with fp32's; '' for none")
     parser.add_argument("--seeds", default="0", help="comma-separated training seeds")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (as the commands' --device)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/featurepipe-bench-amp"),
                         help="folder for the runs (emptied first)")
     args = parser.parse_args()
     modes = ["fp32", *(m for m in args.modes.split(",") if m != "fp32")]
-    unknown = set(modes) - set(MODES) or set(args.configs.split(",")) - set(CONFIGS)
+    feature_modes = [m for m in args.feature_modes.split(",") if m and m != "fp32"]
+    unknown = (set(modes) | set(feature_modes)) - set(MODES) or set(args.configs.split(",")) - set(CONFIGS)
     if unknown:
         sys.exit(f"unknown configuration or mode: {', '.join(sorted(unknown))}")
     shutil.rmtree(args.work, ignore_errors=True)
@@ -112,14 +124,15 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, native bf16: "
           f"{native_bf16() or 'none'}; load average at start {os.getloadavg()}")
     print("| config | seed | mode | precision (forward / step) | train-cnn s | speed-up | extract s | speed-up | "
-          "CNN test acc | best head test acc | features vs fp32: cos mean / min, max |diff| / max, not finite |")
-    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---|")
+          "CNN test acc | best head test acc |")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|---|")
     device = torch.device(args.device)
     for config in args.configs.split(","):
         data, options = CONFIGS[config]
         arch = options[options.index("--arch") + 1]
         for seed in args.seeds.split(","):
             base: dict[str, float] = {}
+            fp32_run = args.work / f"{config}-{seed}-fp32"
             for mode in modes:
                 run = args.work / f"{config}-{seed}-{mode}"
                 train_s = featurepipe("train-cnn", "--data", str(data), "--out", str(run), *options, "--seed", seed,
@@ -130,21 +143,23 @@ def main() -> None:
                 head, head_acc = best_head(run)
                 precision = json.loads((run / "config.json").read_text())["train"]["resolved"]["precision"]
                 base = base or {"train": train_s, "extract": extract_s}
-                agreement = "–"
-                if mode != "fp32":  # this mode's forward pass on the fp32-trained CNN, against fp32's features
-                    twin = args.work / f"{config}-{seed}-fp32-as-{mode}"
-                    shutil.copytree(args.work / f"{config}-{seed}-fp32", twin)
-                    (twin / "features.h5").unlink()
-                    extract_seconds(twin, mode, args.device)
-                    featurepipe("fit-heads", "--run", str(twin), "--heads", HEADS, "--tune", "none")
-                    a = feature_agreement(twin / "features.h5", args.work / f"{config}-{seed}-fp32" / "features.h5")
-                    twin_head, twin_acc = best_head(twin)
-                    agreement = (f"{a['cos_mean']:.6f} / {a['cos_min']:.6f}, {a['max_abs_diff_rel']:.4f}, "
-                                 f"{a['not_finite']}; heads on them: {twin_head} {twin_acc:.4f}")
-                forward_step = f"{precision['forward']} / {precision['train_step']}"
-                print(f"| {config} ({arch}) | {seed} | {mode} | {forward_step} | {train_s:.1f} | "
-                      f"{base['train'] / train_s:.2f} | {extract_s:.2f} | {base['extract'] / extract_s:.2f} | "
-                      f"{cnn:.4f} | {head} {head_acc:.4f} | {agreement} |", flush=True)
+                print(f"| {config} ({arch}) | {seed} | {mode} | {precision['forward']} / {precision['train_step']} | "
+                      f"{train_s:.1f} | {base['train'] / train_s:.2f} | {extract_s:.2f} | "
+                      f"{base['extract'] / extract_s:.2f} | {cnn:.4f} | {head} {head_acc:.4f} |", flush=True)
+            for mode in feature_modes:  # this mode's forward pass on the fp32-trained CNN, against fp32's features
+                twin = args.work / f"{config}-{seed}-fp32-as-{mode}"
+                shutil.copytree(fp32_run, twin)
+                (twin / "features.h5").unlink()
+                extract_s = extract_seconds(twin, mode, args.device)
+                featurepipe("fit-heads", "--run", str(twin), "--heads", HEADS, "--tune", "none")
+                a = feature_agreement(twin / "features.h5", fp32_run / "features.h5")
+                head, head_acc = best_head(twin)
+                print(f"features of {config} seed {seed}'s fp32 CNN extracted as {mode} "
+                      f"({h5py_precision(twin / 'features.h5')}, {extract_s:.2f} s) against fp32's: cosine per image "
+                      f"mean {a['cos_mean']:.6f}, lowest {a['cos_min']:.6f}; largest |difference| "
+                      f"{a['max_abs_diff_rel']:.4f} of the largest value; {a['not_finite']} values not finite; "
+                      f"heads fitted on them: best {head} test accuracy {head_acc:.4f} (on fp32's: "
+                      f"{'%s %.4f' % best_head(fp32_run)})", flush=True)
     print(f"load average at the end {os.getloadavg()}; auto on this machine: "
           f"{choose_precision(device, None, 'sixblock').reason}")
 
