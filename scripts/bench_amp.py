@@ -85,6 +85,20 @@ def best_head(run: Path) -> tuple[str, float]:
     return name, accuracy[name]
 
 
+def cnn_accuracy(run: Path, features: Path) -> float:
+    """The CNN's test accuracy computed from a features file: its linear head applied to the test split's
+    penultimate features (so: with that file's forward pass)."""
+    import torch
+
+    from featurepipe.models import load_checkpoint
+
+    net, _ = load_checkpoint(run / "cnn" / "model.pt", "cpu")
+    test = read_split(features, "test")
+    with torch.inference_mode():
+        predicted = net.eval().head(torch.from_numpy(test.features)).argmax(1).numpy()
+    return float((predicted == test.labels).mean())
+
+
 def feature_agreement(a: Path, b: Path) -> dict[str, float]:
     """Features file `a` against `b` (fp32's), over all splits: per-image cosine similarity, the largest
     absolute difference relative to b's largest value, and how many of a's values are not finite."""
@@ -158,8 +172,9 @@ def main() -> None:
                       f"({h5py_precision(twin / 'features.h5')}, {extract_s:.2f} s) against fp32's: cosine per image "
                       f"mean {a['cos_mean']:.6f}, lowest {a['cos_min']:.6f}; largest |difference| "
                       f"{a['max_abs_diff_rel']:.4f} of the largest value; {a['not_finite']} values not finite; "
-                      f"heads fitted on them: best {head} test accuracy {head_acc:.4f} (on fp32's: "
-                      f"{'%s %.4f' % best_head(fp32_run)})", flush=True)
+                      f"CNN test accuracy {cnn_accuracy(twin, twin / 'features.h5'):.4f} (fp32: "
+                      f"{cnn_accuracy(fp32_run, fp32_run / 'features.h5'):.4f}); heads fitted on them: best {head} "
+                      f"test accuracy {head_acc:.4f} (on fp32's: {'%s %.4f' % best_head(fp32_run)})", flush=True)
     print(f"load average at the end {os.getloadavg()}; auto on this machine: "
           f"{choose_precision(device, None, 'sixblock').reason}")
 

@@ -61,6 +61,7 @@ def main() -> None:
     parser.add_argument("--train-batch", type=int, default=64)
     parser.add_argument("--extract-batch", type=int, default=256)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--passes", default="step,extract", help="which to measure: step, extract or both")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()}")
     shape = (args.channels, args.img_size, args.img_size)
@@ -75,11 +76,11 @@ def main() -> None:
 
     x, y = images(args.train_batch), torch.randint(0, 2, (args.train_batch,))
     xe = images(args.extract_batch)
-    rows = []
-    for what, make in (
-        ("training step", lambda net: step_fn(net.train(), x, y)),
-        ("extract forward", lambda net: (lambda: torch.inference_mode()(net.eval().forward_features)(xe))),
-    ):
+    passes = {
+        "step": ("training step", lambda net: step_fn(net.train(), x, y)),
+        "extract": ("extract forward", lambda net: (lambda: torch.inference_mode()(net.eval().forward_features)(xe))),
+    }
+    for what, make in (passes[p] for p in args.passes.split(",")):
         eager_net = model()
         _, eager = timed(make(eager_net), args.steps)
         compiled_net = model()
@@ -88,7 +89,6 @@ def main() -> None:
         compile_s = first - eager
         saving = eager - compiled
         repay = compile_s / saving if saving > 0 else float("inf")
-        rows.append((what, eager, compiled, compile_s, repay))
         print(f"{args.arch} @ {args.img_size} px, {what}: eager {eager * 1000:.1f} ms, compiled {compiled * 1000:.1f} ms "
               f"({eager / compiled:.2f}x), compile {compile_s:.1f} s: repaid after "
               + (f"{repay:.0f} calls" if repay != float('inf') else "never (no saving)"), flush=True)
