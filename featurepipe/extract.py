@@ -31,8 +31,8 @@ import numpy as np
 import torch
 
 from featurepipe import data as fdata
-from featurepipe.data.fingerprint import check_same_data
 from featurepipe import distributed
+from featurepipe.data.fingerprint import check_same_data
 from featurepipe.device import autocast, choose_precision, images_per_pass, in_passes, resolve_device, to_device
 from featurepipe.errors import FeaturepipeError, first_line
 from featurepipe.models import LAYERS, TTA, fingerprint, load_checkpoint

@@ -37,8 +37,7 @@ class Predictor:
         self.net, self.meta = load_checkpoint(paths.checkpoint, device)
         self.net = self.net.to(memory_format=torch.channels_last)
         self.precision = choose_precision(device, amp)
-        self.amp = self.precision.forward
-        self.per_pass = images_per_pass(self.net, self.meta["img_size"], self.amp)
+        self.per_pass = images_per_pass(self.net, self.meta["img_size"], self.precision.forward)
         self.class_names = self.meta["class_names"]
         self.device, self.model = device, model
         self.heads: dict[str, Any] = {}
@@ -70,14 +69,14 @@ class Predictor:
 
         def embedded(layer: str, tta: str) -> np.ndarray:
             if (layer, tta) not in features:
-                with autocast(self.device, self.amp):
+                with autocast(self.device, self.precision.forward):
                     f = in_passes(lambda part: self.net.embed(part, layer, tta), x, self.per_pass)
                     features[layer, tta] = f.float().cpu().numpy()
             return features[layer, tta]
 
         def proba(name: str) -> np.ndarray:
             if name == "cnn":
-                with autocast(self.device, self.amp):
+                with autocast(self.device, self.precision.forward):
                     logits = in_passes(self.net, x, self.per_pass)
                 return torch.softmax(logits.float(), dim=1).cpu().numpy().astype(np.float64)
             info, head = self.infos[name], self.heads[name]

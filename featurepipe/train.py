@@ -382,10 +382,10 @@ def fit(prep: Prepared, train_idx: np.ndarray, val_idx: np.ndarray, run: RunPath
     class_weights = np.ones(n_classes) if sampler else balanced_class_weights(train_ds.labels, n_classes)
     criterion = nn.CrossEntropyLoss(weight=torch.tensor(class_weights, dtype=torch.float32, device=device),
                                     label_smoothing=cfg.label_smoothing)
-    amp = prep.precision
-    validation = Validation(val_loader, device, amp.forward, prep.catalog.class_names, class_weights, r["lr"])
+    forward, step = prep.precision.forward, prep.precision.train_step  # autocast or not, for each kind of pass
+    validation = Validation(val_loader, device, forward, prep.catalog.class_names, class_weights, r["lr"])
     phases = FreezePhase(r["freeze_epochs"], lambda phase: _optimizer(net, cfg, phase, len(train_loader)))
-    trainer = Trainer(net, train_loader, criterion, device, amp.train_step, augment, validation, epochs=total, callbacks=[
+    trainer = Trainer(net, train_loader, criterion, device, step, augment, validation, epochs=total, callbacks=[
         phases,  # first: the epoch's optimizer, which DDP wraps
         *([DDP()] if world > 1 else []),
         SeedEpochs(train_loader, sampler, cfg.seed),
@@ -404,7 +404,7 @@ def fit(prep: Prepared, train_idx: np.ndarray, val_idx: np.ndarray, run: RunPath
     best = torch.load(run.checkpoint, map_location="cpu", weights_only=True)
     evaluated = trainer.evaluated
     evaluated.load_state_dict(best["state_dict"])
-    recalibrate_batchnorm(evaluated, prep.dataset(train_idx), device, amp.forward)
+    recalibrate_batchnorm(evaluated, prep.dataset(train_idx), device, forward)
     if distributed.is_main():
         save_checkpoint(run.checkpoint, evaluated, prep.meta, epoch=best["epoch"])
     state = trainer.state

@@ -126,8 +126,8 @@ def test_no_amp_keeps_fp32_on_a_cpu_with_native_bf16(tiny_run, tmp_path, monkeyp
     with h5py.File(run / "features.h5") as again, h5py.File(tiny_run / "features.h5") as fp32:
         assert again.attrs["precision"] == "fp32"
         np.testing.assert_array_equal(again["test"]["features"][:], fp32["test"]["features"][:])
-    assert Predictor(run_paths(run), "cnn", CPU, amp=False).amp is False
-    assert Predictor(run_paths(run), "cnn", CPU).amp is True
+    assert Predictor(run_paths(run), "cnn", CPU, amp=False).precision.forward is False
+    assert Predictor(run_paths(run), "cnn", CPU).precision.forward is True
 
 
 def test_cpu_inference_runs_in_passes_sized_to_the_activations_and_gives_the_same_features():

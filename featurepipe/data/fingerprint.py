@@ -2,8 +2,8 @@
 with config.json's by every command that reads a run's images again (extract, compare's gallery,
 train-cnn --resume).
 
-Apart from featurepipe.train so that extract and compare need not import the training module (and
-scikit-learn with it: half a second of extract's start-up, see docs/scaling.md).
+Apart from featurepipe.train so that extract and compare need not import the training module, and
+scikit-learn with it, at start-up (docs/scaling.md: what that cost bench.py's extract ratio).
 """
 
 from __future__ import annotations
