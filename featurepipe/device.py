@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import os
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -129,11 +131,91 @@ def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
 
 
+# A training step in bf16 is used where its architecture's step ran at least this much faster than in
+# fp32 on a CPU with native bf16 (models.registry's `cpu_bf16_step`): below it the gain is within a
+# shared machine's noise and not worth the rounding.
+BF16_STEP_MIN_SPEEDUP = 1.2
+
+
+# Overrides the detection: 0 treats the CPU as without native bf16, 1 as with it (a CPU the detection
+# does not know, e.g. ARM's bf16 extensions, which featurepipe has not measured). The test suite sets 0,
+# so that its comparisons with fp32 arithmetic hold on every CPU.
+NATIVE_BF16_VARIABLE = "FEATUREPIPE_CPU_BF16"
+
+
+def native_bf16() -> str | None:
+    """The instructions with which this CPU computes bf16 itself (AMX, AVX512-BF16), or None: without
+    them every bf16 operation is emulated through fp32, slower than fp32 (e.g. AVX2-only CPUs)."""
+    told = os.environ.get(NATIVE_BF16_VARIABLE, "")
+    if told in ("0", "1"):
+        return f"{NATIVE_BF16_VARIABLE}=1 says so" if told == "1" else None
+    if told:
+        raise FeaturepipeError(f"{NATIVE_BF16_VARIABLE}={told}: give 0 (no native bf16) or 1 (native bf16), or unset it")
+    caps = torch.cpu.get_capabilities()
+    found = [name for key, name in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16")) if caps.get(key)]
+    return " and ".join(found) or None
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Which passes run under autocast (`--amp`): forward-only ones (evaluation, BatchNorm
+    recalibration, extract, predict) and the training step; `reason` says why, for the log and
+    config.json."""
+
+    forward: bool
+    train_step: bool
+    reason: str
+
+    def record(self, device: torch.device) -> dict[str, str]:
+        return {"forward": _dtype_name(device, self.forward), "train_step": _dtype_name(device, self.train_step),
+                "reason": self.reason}
+
+    def describe(self, device: torch.device, training: bool = True) -> str:
+        r = self.record(device)
+        passes = f"forward passes {r['forward']}, training step {r['train_step']}" if training else r["forward"]
+        return f"precision: {passes} ({self.reason})"
+
+
+def choose_precision(device: torch.device, amp: bool | None = None, arch: str | None = None) -> Precision:
+    """`--amp` forces autocast for every pass, `--no-amp` fp32 everywhere. Left out (None): on CUDA
+    autocast everywhere (bf16 where the card has it, else fp16 with a gradient scaler); on a CPU with
+    native bf16, bf16 for forward passes (2-4x faster in the measurements of models.registry) and for
+    the training step where `arch`'s step measured at least BF16_STEP_MIN_SPEEDUP faster (its registry
+    entry's `cpu_bf16_step`; not measured: fp32). Without `arch` (no training step): forward passes
+    only. fp32 on other CPUs."""
+    if amp is not None:
+        return Precision(amp, amp, "--amp" if amp else "--no-amp")
+    if device.type == "cuda":
+        return Precision(True, True, "CUDA: bf16 where the card has it, else fp16")
+    native = native_bf16()
+    if native is None:
+        told = os.environ.get(NATIVE_BF16_VARIABLE) == "0"
+        return Precision(False, False, f"{NATIVE_BF16_VARIABLE}=0" if told else
+                         "this CPU has no native bf16 (AVX512-BF16 or AMX): emulated, it is slower than fp32")
+    native = f"this CPU computes bf16 natively ({native})"
+    if arch is None:
+        return Precision(True, False, native)
+    from featurepipe.models import get_arch  # not at the top: the models need nothing from here
+
+    speedup = get_arch(arch).cpu_bf16_step
+    faster = speedup is not None and speedup >= BF16_STEP_MIN_SPEEDUP
+    step = (f"{arch}'s bf16 training step measured at {speedup:.2f}x fp32's speed" if speedup is not None
+            else f"{arch}'s bf16 training step not measured")
+    return Precision(True, faster, f"{native}; {step}" + ("" if faster else ", so the step stays fp32"))
+
+
+def _dtype_name(device: torch.device, on: bool) -> str:
+    if not on:
+        return "fp32"
+    return "fp16" if device.type == "cuda" and not torch.cuda.is_bf16_supported() else "bf16"
+
+
 def autocast(device: torch.device, amp: bool | None = None):
-    """Mixed precision (`--amp/--no-amp`). None, the default, means on CUDA only: bf16 where the card
-    supports it, fp16 otherwise. True adds bf16 on the CPU (fast where it has AVX512-BF16 or AMX,
-    slower than fp32 where it has neither). False: fp32 everywhere."""
-    if amp is False or (amp is None and device.type != "cuda"):
+    """Autocast where `amp` asks for it (a field of `Precision`): bf16, or fp16 on a card without bf16.
+    None: as choose_precision decides for a forward-only pass."""
+    if amp is None:
+        amp = choose_precision(device).forward
+    if not amp:
         return contextlib.nullcontext()
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
@@ -141,4 +223,5 @@ def autocast(device: torch.device, amp: bool | None = None):
 
 
 def needs_grad_scaler(device: torch.device, amp: bool | None = None) -> bool:
+    """For the training step's `amp` (Precision.train_step): fp16 gradients underflow without scaling."""
     return device.type == "cuda" and amp is not False and not torch.cuda.is_bf16_supported()

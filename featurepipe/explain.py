@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from featurepipe import data as fdata
+from featurepipe.data.fingerprint import check_same_data
 from featurepipe.models import Net, get_arch
 from featurepipe.run_config import RunConfig
 from featurepipe.runs import read_json
@@ -19,8 +20,6 @@ from featurepipe.runs import read_json
 
 def read_test_images(cfg: RunConfig, ids: list[str]) -> list[np.ndarray]:
     """The run's test images with these ids, as the CNN saw them: (S, S, C) uint8 at the run's size."""
-    from featurepipe.train import check_same_data
-
     catalog = fdata.scan(cfg.data.source, cfg.train.allow_outside)
     check_same_data(cfg.sections, catalog, "compare")  # else the gallery would show other images under these ids
     test = fdata.assign_splits(catalog, cfg.seed, read_json(cfg.paths.splits))["test"]

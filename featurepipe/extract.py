@@ -4,7 +4,8 @@ Schema (the one place it is defined):
   /<split>/features  float32 (N, D)   the embedding (`layer` attribute says which)
   /<split>/labels    int64   (N,)     index into class_names
   /<split>/ids       str     (N,)     image ids as in the run's splits.json
-  attrs: class_names, arch, layer, tta, checkpoint (fingerprint), img_size, source, schema_version
+  attrs: class_names, arch, layer, tta, checkpoint (fingerprint), img_size, source, schema_version,
+  precision (of the forward pass: fp32, bf16 or fp16)
   (`layer` and `tta` as in models.embedding; files without `tta` were written without TTA)
 Rows are written batch by batch into chunked datasets, so memory does not grow with the data set,
 and the file only appears under its real name once complete. Until then it is `<name>.partial`, whose
@@ -31,7 +32,8 @@ import torch
 
 from featurepipe import data as fdata
 from featurepipe import distributed
-from featurepipe.device import autocast, images_per_pass, in_passes, resolve_device, to_device
+from featurepipe.data.fingerprint import check_same_data
+from featurepipe.device import autocast, choose_precision, images_per_pass, in_passes, resolve_device, to_device
 from featurepipe.errors import FeaturepipeError, first_line
 from featurepipe.models import LAYERS, TTA, fingerprint, load_checkpoint
 from featurepipe.models.embedding import check_choice
@@ -87,16 +89,15 @@ def extract(run: str | Path, batch_size: int = 256, data: str | None = None, out
     net = net.to(memory_format=torch.channels_last)
     class_names = meta["class_names"]
     dim = net.embed_dim(layer, meta["img_size"])
-    per_pass = images_per_pass(net, meta["img_size"], amp)
+    precision = choose_precision(dev, amp)
+    per_pass = images_per_pass(net, meta["img_size"], precision.forward)
 
     def embed(x: torch.Tensor) -> np.ndarray:
-        with autocast(dev, amp):
+        with autocast(dev, precision.forward):
             f = in_passes(lambda part: net.embed(part, layer, tta), to_device(x, dev), per_pass)
         return f.float().cpu().numpy()
 
     if data is None:
-        from featurepipe.train import check_same_data
-
         catalog = fdata.scan(cfg.data.source, cfg.train.allow_outside)
         check_same_data(cfg.sections, catalog, f"extract --run {paths.root}")
         if catalog.class_names != class_names:
@@ -111,7 +112,7 @@ def extract(run: str | Path, batch_size: int = 256, data: str | None = None, out
     attrs = {
         "class_names": json.dumps(class_names), "arch": meta["arch"], "layer": layer, "tta": tta,
         "checkpoint": fingerprint(paths.checkpoint), "img_size": meta["img_size"], "source": catalog.source,
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": SCHEMA_VERSION, "precision": precision.record(dev)["forward"],
     }
     pin = dev.type == "cuda"
     ids = {split: [catalog.ids[i] for i in splits[split]] for split in fdata.SPLITS}
@@ -172,7 +173,7 @@ def extract(run: str | Path, batch_size: int = 256, data: str | None = None, out
         fdata.save_skipped(skipped_beside(target), skipped)
     distributed.barrier()
     n = sum(len(v) for v in splits.values()) - len(skipped)
-    log(f"features of {n} images ({dim}-d, {layer}, tta {tta}) → {target}")
+    log(f"features of {n} images ({dim}-d, {layer}, tta {tta}) → {target}; {precision.describe(dev, training=False)}")
     return target
 
 

@@ -43,7 +43,8 @@ def lr_find(data: str, out: str | Path, cfg: TrainConfig, start: float = 1e-6, e
     net = net.to(prep.device, memory_format=torch.channels_last).train()
     weights = torch.tensor(balanced_class_weights(train_ds.labels, n_classes), dtype=torch.float32)
     criterion = nn.CrossEntropyLoss(weight=weights.to(prep.device))
-    trainer = Trainer(net, loader, criterion, prep.device, cfg.amp, augment)
+    trainer = Trainer(net, loader, criterion, prep.device, prep.precision.train_step, augment)
+    log(prep.precision.describe(prep.device))
     trainer.optimizer = torch.optim.AdamW(net.parameters(), lr=start, weight_decay=cfg.weight_decay)
     factor = (end / start) ** (1 / (steps - 1))
 
@@ -74,7 +75,7 @@ def lr_find(data: str, out: str | Path, cfg: TrainConfig, start: float = 1e-6, e
     suggestion = suggest(np.array(lrs), np.array(losses))
     out = Path(out)
     result = {"suggestion": suggestion, "lrs": lrs, "losses": losses, "arch": r["arch"], "data": str(data),
-              "seed": cfg.seed, "environment": environment()}
+              "seed": cfg.seed, "precision": r["precision"], "environment": environment()}
     if distributed.is_main():  # under torchrun every rank sweeps alike; rank 0 writes
         write_json(out / "lr_find.json", result)
         _plot(lrs, losses, suggestion, out / "lr_find.png")

@@ -75,7 +75,9 @@ BAD_IMAGE_HELP = ("skip: leave unreadable images out (warns once, lists them in 
                   "error: stop at the first.")
 ALLOW_OUTSIDE_HELP = ("Let a CSV manifest name files outside its own folder (../x.png, /abs/x.png, links), "
                       "or a data folder hold links out of it; only for data you trust.")
-AMP_HELP = "Mixed precision. Default: on CUDA only (bf16, else fp16); --amp adds bf16 on the CPU."
+AMP_HELP = ("Mixed precision. auto: on CUDA (bf16, else fp16); on a CPU with native bf16 (AVX512-BF16, AMX) bf16 "
+            "for forward passes and for the training step of architectures whose step it speeds up; fp32 on "
+            "other CPUs. --amp: bf16/fp16 for every pass, --no-amp: fp32 everywhere.")
 
 
 @dataclass
@@ -123,8 +125,8 @@ class TrainConfig:
     seed: int = option(0, "Seed for the split, initialisation, shuffling and augmentation.",
                        Check(lambda v: 0 <= v < 2**32, f"must be in 0..{2**32 - 1}"))
     device: str = option("auto", "auto, cpu or cuda.")  # checked where it is resolved (device.resolve_device)
-    # None: on CUDA only (device.autocast)
-    amp: bool | None = option(None, AMP_HELP, param_decls=("--amp/--no-amp",), show_default=False)
+    # None: auto (device.choose_precision)
+    amp: bool | None = option(None, AMP_HELP, param_decls=("--amp/--no-amp",), show_default="auto")
     resume: bool = option(False, "Continue an interrupted run from its last epoch.")
     overwrite: bool = option(False, "Replace a run directory that already holds a trained CNN.")
     on_bad_image: str = option("skip", BAD_IMAGE_HELP, one_of(_bad_image_policies, joined="{}", sep=" or "))
@@ -209,6 +211,8 @@ def option_rows(command) -> list[tuple[str, str, str]]:
         name = " / ".join([*p.opts, *p.secondary_opts])
         if p.required:
             default = "required"
+        elif isinstance(p.show_default, str):  # a default that is a word, not a value (--amp's auto)
+            default = p.show_default
         elif p.default is None or p.show_default is False:
             default = "–"
         elif getattr(p, "is_bool_flag", False) and p.secondary_opts:

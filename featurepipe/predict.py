@@ -19,7 +19,7 @@ import torch
 from featurepipe import data as fdata
 from featurepipe.data.images import IMAGE_EXTENSIONS
 from featurepipe.data.sources import FileStore, _images_under
-from featurepipe.device import autocast, images_per_pass, in_passes, resolve_device, to_device
+from featurepipe.device import autocast, choose_precision, images_per_pass, in_passes, resolve_device, to_device
 from featurepipe.errors import FeaturepipeError
 from featurepipe.heads import NAMES, STACK, full_proba, load_head
 from featurepipe.models import load_checkpoint
@@ -36,9 +36,10 @@ class Predictor:
         self.run.checkpoint  # refuses a run without its checkpoint before any loading
         self.net, self.meta = load_checkpoint(paths.checkpoint, device)
         self.net = self.net.to(memory_format=torch.channels_last)
-        self.per_pass = images_per_pass(self.net, self.meta["img_size"], amp)
+        self.precision = choose_precision(device, amp)
+        self.per_pass = images_per_pass(self.net, self.meta["img_size"], self.precision.forward)
         self.class_names = self.meta["class_names"]
-        self.device, self.amp, self.model = device, amp, model
+        self.device, self.model = device, model
         self.heads: dict[str, Any] = {}
         self.infos: dict[str, dict[str, Any]] = {}
         names = [model] if model != STACK else [model, *self._load(STACK)["inputs"]]
@@ -68,14 +69,14 @@ class Predictor:
 
         def embedded(layer: str, tta: str) -> np.ndarray:
             if (layer, tta) not in features:
-                with autocast(self.device, self.amp):
+                with autocast(self.device, self.precision.forward):
                     f = in_passes(lambda part: self.net.embed(part, layer, tta), x, self.per_pass)
                     features[layer, tta] = f.float().cpu().numpy()
             return features[layer, tta]
 
         def proba(name: str) -> np.ndarray:
             if name == "cnn":
-                with autocast(self.device, self.amp):
+                with autocast(self.device, self.precision.forward):
                     logits = in_passes(self.net, x, self.per_pass)
                 return torch.softmax(logits.float(), dim=1).cpu().numpy().astype(np.float64)
             info, head = self.infos[name], self.heads[name]
@@ -153,7 +154,7 @@ def predict(run: str | Path, model: str, inputs: list[str], out: str | Path | No
         sys.stdout.write(text)
     else:
         write_text(Path(out), text)
-        log(f"{model}: {len(ids)} images → {out}")
+        log(f"{model}: {len(ids)} images → {out}; {predictor.precision.describe(dev, training=False)}")
     return ids, proba, predictor.class_names
 
 

@@ -24,7 +24,7 @@ class DataConfig:
     class_names: list[str]
     source: str | None = None
     kind: str | None = None
-    fingerprint: str | None = None  # of ids, labels and contents (train.data_fingerprint)
+    fingerprint: str | None = None  # of ids, labels and contents (data.fingerprint.data_fingerprint)
     index_fingerprint: str | None = None  # of ids, labels and classes only
     counts: dict[str, list[int]] = field(default_factory=dict)  # images per class, per split
 

@@ -8,7 +8,6 @@ options ask for.
 from __future__ import annotations
 
 import functools
-import hashlib
 import random
 import shutil
 import time
@@ -25,7 +24,8 @@ from featurepipe import data as fdata
 from featurepipe import defaults, distributed
 from featurepipe.callbacks import (DDP, EMA, EarlyStopping, Extend, FreezePhase, History, KeepBest, Progress,
                                    ResumeState, SeedEpochs)
-from featurepipe.device import autocast, keep_freed_memory, resolve_device, to_device
+from featurepipe.data.fingerprint import check_same_data, data_fingerprint
+from featurepipe.device import Precision, autocast, choose_precision, keep_freed_memory, resolve_device, to_device
 from featurepipe.engine import Callback, Trainer, diverged
 from featurepipe.errors import FeaturepipeError
 from featurepipe.evaluate import (Predictions, clearly_above, macro_f1, majority_baseline, save_evaluation,
@@ -59,6 +59,7 @@ class Prepared:
     store: fdata.ArrayStore | fdata.sources.FileStore
     position: np.ndarray  # catalog index → index in `store`
     device: torch.device
+    precision: Precision
     skipped: list = field(default_factory=list)  # unreadable images left out (fdata.Skipped)
 
     def dataset(self, idx: np.ndarray) -> fdata.ImageDataset:
@@ -89,6 +90,8 @@ def prepare(data: str, cfg: TrainConfig, device: torch.device,
     splits = fdata.assign_splits(catalog, cfg.seed, saved_splits)
     cfg = resolve(cfg, catalog, splits)
     r = cfg.resolved
+    precision = choose_precision(device, cfg.amp, r["arch"])
+    r["precision"] = precision.record(device)
     # Every image is decoded once here: unreadable ones are dropped (or stop the run, --on-bad-image
     # error), and what fits stays in memory, so 2000-px scans are not decoded again every epoch.
     stores, splits, skipped = fdata.load_splits(catalog, splits, r["img_size"], r["in_channels"], cfg.on_bad_image)
@@ -107,7 +110,7 @@ def prepare(data: str, cfg: TrainConfig, device: torch.device,
         for split, (s, positions) in stores.items():
             position[splits[split]] = offset + positions
             offset += len(s.images)
-    return Prepared(cfg, catalog, splits, meta, store, position, device, skipped)
+    return Prepared(cfg, catalog, splits, meta, store, position, device, precision, skipped)
 
 
 def resolve(cfg: TrainConfig, catalog: fdata.Catalog, splits: dict[str, np.ndarray]) -> TrainConfig:
@@ -130,7 +133,6 @@ def resolve(cfg: TrainConfig, catalog: fdata.Catalog, splits: dict[str, np.ndarr
     mean, std = entry.normalisation(weights)
     if mean is None:
         mean, std = fdata.channel_stats(pixels, intensity.window)
-    augment = fdata.resolve_augmentation(cfg.augment, grey)
     batch_size = cfg.batch_size or defaults.auto_batch_size(n_train)
     epochs = cfg.epochs or defaults.auto_epochs(n_train, batch_size, weights is not None)
     resolved = {
@@ -142,47 +144,13 @@ def resolve(cfg: TrainConfig, catalog: fdata.Catalog, splits: dict[str, np.ndarr
         "patience": cfg.patience or max(8, epochs // 3),
         # Epochs left out: the schedule may grow where it ends still learning (callbacks.Extend).
         "extend_max": defaults.EXTEND_MAX if cfg.epochs is None else 0,
-        "augment": augment,
+        "augment": fdata.resolve_augmentation(cfg.augment, grey),
         "intensity": {"high": intensity.high, "levels": intensity.levels, "low_range": intensity.low_range,
                       "description": intensity.describe()},
         "window": list(intensity.window),
         "mean": mean, "std": std, "data_fingerprint": data_fingerprint(catalog),
     }
     return replace(cfg, resolved=resolved)
-
-
-def data_fingerprint(catalog: fdata.Catalog, contents: bool = True) -> str:
-    """A hash of ids, labels and content (arrays) or sizes (files): tells whether two runs saw the same data.
-    Without `contents`, of the index alone (ids, labels, classes)."""
-    h = hashlib.sha256()
-    h.update("\n".join(catalog.ids).encode())
-    h.update(np.asarray(catalog.labels, dtype=np.int64).tobytes())
-    h.update("\n".join(catalog.class_names).encode())
-    if contents and catalog.store.in_memory:
-        h.update(np.ascontiguousarray(catalog.store.images).data)
-    elif contents:
-        for path in catalog.store.paths:
-            try:
-                h.update(str(Path(path).stat().st_size).encode())
-            except OSError:  # gone or unreadable: load_splits skips it (or stops) and says why
-                h.update(b"-")
-    return h.hexdigest()[:16]
-
-
-def check_same_data(config: dict[str, Any], catalog: fdata.Catalog, where: str) -> None:
-    """Compare the data read again with config.json's fingerprints: other ids, labels or classes (an image
-    moved to another class) are refused; files changed under the same ids and labels are a warning, and
-    each image is then read (or found unreadable) as it is now. Runs without the index fingerprint
-    (older ones) refuse any change."""
-    data, now = config["data"], data_fingerprint(catalog)
-    index = data.get("index_fingerprint")
-    if (index is not None and index != data_fingerprint(catalog, contents=False)) or \
-            (index is None and data.get("fingerprint") not in (None, now)):
-        raise FeaturepipeError(f"{where}: {catalog.source} changed since the run was trained (its images, labels or "
-                               f"classes differ from config.json's fingerprint); train a new run on it")
-    if data.get("fingerprint") not in (None, now):
-        log(f"warning: {where}: files of {catalog.source} changed since the run was trained (sizes or pixels); "
-            "ids and labels are the same")
 
 
 def train(data: str, out: str | Path, cfg: TrainConfig, callbacks: Sequence[Callback] = ()) -> dict[str, Any] | None:
@@ -209,6 +177,7 @@ def train(data: str, out: str | Path, cfg: TrainConfig, callbacks: Sequence[Call
     log(f"training {r['arch']} on {prep.device.type}: {len(splits['train'])} train / {len(splits['val'])} val "
         f"images, {r['img_size']} px, {r['in_channels']} channel(s), {r['epochs']} epochs of batches of "
         f"{r['batch_size']}, augment={r['augment']}" + (f", {cfg.folds} folds" if cfg.folds > 1 else ""))
+    log(prep.precision.describe(prep.device))
     result = cross_validate(prep, run, callbacks) if cfg.folds > 1 else single(prep, run, callbacks)
     if main:
         write_json(run.cnn_metrics, result)
@@ -366,11 +335,12 @@ def fit(prep: Prepared, train_idx: np.ndarray, val_idx: np.ndarray, run: RunPath
     class_weights = np.ones(n_classes) if sampler else balanced_class_weights(train_ds.labels, n_classes)
     criterion = nn.CrossEntropyLoss(weight=torch.tensor(class_weights, dtype=torch.float32, device=device),
                                     label_smoothing=cfg.label_smoothing)
-    validation = Validation(val_loader, device, cfg.amp, prep.catalog.class_names, class_weights, r["lr"])
+    forward, step = prep.precision.forward, prep.precision.train_step  # autocast or not, for each kind of pass
+    validation = Validation(val_loader, device, forward, prep.catalog.class_names, class_weights, r["lr"])
     phases = FreezePhase(r["freeze_epochs"], r["epochs"],
                          lambda phase, epochs, lr_scale: _optimizer(net, cfg, phase, len(train_loader), epochs,
                                                                     lr_scale))
-    trainer = Trainer(net, train_loader, criterion, device, cfg.amp, augment, validation, epochs=total, callbacks=[
+    trainer = Trainer(net, train_loader, criterion, device, step, augment, validation, epochs=total, callbacks=[
         phases,  # first: the epoch's optimizer, which DDP wraps
         *([DDP()] if world > 1 else []),
         SeedEpochs(train_loader, sampler, cfg.seed),
@@ -392,7 +362,7 @@ def fit(prep: Prepared, train_idx: np.ndarray, val_idx: np.ndarray, run: RunPath
     best = torch.load(run.checkpoint, map_location="cpu", weights_only=True)
     evaluated = trainer.evaluated
     evaluated.load_state_dict(best["state_dict"])
-    recalibrate_batchnorm(evaluated, prep.dataset(train_idx), device, cfg.amp)
+    recalibrate_batchnorm(evaluated, prep.dataset(train_idx), device, forward)
     if distributed.is_main():
         save_checkpoint(run.checkpoint, evaluated, prep.meta, epoch=best["epoch"])
     state = trainer.state
@@ -500,7 +470,7 @@ def evaluate(prep: Prepared, net: Net | None, idx: np.ndarray, proba: np.ndarray
     names = prep.catalog.class_names
     if proba is None:
         loader = fdata.make_loader(prep.dataset(idx), 256, pin_memory=prep.device.type == "cuda")
-        return predict(net, loader, prep.device, prep.cfg.amp, ids=prep.ids(idx), class_names=names)
+        return predict(net, loader, prep.device, prep.precision.forward, ids=prep.ids(idx), class_names=names)
     return Predictions(prep.ids(idx), prep.catalog.labels[idx], proba, names)
 
 

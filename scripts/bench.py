@@ -40,7 +40,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from featurepipe.device import autocast, images_per_pass, in_passes, resolve_device  # noqa: E402
+from featurepipe.device import autocast, choose_precision, images_per_pass, in_passes, resolve_device  # noqa: E402
 from featurepipe.extract import CHUNK_BYTES, COMPRESSION, hdf5_filters, read_split  # noqa: E402
 from featurepipe.models import load_checkpoint  # noqa: E402
 from featurepipe.train import TrainConfig, train  # noqa: E402
@@ -71,9 +71,10 @@ def pure_step(net, shape, batch: int, classes: int, seconds: float = 8.0) -> flo
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
     loss_fn = torch.nn.CrossEntropyLoss()
     net.train()
+    amp = choose_precision(device, None, net.arch).train_step  # as train-cnn's default chooses
 
     def step():
-        with autocast(device):
+        with autocast(device, amp):
             loss = loss_fn(net(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -363,6 +363,7 @@ def test_lr_find_plots_and_suggests(npz_file, tmp_path):
     assert 1e-6 <= result["suggestion"] <= 1.0
     assert len(result["lrs"]) == len(result["losses"]) <= 30
     assert result["lrs"] == sorted(result["lrs"])
+    assert result["precision"]["train_step"] == "fp32"  # the suite's CPU has no native bf16 (conftest)
 
 
 def test_backbone_trains_end_to_end_from_random_init(npz_file, tmp_path):

@@ -48,7 +48,8 @@ class Net(nn.Module):
         of the views' logits, as the head is linear.
         """
         views = tta_views(self.normalize(x), tta)
-        total = sum(self._pooled(v, layer) for v in views)
+        # Summed in fp32: under bf16 autocast each of up to ten additions would round to 8 bits.
+        total = sum(self._pooled(v, layer).float() for v in views)
         return total / len(views)
 
     def _pooled(self, x: torch.Tensor, layer: str) -> torch.Tensor:

@@ -44,6 +44,11 @@ class Arch:
     max_auto_size: int = 224  # the default --img-size stops here ...
     max_auto_size_pretrained: int = 224  # ... and here when the backbone starts from weights
     note: str = ""  # shown after its name in --arch's help
+    # The bf16 training step's speed over fp32's on a CPU with native bf16 (AVX512-BF16), from issue 21's
+    # measurements (one thread, batches of 32, channels-last, torch 2.14.1; forward-only passes ran
+    # 1.4-3.6x faster on every architecture measured); None: not measured. device.choose_precision
+    # trains in bf16 where it is at least BF16_STEP_MIN_SPEEDUP.
+    cpu_bf16_step: float | None = None
 
     def in_channels(self, grey: bool) -> int:
         return self.grey_channels if grey else 3
@@ -75,9 +80,9 @@ _ENTRIES = (
     # size stops at 128 px, what it learns from in reasonable time on a CPU. Grad-CAM weighs its last
     # block's maps after the ReLU.
     Arch("sixblock", SixBlock, 256, grey_channels=1, max_auto_size=128, max_auto_size_pretrained=128,
-         cam_layer=lambda features: features.blocks[-1]),
+         cam_layer=lambda features: features.blocks[-1], cpu_bf16_step=1.52),  # 1.52 at 28 px, 2.40 at 128 px
     # torchvision backbones are built for RGB: grey images are replicated to 3 channels on decode.
-    _torchvision("resnet18", 512),
+    _torchvision("resnet18", 512, cpu_bf16_step=1.45),  # at 224 px
     _torchvision("resnet34", 512),
     _torchvision("resnet50", 2048),
     # densenet121 and convnext_tiny downsample 32x without padding.
@@ -85,10 +90,12 @@ _ENTRIES = (
     _torchvision("efficientnet_b0", 1280),
     _torchvision("convnext_tiny", 768, min_img_size=32),
     # EfficientNet-Lite was trained on (x - 127) / 128, quantisation-friendly. Its "same" padding is static,
-    # computed for its 224-px input, and leaves a 5x5 kernel bigger than its input below 32 px.
+    # computed for its 224-px input, and leaves a 5x5 kernel bigger than its input below 32 px. Its bf16
+    # step (at 160 px) is no faster: the backward of depthwise convolutions gains nothing from bf16
+    # (mobilenet_v3_small's step ran at 0.46x).
     Arch("efficientnet_lite0", lambda in_channels: backbones.efficientnet_lite0(), 1280, min_img_size=32,
          pretrained_stats=([127 / 255] * 3, [128 / 255] * 3), imagenet_file=backbones.lite0_weights_file,
-         max_auto_size_pretrained=160, note="extra"),
+         max_auto_size_pretrained=160, note="extra", cpu_bf16_step=0.96),
 )
 ARCHS: dict[str, Arch] = {a.name: a for a in _ENTRIES}
 
