@@ -113,35 +113,11 @@ def kept_epoch(monitor: str | None) -> str:
     return "the epoch kept"
 
 
-def run_document(summary: dict[str, Any], cfg: RunConfig, figures: dict[str, Path],
-                 notes: dict[str, str]) -> Doc:
-    models, tests, boot = summary["models"], summary["tests"], summary["bootstrap"]
-    names = summary["class_names"]
+def metric_sections(doc: Doc, summary: dict[str, Any], figures: dict[str, Path]) -> None:
+    """Every metric, MedMNIST's figures, cost, per-class tables and calibration: the part of a report that
+    reads the same for one test split and for pooled out-of-fold predictions."""
+    models = summary["models"]
     colors = plots.model_colors(list(models))
-    run = summary["run"]
-    doc = Doc(f"featurepipe comparison — {run['arch']} features on {Path(run['data']).name}")
-    counts = ", ".join(f"{c}: {n}" for c, n in zip(names, summary["class_counts"]))
-    doc.para(f"Run {run['path']} · test set {summary['test_size']} images ({counts}) · seed {run['seed']} · "
-             f"created {summary['created']}. Every model is scored on the same test images.")
-
-    doc.takeaway(takeaway(models, tests, summary.get("baseline")))
-    doc.heading("Results")
-    doc.table(headline_table(models, tests, baseline=summary.get("baseline")))
-    doc.para(f"95% intervals: percentile bootstrap, {boot['resamples']} resamples stratified by true class "
-             f"(seed {boot['seed']}); differences use the same resamples for both models (paired). McNemar: "
-             "exact two-sided test on the images exactly one of the two models gets right; p-values adjusted "
-             "over all heads with Holm's method. ECE: expected calibration error of the top-label probability, "
-             f"{stats.ECE_BINS} equal-width bins.", note=True)
-    doc.figure_row([(figures["accuracy"], "Test accuracy per model with 95% bootstrap intervals"),
-                    (figures["macro_f1"], "Test macro F1 per model with 95% bootstrap intervals")])
-
-    doc.heading("Is the difference real? Each head against the CNN")
-    doc.table(significance_table(tests))
-    doc.para("only CNN / only head right: the discordant images McNemar's test uses; Holm's adjustment in "
-             "brackets. "
-             + ("DeLong: test of the two correlated ROC-AUCs (binary task)." if len(names) == 2
-                else "DeLong's test applies to two classes only; this task has more."), note=True)
-
     doc.heading("All metrics")
     doc.table(Table(
         ["model", "macro precision", "macro recall", "macro F1", "weighted precision", "weighted recall",
@@ -173,6 +149,38 @@ def run_document(summary: dict[str, Any], cfg: RunConfig, figures: dict[str, Pat
     doc.figure(figures["reliability"], "Reliability diagrams: bars below the diagonal mean over-confidence")
     if "roc" in figures:
         doc.figure(figures["roc"], "ROC curves on the test set")
+
+
+def run_document(summary: dict[str, Any], cfg: RunConfig, figures: dict[str, Path],
+                 notes: dict[str, str]) -> Doc:
+    models, tests, boot = summary["models"], summary["tests"], summary["bootstrap"]
+    names = summary["class_names"]
+    colors = plots.model_colors(list(models))
+    run = summary["run"]
+    doc = Doc(f"featurepipe comparison — {run['arch']} features on {Path(run['data']).name}")
+    counts = ", ".join(f"{c}: {n}" for c, n in zip(names, summary["class_counts"]))
+    doc.para(f"Run {run['path']} · test set {summary['test_size']} images ({counts}) · seed {run['seed']} · "
+             f"created {summary['created']}. Every model is scored on the same test images.")
+
+    doc.takeaway(takeaway(models, tests, summary.get("baseline")))
+    doc.heading("Results")
+    doc.table(headline_table(models, tests, baseline=summary.get("baseline")))
+    doc.para(f"95% intervals: percentile bootstrap, {boot['resamples']} resamples stratified by true class "
+             f"(seed {boot['seed']}); differences use the same resamples for both models (paired). McNemar: "
+             "exact two-sided test on the images exactly one of the two models gets right; p-values adjusted "
+             "over all heads with Holm's method. ECE: expected calibration error of the top-label probability, "
+             f"{stats.ECE_BINS} equal-width bins.", note=True)
+    doc.figure_row([(figures["accuracy"], "Test accuracy per model with 95% bootstrap intervals"),
+                    (figures["macro_f1"], "Test macro F1 per model with 95% bootstrap intervals")])
+
+    doc.heading("Is the difference real? Each head against the CNN")
+    doc.table(significance_table(tests))
+    doc.para("only CNN / only head right: the discordant images McNemar's test uses; Holm's adjustment in "
+             "brackets. "
+             + ("DeLong: test of the two correlated ROC-AUCs (binary task)." if len(names) == 2
+                else "DeLong's test applies to two classes only; this task has more."), note=True)
+
+    metric_sections(doc, summary, figures)
 
     doc.heading("Where the CNN fails")
     if "images" in notes:
