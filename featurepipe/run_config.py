@@ -14,7 +14,7 @@ from typing import Any
 
 from featurepipe.errors import FeaturepipeError
 from featurepipe.models import fingerprint
-from featurepipe.runs import RunPaths, is_finished, read_json, require
+from featurepipe.runs import FROZEN_STEM, RunPaths, frozen_label, is_finished, read_json, require
 
 
 @dataclass(frozen=True)
@@ -92,10 +92,16 @@ class RunConfig:
         return fingerprint(require(self.paths.checkpoint, "trained CNN",
                                    f"run featurepipe train-cnn --out {self.paths.root} first"))
 
+    @property
+    def weights(self) -> str | None:
+        """The pretrained weights the CNN started from (None: from scratch): whether a frozen arm exists."""
+        return self.sections.get("train", {}).get("resolved", {}).get("weights")
+
     def fitted_heads(self) -> list[str]:
-        """Every head fit-heads has written (stack included), by name."""
+        """Every head fit-heads has written (stack included), by name; frozen-features heads by their label."""
         heads = self.paths.heads
-        return sorted(p.stem for p in heads.glob("*.joblib")) if heads.exists() else []
+        stems = sorted(p.stem for p in heads.glob("*.joblib")) if heads.exists() else []
+        return [frozen_label(s[:-len(FROZEN_STEM)], self.weights) if s.endswith(FROZEN_STEM) else s for s in stems]
 
     def head_info(self, name: str) -> dict[str, Any]:
         """A fitted head's json, refused when it was fitted on features of another checkpoint than the current."""

@@ -231,12 +231,14 @@ def check_same_data(config: dict[str, Any], catalog: fdata.Catalog, where: str) 
             "ids and labels are the same")
 
 
-def train(data: str, out: str | Path, cfg: TrainConfig, callbacks: Sequence[Callback] = ()) -> dict[str, Any] | None:
-    """train-cnn: the run's metrics (None on torchrun's ranks other than 0). `callbacks` join every fit's own."""
+def train(data: str, out: str | Path, cfg: TrainConfig, callbacks: Sequence[Callback] = (),
+          splits: dict[str, list[str]] | None = None) -> dict[str, Any] | None:
+    """train-cnn: the run's metrics (None on torchrun's ranks other than 0). `callbacks` join every fit's own.
+    `splits` (image ids per split) replaces the split featurepipe would make: a fold of `crossval`."""
     run = run_paths(out)
     cfg = _check_run_dir(run, data, cfg)
     prep = prepare(data, cfg, training_device(cfg.device),
-                   read_json(run.splits) if cfg.resume and run.splits.exists() else None)
+                   read_json(run.splits) if cfg.resume and run.splits.exists() else splits)
     cfg, catalog, splits = prep.cfg, prep.catalog, prep.splits
     if cfg.resume:
         check_same_data(read_json(run.config), catalog, "--resume")
