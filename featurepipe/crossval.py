@@ -98,7 +98,7 @@ def crossval(data: str, out: str | Path, cfg: TrainConfig, config: CrossvalConfi
     cfg.validate()
     config.validate()
     paths = CrossvalPaths(Path(out))
-    catalog = fdata.scan(data, cfg.allow_outside)
+    catalog = fdata.name_classes(fdata.scan(data, cfg.allow_outside), cfg.class_names)
     splits = [{s: [catalog.ids[i] for i in idx] for s, idx in fold.items()}
               for fold in fold_splits(catalog, config.folds, cfg.seed)]
     plan = _plan(paths, catalog, cfg, config, [fold["test"] for fold in splits])

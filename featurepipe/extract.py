@@ -102,7 +102,7 @@ def _extract(run: str | Path, batch_size: int, data: str | None, out: str | Path
     net, meta = load_checkpoint(paths.checkpoint, dev)
     if frozen:  # the same input pipeline (size, window, normalisation), the weights before any training
         net = create_model(meta["arch"], meta["num_classes"], meta["in_channels"], meta["mean"], meta["std"],
-                           cfg.weights, window=tuple(meta["window"])).to(dev)
+                           cfg.weights, window=tuple(meta["window"])).to(dev).eval()
     net = net.to(memory_format=torch.channels_last)
     class_names = meta["class_names"]
     dim = net.embed_dim(layer, meta["img_size"])
@@ -116,7 +116,7 @@ def _extract(run: str | Path, batch_size: int, data: str | None, out: str | Path
     if data is None:
         from featurepipe.train import check_same_data
 
-        catalog = fdata.scan(cfg.data.source, cfg.train.allow_outside)
+        catalog = cfg.train.scan(cfg.data.source)
         check_same_data(cfg.sections, catalog, f"extract --run {paths.root}")
         if catalog.class_names != class_names:
             raise FeaturepipeError(f"{cfg.data.source}: its classes changed since training; train a new run")

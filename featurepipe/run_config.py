@@ -36,6 +36,13 @@ class TrainSettings:
     seed: int = 0
     allow_outside: bool = False
     monitor: str | None = None  # None: a run older than --monitor, which always kept the best epoch
+    class_names: str | None = None  # --class-names: every later scan of the source names its classes so
+
+    def scan(self, source: str):
+        """The run's data source read again, its classes named as in training."""
+        from featurepipe import data as fdata
+
+        return fdata.name_classes(fdata.scan(source, self.allow_outside), self.class_names)
 
 
 @dataclass(frozen=True)
@@ -73,7 +80,8 @@ class RunConfig:
             paths,
             DataConfig(data["class_names"], data.get("source"), data.get("kind"), data.get("fingerprint"),
                        data.get("index_fingerprint"), data.get("counts", {})),
-            TrainSettings(train.get("seed", 0), train.get("allow_outside", False), train.get("monitor")),
+            TrainSettings(train.get("seed", 0), train.get("allow_outside", False), train.get("monitor"),
+                          train.get("class_names")),
             None if model is None else ModelConfig(model["arch"], model["img_size"], model["in_channels"]),
             raw,
         )
