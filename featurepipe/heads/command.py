@@ -77,14 +77,15 @@ def fit_heads(run: str | Path, names: list[str], config: HeadsConfig | None = No
     paths = run_paths(run)
     cfg = RunConfig.load(paths)
     base = [n for n in names if n != STACK]
-    arms = [(paths.features, base, str)]
+    arms = [(paths.features, str)]
     if cfg.weights is not None and base:
         require(paths.frozen_features, "frozen features file",
                 f"the CNN started from {cfg.weights} weights; re-run featurepipe extract --run {paths.root}")
-        arms.append((paths.frozen_features, base, lambda name: frozen_label(name, cfg.weights)))
+        arms.append((paths.frozen_features, lambda name: frozen_label(name, cfg.weights)))
     results = {}
-    for k, (path, heads, label) in enumerate(arms):
-        results |= _fit_arm(cfg, path, heads, label, config, names if k == len(arms) - 1 and STACK in names else [])
+    for k, (path, label) in enumerate(arms):
+        last = k == len(arms) - 1  # stack last: it combines the heads of both arms
+        results |= _fit_arm(cfg, path, base, label, config, [STACK] if last and STACK in names else [])
     return results
 
 
