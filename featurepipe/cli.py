@@ -11,7 +11,7 @@ from typing import Optional
 import typer
 
 from featurepipe.errors import FeaturepipeError
-from featurepipe.options import BAD_IMAGE_HELP, TrainConfig, command_options, typer_option
+from featurepipe.options import BAD_IMAGE_HELP, TrainConfig, command_options, declared, typer_option
 
 # Options other commands share with train-cnn, as TrainConfig declares them.
 ALLOW_OUTSIDE = typer_option(TrainConfig, "allow_outside")
@@ -45,6 +45,11 @@ def _cli(fn):
 
 
 DATA = typer.Option(..., "--data", help="Image folder, CSV manifest (path,label[,split]), .npz, or 'demo'.")
+# Options of fit-heads and compare that crossval passes on.
+HEADS = typer.Option("svm,rf,logreg", help="Comma-separated: svm, linsvm, logreg, rf, knn, hgb, stack.")
+TUNE = typer.Option("val", help="Hyperparameters: none (defaults), val (grid on val), cv (grid, CV on train).")
+JOBS = typer.Option(-1, help="Parallel jobs for grid points, CV folds and forests (-1: all cores).")
+BOOTSTRAP = typer.Option(2000, help="Stratified bootstrap resamples for the 95% intervals (at least 1000).")
 
 
 @app.command("train-cnn")
@@ -63,6 +68,33 @@ def train_cnn(
     check_outside(out, data)
     with run_lock(out, "--out", create=True):
         train(data, out, cfg)
+
+
+@app.command()
+@_cli
+@command_options(TrainConfig, tuple(f.name for f in declared(TrainConfig) if f.name not in ("folds", "resume", "overwrite")))
+def crossval(
+    data: str = DATA,
+    out: Path = typer.Option(..., "--out", help="Folder for the cross-validation: fold1/ … foldK/ (each a run) and "
+                                                "compare/. Run the same command again to continue it."),
+    folds: int = typer.Option(5, "--folds", help="Folds: every image is tested once, by the fold that holds it out."),
+    heads: str = HEADS,
+    tune: str = TUNE,
+    jobs: int = JOBS,
+    bootstrap: int = BOOTSTRAP,
+    *, cfg: TrainConfig,
+) -> None:
+    """The whole comparison cross-validated: train-cnn, extract, fit-heads and compare on each fold, then one
+    report of the out-of-fold predictions of every image (DIR/compare/report.html)."""
+    from featurepipe.crossval import CrossvalConfig, crossval as run_crossval
+    from featurepipe.heads import parse_heads
+    from featurepipe.runs import check_outside, run_lock
+
+    cfg.validate()
+    check_outside(out, data)
+    config = CrossvalConfig(folds=folds, heads=tuple(parse_heads(heads)), tune=tune, jobs=jobs, bootstrap=bootstrap)
+    with run_lock(out, "--out", create=True):
+        run_crossval(data, out, cfg, config)
 
 
 @app.command("lr-find")
@@ -125,9 +157,9 @@ def extract(
 @_cli
 def fit_heads(
     run: Path = typer.Option(..., "--run", help="Run directory with features.h5."),
-    heads: str = typer.Option("svm,rf,logreg", help="Comma-separated: svm, linsvm, logreg, rf, knn, hgb, stack."),
-    tune: str = typer.Option("val", help="Hyperparameters: none (defaults), val (grid on val), cv (grid, CV on train)."),
-    jobs: int = typer.Option(-1, help="Parallel jobs for grid points, CV folds and forests (-1: all cores)."),
+    heads: str = HEADS,
+    tune: str = TUNE,
+    jobs: int = JOBS,
     out_of_core: bool = typer.Option(False, help="Fit linear heads with partial_fit over chunks of the HDF5 file "
                                                  "(automatic when the train features exceed a quarter of memory)."),
     chunk_rows: int = typer.Option(50_000, help="Rows per chunk out-of-core."),
@@ -167,7 +199,7 @@ def predict(
 def compare(
     run: list[Path] = typer.Option(..., "--run", help="Run directory; repeat --run to put several runs side by side."),
     out: Optional[Path] = typer.Option(None, help="Report folder. Default RUN/compare; required with several runs."),
-    bootstrap: int = typer.Option(2000, help="Stratified bootstrap resamples for the 95% intervals (at least 1000)."),
+    bootstrap: int = BOOTSTRAP,
     gradcam: bool = typer.Option(True, help="Grad-CAM overlays of the CNN on its highest-loss test images."),
     overwrite: bool = typer.Option(False, help="Replace the report's files (summary.md, metrics.csv, ...) in --out."),
 ) -> None:

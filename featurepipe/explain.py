@@ -20,7 +20,7 @@ from featurepipe.runs import read_json
 
 def read_test_images(cfg: RunConfig, ids: list[str]) -> list[np.ndarray]:
     """The run's test images with these ids, as the CNN saw them: (S, S, C) uint8 at the run's size."""
-    catalog = fdata.scan(cfg.data.source, cfg.train.allow_outside)
+    catalog = cfg.train.scan(cfg.data.source)
     check_same_data(cfg.sections, catalog, "compare")  # else the gallery would show other images under these ids
     test = fdata.assign_splits(catalog, cfg.seed, read_json(cfg.paths.splits))["test"]
     position = {catalog.ids[i]: int(i) for i in test}

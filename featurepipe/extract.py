@@ -35,7 +35,7 @@ from featurepipe import distributed
 from featurepipe.data.fingerprint import check_same_data
 from featurepipe.device import autocast, choose_precision, images_per_pass, in_passes, resolve_device, to_device
 from featurepipe.errors import FeaturepipeError, first_line
-from featurepipe.models import LAYERS, TTA, fingerprint, load_checkpoint
+from featurepipe.models import LAYERS, TTA, create_model, fingerprint, load_checkpoint
 from featurepipe.models.embedding import check_choice
 from featurepipe.progress import log, progress_bar
 from featurepipe.run_config import RunConfig
@@ -70,7 +70,23 @@ def extract(run: str | Path, batch_size: int = 256, data: str | None = None, out
     `compression` (COMPRESSION) applies to the features and labels; readers need nothing to know it.
     `on_bad_image` applies to another source; the run's own images were all readable when the CNN was
     trained, so one that is not now stops the command (the data changed).
+    Where the CNN started from pretrained weights, the run's own images are embedded a second time by
+    the pretrained backbone as it was before fine-tuning (`features.frozen.h5`): the frozen-features
+    arm that fit-heads also fits, to tell what fine-tuning added.
     """
+    kwargs = dict(batch_size=batch_size, data=data, out=out, device=device, amp=amp, layer=layer, tta=tta,
+                  on_bad_image=on_bad_image, compression=compression, allow_outside=allow_outside,
+                  overwrite=overwrite)
+    target = _extract(run, **kwargs)
+    if data is None and RunConfig.load(run_paths(run)).weights is not None:
+        _extract(run, **kwargs, frozen=True)
+    return target
+
+
+def _extract(run: str | Path, batch_size: int, data: str | None, out: str | Path | None, device: str,
+             amp: bool | None, layer: str, tta: str, on_bad_image: str, compression: str, allow_outside: bool,
+             overwrite: bool, frozen: bool = False) -> Path:
+    """One pass of `extract`: the run's CNN, or with `frozen` its pretrained backbone untouched by training."""
     paths = run_paths(run)
     cfg = RunConfig.load(paths)
     require(paths.checkpoint, "trained CNN", f"run featurepipe train-cnn --out {paths.root} first")
@@ -86,6 +102,9 @@ def extract(run: str | Path, batch_size: int = 256, data: str | None = None, out
         check_output(Path(out), "--out", overwrite=overwrite, beside=(skipped_beside(Path(out)),))
     dev = distributed.setup(resolve_device(device))
     net, meta = load_checkpoint(paths.checkpoint, dev)
+    if frozen:  # the same input pipeline (size, window, normalisation), the weights before any training
+        net = create_model(meta["arch"], meta["num_classes"], meta["in_channels"], meta["mean"], meta["std"],
+                           cfg.weights, window=tuple(meta["window"])).to(dev).eval()
     net = net.to(memory_format=torch.channels_last)
     class_names = meta["class_names"]
     dim = net.embed_dim(layer, meta["img_size"])
@@ -98,12 +117,12 @@ def extract(run: str | Path, batch_size: int = 256, data: str | None = None, out
         return f.float().cpu().numpy()
 
     if data is None:
-        catalog = fdata.scan(cfg.data.source, cfg.train.allow_outside)
+        catalog = cfg.train.scan(cfg.data.source)
         check_same_data(cfg.sections, catalog, f"extract --run {paths.root}")
         if catalog.class_names != class_names:
             raise FeaturepipeError(f"{cfg.data.source}: its classes changed since training; train a new run")
         splits = fdata.assign_splits(catalog, cfg.seed, read_json(paths.splits))
-        target, policy = paths.features, "error"
+        target, policy = paths.frozen_features if frozen else paths.features, "error"
     else:
         catalog = _relabel(fdata.scan(data, allow_outside), class_names)
         splits = fdata.assign_splits(catalog, cfg.seed)
@@ -113,6 +132,7 @@ def extract(run: str | Path, batch_size: int = 256, data: str | None = None, out
         "class_names": json.dumps(class_names), "arch": meta["arch"], "layer": layer, "tta": tta,
         "checkpoint": fingerprint(paths.checkpoint), "img_size": meta["img_size"], "source": catalog.source,
         "schema_version": SCHEMA_VERSION, "precision": precision.record(dev)["forward"],
+        **({"frozen": cfg.weights} if frozen else {}),
     }
     pin = dev.type == "cuda"
     ids = {split: [catalog.ids[i] for i in splits[split]] for split in fdata.SPLITS}
@@ -173,7 +193,8 @@ def extract(run: str | Path, batch_size: int = 256, data: str | None = None, out
         fdata.save_skipped(skipped_beside(target), skipped)
     distributed.barrier()
     n = sum(len(v) for v in splits.values()) - len(skipped)
-    log(f"features of {n} images ({dim}-d, {layer}, tta {tta}) → {target}; {precision.describe(dev, training=False)}")
+    log(f"{'frozen pretrained ' if frozen else ''}features of {n} images ({dim}-d, {layer}, tta {tta}) → {target}; "
+        f"{precision.describe(dev, training=False)}")
     return target
 
 

@@ -13,12 +13,13 @@ from pathlib import Path
 
 CSS = """
 body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#222;margin:0 auto;
-     max-width:1180px;padding:24px 32px 64px}
+     max-width:1320px;padding:24px 24px 64px}
 h1{font-size:1.6em;margin:.2em 0 .1em}h2{margin-top:2em;border-bottom:1px solid #ddd;padding-bottom:.2em}
 h3{margin:1.4em 0 .4em}p.note{color:#555;font-size:.92em;margin:.3em 0 1em}
 table{border-collapse:collapse;margin:.6em 0 1.2em;font-variant-numeric:tabular-nums;font-size:.93em}
-th,td{padding:4px 10px;border-bottom:1px solid #e3e3e3;text-align:right;white-space:nowrap}
-th{background:#f4f5f7;border-bottom:2px solid #ccc}.l{text-align:left}
+th,td{padding:4px 8px;border-bottom:1px solid #e3e3e3;text-align:right;white-space:nowrap}
+th{background:#f4f5f7;border-bottom:2px solid #ccc;white-space:normal;vertical-align:bottom;min-width:4em}
+.l{text-align:left}td.w{white-space:normal;text-align:left;min-width:9em}
 tr:hover td{background:#fafbfc}
 figure{margin:1em 0 2em}figure img{max-width:100%;height:auto;border:1px solid #eee}
 figcaption{color:#555;font-size:.9em;margin-top:.3em}
@@ -38,6 +39,7 @@ class Table:
     colors: dict[str, str] = field(default_factory=dict)  # cell value -> swatch colour (HTML only)
     swatch_column: int = 0  # the column whose cells get the swatches
     label_columns: int = 1  # leading columns of names, left-aligned; the numbers after them align right
+    wrap_columns: tuple[int, ...] = ()  # columns of words (negative: from the end) that may wrap (HTML only)
 
 
 @dataclass
@@ -129,6 +131,7 @@ def _html_figure(path: Path, caption: str) -> str:
 def _html_table(t: Table) -> str:
     e = html.escape
     left = set(range(t.label_columns))
+    wrap = {i % len(t.headers) for i in t.wrap_columns}
     head = "".join(f'<th class="l">{e(h)}</th>' if i in left else f"<th>{e(h)}</th>" for i, h in enumerate(t.headers))
     rows = []
     for row in t.rows:
@@ -136,7 +139,8 @@ def _html_table(t: Table) -> str:
         for i, cell in enumerate(row):
             swatch = f'<span class="swatch" style="background:{t.colors[cell]}"></span>' \
                 if i == t.swatch_column and cell in t.colors else ""
-            cells.append(f'<td class="l">{swatch}{e(cell)}</td>' if i in left else f"<td>{e(cell)}</td>")
+            cells.append(f'<td class="l">{swatch}{e(cell)}</td>' if i in left else
+                         f'<td class="w">{e(cell)}</td>' if i in wrap else f"<td>{e(cell)}</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
     # Wide tables scroll inside their box instead of running off the page.
     return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>'

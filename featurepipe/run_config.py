@@ -14,7 +14,7 @@ from typing import Any
 
 from featurepipe.errors import FeaturepipeError
 from featurepipe.models import fingerprint
-from featurepipe.runs import RunPaths, is_finished, read_json, require
+from featurepipe.runs import FROZEN_STEM, RunPaths, frozen_label, is_finished, read_json, require
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,13 @@ class TrainSettings:
     seed: int = 0
     allow_outside: bool = False
     monitor: str | None = None  # None: a run older than --monitor, which always kept the best epoch
+    class_names: str | None = None  # --class-names: every later scan of the source names its classes so
+
+    def scan(self, source: str):
+        """The run's data source read again, its classes named as in training."""
+        from featurepipe import data as fdata
+
+        return fdata.name_classes(fdata.scan(source, self.allow_outside), self.class_names)
 
 
 @dataclass(frozen=True)
@@ -73,7 +80,8 @@ class RunConfig:
             paths,
             DataConfig(data["class_names"], data.get("source"), data.get("kind"), data.get("fingerprint"),
                        data.get("index_fingerprint"), data.get("counts", {})),
-            TrainSettings(train.get("seed", 0), train.get("allow_outside", False), train.get("monitor")),
+            TrainSettings(train.get("seed", 0), train.get("allow_outside", False), train.get("monitor"),
+                          train.get("class_names")),
             None if model is None else ModelConfig(model["arch"], model["img_size"], model["in_channels"]),
             raw,
         )
@@ -92,13 +100,20 @@ class RunConfig:
         return fingerprint(require(self.paths.checkpoint, "trained CNN",
                                    f"run featurepipe train-cnn --out {self.paths.root} first"))
 
+    @property
+    def weights(self) -> str | None:
+        """The pretrained weights the CNN started from (None: from scratch): whether a frozen arm exists."""
+        return self.sections.get("train", {}).get("resolved", {}).get("weights")
+
     def fitted_heads(self) -> list[str]:
-        """Every head fit-heads has written (stack included), by name: those with the .skops file
-        featurepipe loads and their json (a .joblib alone is never loaded, so it is no head)."""
+        """Every head fit-heads has written (stack included), by name, frozen-features heads by their label:
+        those with the .skops file featurepipe loads and their json (a .joblib alone is never loaded, so it is
+        no head)."""
         heads = self.paths.heads
         if not heads.exists():
             return []
-        return sorted(p.stem for p in heads.glob("*.skops") if self.paths.head_info(p.stem).is_file())
+        stems = sorted(p.stem for p in heads.glob("*.skops") if self.paths.head_info(p.stem).is_file())
+        return [frozen_label(s[:-len(FROZEN_STEM)], self.weights) if s.endswith(FROZEN_STEM) else s for s in stems]
 
     def head_info(self, name: str) -> dict[str, Any]:
         """A fitted head's json, refused when it was fitted on features of another checkpoint than the current."""

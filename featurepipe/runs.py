@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -65,6 +66,11 @@ class RunPaths:
         return self.root / "features.h5"
 
     @property
+    def frozen_features(self) -> Path:
+        """Embeddings of the pretrained backbone before fine-tuning (runs that start from --weights)."""
+        return self.root / "features.frozen.h5"
+
+    @property
     def heads(self) -> Path:
         return self.root / "heads"
 
@@ -85,29 +91,77 @@ class RunPaths:
 
     def head_model(self, name: str) -> Path:
         """The joblib export of a head, for users; featurepipe itself never loads it (see head_safe)."""
-        return self.heads / f"{name}.joblib"
+        return self.heads / f"{head_stem(name)}.joblib"
 
     def head_safe(self, name: str) -> Path:
         """The same head in skops format: what predict loads, with an explicit list of trusted types."""
-        return self.heads / f"{name}.skops"
+        return self.heads / f"{head_stem(name)}.skops"
 
     @property
     def lock(self) -> Path:
         return self.root / ".lock"
 
     def head_info(self, name: str) -> Path:
-        return self.heads / f"{name}.json"
+        return self.heads / f"{head_stem(name)}.json"
 
     def _model_dir(self, model: str) -> Path:
         return self.cnn if model == "cnn" else self.heads
 
 
 def _prefix(model: str) -> str:
-    return "" if model == "cnn" else f"{model}."
+    return "" if model == "cnn" else f"{head_stem(model)}."
+
+
+# The frozen-features arm: a head fitted on the pretrained backbone's features (features.frozen.h5)
+# is stored as heads/<name>.frozen.* and shown as "<name> (ImageNet, frozen)" (or "pretrained" for
+# local --weights). Reports, predictions and stack all key models by that label; only file names use
+# the stem.
+FROZEN_STEM = ".frozen"
+_FROZEN_LABEL = re.compile(r"(?P<head>[\w-]+) \((ImageNet|pretrained), frozen\)")
+
+
+def frozen_label(head: str, weights: str | None) -> str:
+    return f"{head} ({'ImageNet' if weights == 'imagenet' else 'pretrained'}, frozen)"
+
+
+def head_stem(name: str) -> str:
+    """The file stem of a head: its name, or <name>.frozen for a frozen-features label."""
+    m = _FROZEN_LABEL.fullmatch(name)
+    return f"{m['head']}{FROZEN_STEM}" if m else name
+
+
+def is_frozen(name: str) -> bool:
+    return head_stem(name).endswith(FROZEN_STEM)
 
 
 def run_paths(root: str | os.PathLike) -> RunPaths:
     return RunPaths(Path(root))
+
+
+@dataclass(frozen=True)
+class CrossvalPaths:
+    """A cross-validation (`featurepipe crossval`): its plan and one ordinary run per fold."""
+
+    root: Path
+
+    @property
+    def plan(self) -> Path:
+        """Options, data, folds (the test ids of each), versions: written before the first fold."""
+        return self.root / "crossval.json"
+
+    def fold(self, k: int) -> RunPaths:
+        return RunPaths(self.root / f"fold{k}")
+
+    @property
+    def compare(self) -> Path:
+        return self.root / "compare"
+
+
+def is_crossval(root: str | os.PathLike) -> bool:
+    try:
+        return json.loads((Path(root) / "crossval.json").read_text(encoding="utf-8")).get("command") == "crossval"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def require(path: Path, what: str, fix: str) -> Path:

@@ -135,6 +135,32 @@ def holm(p_values: list[float]) -> list[float]:
 
 
 @dataclass
+class CorrectedT:
+    mean: float  # mean paired difference over the folds
+    se: float  # its corrected standard error
+    t: float
+    df: int
+    p_value: float
+
+
+def corrected_resampled_ttest(differences: np.ndarray, n_train: float, n_test: float) -> CorrectedT:
+    """Nadeau and Bengio's (2003) corrected resampled t-test of k paired differences (head minus CNN, one
+    per fold). The folds' training sets overlap, so the differences are correlated and the plain paired
+    t-test's variance s²/k is too small; the correction replaces it by (1/k + n_test/n_train) s², with
+    k - 1 degrees of freedom. Two-sided."""
+    d = np.asarray(differences, dtype=np.float64)
+    k = len(d)
+    mean = float(d.mean())
+    var = float(d.var(ddof=1)) if k > 1 else 0.0
+    se = float(np.sqrt((1.0 / k + n_test / n_train) * var))
+    if se == 0.0:  # identical differences in every fold: no spread to test against
+        return CorrectedT(mean, 0.0, 0.0 if mean == 0 else float(np.sign(mean) * np.inf), k - 1,
+                          1.0 if mean == 0 else 0.0)
+    t = mean / se
+    return CorrectedT(mean, se, float(t), k - 1, float(2 * sps.t.sf(abs(t), k - 1)))
+
+
+@dataclass
 class Reliability:
     """Top-label calibration in equal-width confidence bins ((m-1)/M, m/M]."""
 

@@ -86,7 +86,7 @@ def prepare(data: str, cfg: TrainConfig, device: torch.device,
     """Scan the data, decide the split, resolve automatic options and decode what fits into memory."""
     cfg.validate()
     seed_everything(cfg.seed)
-    catalog = fdata.scan(data, cfg.allow_outside)
+    catalog = fdata.name_classes(fdata.scan(data, cfg.allow_outside), cfg.class_names)
     splits = fdata.assign_splits(catalog, cfg.seed, saved_splits)
     cfg = resolve(cfg, catalog, splits)
     r = cfg.resolved
@@ -153,12 +153,14 @@ def resolve(cfg: TrainConfig, catalog: fdata.Catalog, splits: dict[str, np.ndarr
     return replace(cfg, resolved=resolved)
 
 
-def train(data: str, out: str | Path, cfg: TrainConfig, callbacks: Sequence[Callback] = ()) -> dict[str, Any] | None:
-    """train-cnn: the run's metrics (None on torchrun's ranks other than 0). `callbacks` join every fit's own."""
+def train(data: str, out: str | Path, cfg: TrainConfig, callbacks: Sequence[Callback] = (),
+          splits: dict[str, list[str]] | None = None) -> dict[str, Any] | None:
+    """train-cnn: the run's metrics (None on torchrun's ranks other than 0). `callbacks` join every fit's own.
+    `splits` (image ids per split) replaces the split featurepipe would make: a fold of `crossval`."""
     run = run_paths(out)
     cfg = _check_run_dir(run, data, cfg)
     prep = prepare(data, cfg, training_device(cfg.device),
-                   read_json(run.splits) if cfg.resume and run.splits.exists() else None)
+                   read_json(run.splits) if cfg.resume and run.splits.exists() else splits)
     cfg, catalog, splits = prep.cfg, prep.catalog, prep.splits
     if cfg.resume:
         check_same_data(read_json(run.config), catalog, "--resume")
@@ -505,7 +507,8 @@ def _optimizer(net: Net, cfg: TrainConfig, phase: str, steps_per_epoch: int, epo
 
 # Options a resumed run must share with its first start (device, amp and --on-bad-image may change).
 RESUME_KEEPS = ("arch", "weights", "epochs", "freeze_epochs", "batch_size", "img_size", "lr", "lr_backbone_ratio",
-                "weight_decay", "label_smoothing", "augment", "sampler", "monitor", "patience", "ema", "folds", "seed")
+                "weight_decay", "label_smoothing", "augment", "sampler", "monitor", "patience", "ema", "folds", "seed",
+                "class_names")
 
 
 def _resumable(run: RunPaths) -> bool:
@@ -520,7 +523,7 @@ def _check_run_dir(run: RunPaths, data: str, cfg: TrainConfig) -> TrainConfig:
         old = read_json(require(run.config, "run config", "start the run over without --resume"))
         if old["data"]["source"] not in (data, str(Path(data).expanduser())):
             # Moved data are fine; other data are not (the fingerprint tells them apart).
-            catalog = fdata.scan(data, cfg.allow_outside)
+            catalog = fdata.name_classes(fdata.scan(data, cfg.allow_outside), cfg.class_names)
             if data_fingerprint(catalog) != old["data"].get("fingerprint"):
                 raise FeaturepipeError(f"--resume: {run.root} was trained on {old['data']['source']}, not {data}")
             log(f"warning: {run.root} was trained on {old['data']['source']}; {data} holds the same data")

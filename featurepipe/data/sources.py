@@ -405,3 +405,17 @@ def _to_uint8(images: np.ndarray) -> np.ndarray:
     # one of them must not turn every image of every split to zero.
     images = np.where(finite, images, lo)
     return np.round((images - lo) * (255.0 / max(hi - lo, 1e-12))).astype(np.uint8)
+
+
+def name_classes(catalog: Catalog, names: str | None, option: str = "--class-names") -> Catalog:
+    """Names for the classes of an .npz, whose labels are only numbers (comma-separated, for 0, 1, ...)."""
+    if not names:
+        return catalog
+    given = [n.strip() for n in names.split(",")]
+    if catalog.kind != "npz":
+        raise FeaturepipeError(f"{option} {names}: only for an .npz; {catalog.source} names its classes itself")
+    if len(given) != len(catalog.class_names) or len(set(given)) < len(given) or not all(given):
+        raise FeaturepipeError(f"{option} {names}: {catalog.source} has {len(catalog.class_names)} classes "
+                               f"(labels 0..{len(catalog.class_names) - 1}); give one distinct name for each, in order")
+    catalog.class_names = given
+    return catalog

@@ -21,7 +21,7 @@ from featurepipe.heads.registry import HEADS, NYSTROEM, ONLINE, STACK
 from featurepipe.heads.stack import fit_stack
 from featurepipe.progress import log, progress_bar
 from featurepipe.run_config import RunConfig
-from featurepipe.runs import RunPaths, require, run_paths
+from featurepipe.runs import RunPaths, frozen_label, require, run_paths
 
 
 @dataclass
@@ -51,32 +51,53 @@ def _physical_memory() -> int:
         return 8 << 30
 
 
-def check_features(cfg: RunConfig) -> dict[str, Any]:
-    """features.h5's attributes, refused unless they belong to the run's current checkpoint and classes."""
+def check_features(cfg: RunConfig, path: Path | None = None) -> dict[str, Any]:
+    """The attributes of features.h5 (or `path`), refused unless they belong to the run's current checkpoint
+    and classes."""
     paths = cfg.paths
-    require(paths.features, "features file", f"run featurepipe extract --run {paths.root} first")
-    attrs = read_attrs(paths.features)
+    path = path or paths.features
+    require(path, "features file", f"run featurepipe extract --run {paths.root} first")
+    attrs = read_attrs(path)
     if attrs["checkpoint"] != cfg.checkpoint:
         raise FeaturepipeError(
-            f"{paths.features}: extracted from another checkpoint than {paths.checkpoint}; "
+            f"{path}: extracted from another checkpoint than {paths.checkpoint}; "
             f"re-run featurepipe extract --run {paths.root}"
         )
     if attrs["class_names"] != cfg.class_names:
-        raise FeaturepipeError(f"{paths.features}: its classes differ from the run's; re-run featurepipe extract")
+        raise FeaturepipeError(f"{path}: its classes differ from the run's; re-run featurepipe extract")
     return attrs
 
 
 def fit_heads(run: str | Path, names: list[str], config: HeadsConfig | None = None) -> dict[str, dict[str, float]]:
+    """Every head of `names` on features.h5; where the CNN started from pretrained weights, every head but
+    stack also on the frozen backbone's features (features.frozen.h5, written by extract), under its
+    frozen label."""
     config = config or HeadsConfig()
     config.validate()
     paths = run_paths(run)
     cfg = RunConfig.load(paths)
-    attrs = check_features(cfg)
-    class_names, seed, current = cfg.class_names, cfg.seed, cfg.checkpoint
     base = [n for n in names if n != STACK]
+    arms = [(paths.features, str)]
+    if cfg.weights is not None and base:
+        require(paths.frozen_features, "frozen features file",
+                f"the CNN started from {cfg.weights} weights; re-run featurepipe extract --run {paths.root}")
+        arms.append((paths.frozen_features, lambda name: frozen_label(name, cfg.weights)))
     results = {}
-    with open_split(paths.features, "train") as train, open_split(paths.features, "val") as val, \
-            open_split(paths.features, "test") as test:
+    for k, (path, label) in enumerate(arms):
+        last = k == len(arms) - 1  # stack last: it combines the heads of both arms
+        results |= _fit_arm(cfg, path, base, label, config, [STACK] if last and STACK in names else [])
+    return results
+
+
+def _fit_arm(cfg: RunConfig, path: Path, base: list[str], label, config: HeadsConfig,
+             stack: list[str]) -> dict[str, dict[str, float]]:
+    """The heads `base` on the features in `path`, saved as `label(name)`; then stack if `stack` names it."""
+    paths = cfg.paths
+    attrs = check_features(cfg, path)
+    class_names, seed, current = cfg.class_names, cfg.seed, cfg.checkpoint
+    names = [*base, *stack]
+    results = {}
+    with open_split(path, "train") as train, open_split(path, "val") as val, open_split(path, "test") as test:
         n, dim = train.features.shape
         out_of_core = config.out_of_core or n * dim * 4 > config.memory_bytes
         if out_of_core and base:
@@ -90,22 +111,23 @@ def fit_heads(run: str | Path, names: list[str], config: HeadsConfig | None = No
         else:
             train, val, test = (FeatureSplit(s.features[:], s.labels, s.ids) for s in (train, val, test))
         common = {"checkpoint": current, "seed": seed, "class_names": class_names, "n_train": n,
-                  "features": {"arch": attrs["arch"], "layer": attrs["layer"], "tta": attrs["tta"], "dim": dim}}
+                  "features": {"arch": attrs["arch"], "layer": attrs["layer"], "tta": attrs["tta"], "dim": dim,
+                               **({"frozen": attrs["frozen"]} if "frozen" in attrs else {})}}
         with progress_bar("head") as bar, one_thread_per_job():
-            task = bar.add_task("fit heads", total=len(names), info="")
+            task = bar.add_task("fit heads" + (" (frozen features)" if "frozen" in attrs else ""), total=len(names),
+                                info="")
             for name in base:
                 bar.update(task, info=name)
                 t0 = time.perf_counter()
                 try:
-                    model, info = _fit_one(name, train, val, paths.features, len(class_names), seed, config,
-                                           out_of_core)
+                    model, info = _fit_one(name, train, val, path, len(class_names), seed, config, out_of_core)
                 except SkipHead as e:
-                    log(f"{name}: skipped: {e}")
+                    log(f"{label(name)}: skipped: {e}")
                     bar.advance(task)
                     continue
                 fit_seconds = time.perf_counter() - t0
-                results[name] = _save_head(paths, name, model, info | common, fit_seconds, val, test, class_names,
-                                           config.chunk_rows)
+                results[label(name)] = _save_head(paths, label(name), model, info | common, fit_seconds, val, test,
+                                                  class_names, config.chunk_rows)
                 bar.advance(task)
             if STACK in names:
                 bar.update(task, info=STACK)

@@ -19,11 +19,11 @@ from featurepipe.report.documents import run_document, runs_document
 from featurepipe.report.figures import RUN_FIGURES, run_figures, runs_figures
 from featurepipe.report.gallery import (GRADCAM_SIZE, failure_row, gallery_figure, gradcam_figure, images_or_note,
                                         top_losses)
-from featurepipe.report.inputs import load_all
+from featurepipe.report.inputs import features_of, load_all
 from featurepipe.report.scoring import score_run
 from featurepipe.run_config import RunConfig
-from featurepipe.runs import (RunPaths, check_output, environment, is_run, read_json, run_paths, write_json,
-                              write_text)
+from featurepipe.runs import (RunPaths, check_output, environment, is_crossval, is_run, read_json, run_paths,
+                              write_json, write_text)
 
 MIN_RESAMPLES = 1000
 # What compare writes into its folder: with --out, a user's files of these names are not replaced
@@ -70,6 +70,7 @@ def compare(run: str | Path, out: str | Path | None = None, options: CompareOpti
         "class_counts": np.bincount(ref.y_true, minlength=len(ref.class_names)).tolist(),
         **score_run(cfg, preds, options.resamples),
         "heads": {n: _head_choice(paths, n) for n in preds if n != "cnn"},
+        "features": {n: features_of(n, cfg) for n in preds},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "run": {"path": str(paths.root), "arch": cfg.model.arch, "seed": cfg.seed, "data": cfg.data.source,
                 "img_size": cfg.model.img_size},
@@ -118,6 +119,10 @@ def _head_choice(paths: RunPaths, name: str) -> dict[str, Any]:
 def compare_runs(runs: list[str | Path], out: str | Path | None, options: CompareOptions | None = None) -> dict[str, Any]:
     """One run: its full report (see `compare`). Several: side by side in one table and chart, in `out`."""
     options = options or CompareOptions()
+    if len(runs) == 1 and is_crossval(runs[0]):
+        from featurepipe.report.pooled import compare_crossval
+
+        return compare_crossval(runs[0], out, options)
     if len(runs) == 1:
         return compare(runs[0], out, options)
     options.validate()

@@ -9,7 +9,7 @@ from typing import Any
 
 from featurepipe import plots, stats
 from featurepipe.render import Doc, Table
-from featurepipe.report.scoring import ALPHA, UNTRAINED_WIN
+from featurepipe.report.scoring import ALPHA, DECIDERS, UNTRAINED_WIN
 from featurepipe.run_config import RunConfig
 
 
@@ -35,7 +35,7 @@ def _duration(seconds: float | None) -> str:
 
 
 def takeaway(models: dict[str, dict[str, Any]], tests: dict[str, dict[str, Any]],
-             base: dict[str, Any] | None = None) -> str:
+             base: dict[str, Any] | None = None, test_note: str | None = None) -> str:
     """The result in words: whether the CNN learned, the best model, and which heads differ from the CNN beyond chance."""
     best = max(models, key=lambda n: models[n]["accuracy"])
     parts = []
@@ -58,11 +58,14 @@ def takeaway(models: dict[str, dict[str, Any]], tests: dict[str, dict[str, Any]]
         parts.append(f"Significantly worse than the CNN: {', '.join(groups['CNN better'])}.")
     if groups["no significant difference"]:
         parts.append(f"No significant difference from the CNN: {', '.join(groups['no significant difference'])}.")
-    return " ".join(parts) + f" (Exact McNemar test, Holm-adjusted over {len(tests)} heads, α = {ALPHA}.)"
+    note = test_note or "Exact McNemar test"
+    return " ".join(parts) + f" ({note}, Holm-adjusted over {len(tests)} heads, α = {ALPHA}.)"
 
 
 def headline_table(models: dict[str, dict[str, Any]], tests: dict[str, dict[str, Any]],
-                   label: dict[str, str] | None = None, baseline: dict[str, Any] | None = None) -> Table:
+                   label: dict[str, str] | None = None, baseline: dict[str, Any] | None = None,
+                   decider: str = "mcnemar") -> Table:
+    """Every model's scores with intervals, its difference from the CNN and the p of the test that decides."""
     colors = plots.model_colors(list(models))
     rows = []
     order = ["cnn", *sorted((n for n in models if n != "cnn"), key=lambda n: -models[n]["accuracy"])]
@@ -72,27 +75,33 @@ def headline_table(models: dict[str, dict[str, Any]], tests: dict[str, dict[str,
             name, _ci(m["accuracy"], m["accuracy_ci"]), _ci(m["macro_f1"], m["macro_f1_ci"]),
             _f(m["balanced_accuracy"]), _f(m["roc_auc"]), _f(m["ece"]),
             "—" if t is None else _ci(t["delta_accuracy"], t["delta_accuracy_ci"], signed=True),
-            "—" if t is None else _p(t["mcnemar"]["p_holm"]),
+            "—" if t is None else _p(t[decider]["p_holm"]),
         ])
     if baseline is not None:
         rows.append([f"baseline: {baseline['name']} ('{baseline['class']}')", _f(baseline["accuracy"]),
                      _f(baseline["macro_f1"]), "—", "—", "—", "—", "—"])
     return Table(["model", "accuracy [95% CI]", "macro F1 [95% CI]", "balanced accuracy", "ROC-AUC", "ECE",
-                  "Δ accuracy vs CNN [95% CI]", "McNemar p (Holm)"], rows, colors)
+                  "Δ accuracy vs CNN [95% CI]", f"{DECIDERS[decider]} p (Holm)"], rows, colors)
 
 
 def significance_table(tests: dict[str, dict[str, Any]]) -> Table:
+    """Each head's paired tests against the CNN, and the verdict with the test that decided it."""
+    folds = any("corrected_t" in t for t in tests.values())
     rows = []
     for name, t in tests.items():
-        mc, dl = t["mcnemar"], t.get("delong")
+        mc, dl, ct = t["mcnemar"], t.get("delong"), t.get("corrected_t")
         rows.append([
             name, _ci(t["delta_macro_f1"], t["delta_macro_f1_ci"], signed=True),
             f"{mc['cnn_only_right']} / {mc['head_only_right']}", f"{_p(mc['p_value'])} ({_p(mc['p_holm'])})",
+            *([] if not folds else ["—" if ct is None else f"{ct['t']:+.2f}, {_p(ct['p_value'])} ({_p(ct['p_holm'])})"]),
             "—" if dl is None else f"{dl['difference']:+.4f}",
-            "—" if dl is None else f"{dl['z']:+.2f}, {_p(dl['p_value'])} ({_p(dl['p_holm'])})", t["verdict"],
+            "—" if dl is None else f"{dl['z']:+.2f}, {_p(dl['p_value'])} ({_p(dl['p_holm'])})",
+            f"{t['verdict']} ({DECIDERS[t.get('decided_by', 'mcnemar')]})",
         ])
     return Table(["head", "Δ macro F1 vs CNN [95% CI]", "only CNN / only head right", "McNemar p (Holm)",
-                  "Δ ROC-AUC", "DeLong z, p (Holm)", "verdict on accuracy (α = 0.05)"], rows, plots.model_colors(["cnn", *tests]))
+                  *(["corrected t, p (Holm)"] if folds else []),
+                  "Δ ROC-AUC", "DeLong z, p (Holm)", f"verdict on accuracy (α = {ALPHA}), by"], rows,
+                 plots.model_colors(["cnn", *tests]), wrap_columns=(-1,))
 
 
 def per_class_table(tables: dict[str, list[dict[str, Any]]]) -> Table:
@@ -113,36 +122,27 @@ def kept_epoch(monitor: str | None) -> str:
     return "the epoch kept"
 
 
-def run_document(summary: dict[str, Any], cfg: RunConfig, figures: dict[str, Path],
-                 notes: dict[str, str]) -> Doc:
-    models, tests, boot = summary["models"], summary["tests"], summary["bootstrap"]
-    names = summary["class_names"]
+def features_table(doc: Doc, summary: dict[str, Any]) -> None:
+    """What each row's model was fitted on, in words: the fine-tuned CNN's embedding or the frozen backbone's."""
+    doc.heading("What each model sees", level=3)
+    doc.table(Table(["model", "input"], [[n, summary["features"][n]] for n in summary["features"]],
+                    plots.model_colors(list(summary["features"])), wrap_columns=(-1,)))
+
+
+def delong_note(names: list[str], tests: dict[str, Any]) -> str:
+    """What the DeLong column holds: a binary task's test of the two correlated ROC-AUCs, or why not."""
+    if len(names) != 2:
+        return "DeLong's test applies to two classes only; this task has more."
+    if all("delong" in t for t in tests.values()):
+        return "DeLong: test of the two correlated ROC-AUCs (binary task)."
+    return f"DeLong's test cannot be computed: it needs {stats.DELONG_MIN} test images of each class."
+
+
+def metric_sections(doc: Doc, summary: dict[str, Any], figures: dict[str, Path]) -> None:
+    """Every metric, MedMNIST's figures, cost, per-class tables and calibration: the part of a report that
+    reads the same for one test split and for pooled out-of-fold predictions."""
+    models = summary["models"]
     colors = plots.model_colors(list(models))
-    run = summary["run"]
-    doc = Doc(f"featurepipe comparison — {run['arch']} features on {Path(run['data']).name}")
-    counts = ", ".join(f"{c}: {n}" for c, n in zip(names, summary["class_counts"]))
-    doc.para(f"Run {run['path']} · test set {summary['test_size']} images ({counts}) · seed {run['seed']} · "
-             f"created {summary['created']}. Every model is scored on the same test images.")
-
-    doc.takeaway(takeaway(models, tests, summary.get("baseline")))
-    doc.heading("Results")
-    doc.table(headline_table(models, tests, baseline=summary.get("baseline")))
-    doc.para(f"95% intervals: percentile bootstrap, {boot['resamples']} resamples stratified by true class "
-             f"(seed {boot['seed']}); differences use the same resamples for both models (paired). McNemar: "
-             "exact two-sided test on the images exactly one of the two models gets right; p-values adjusted "
-             "over all heads with Holm's method. ECE: expected calibration error of the top-label probability, "
-             f"{stats.ECE_BINS} equal-width bins.", note=True)
-    doc.figure_row([(figures["accuracy"], "Test accuracy per model with 95% bootstrap intervals"),
-                    (figures["macro_f1"], "Test macro F1 per model with 95% bootstrap intervals")])
-
-    doc.heading("Is the difference real? Each head against the CNN")
-    doc.table(significance_table(tests))
-    delong = ("DeLong's test applies to two classes only; this task has more." if len(names) != 2
-              else "DeLong: test of the two correlated ROC-AUCs (binary task)." if all("delong" in t for t in tests.values())
-              else f"DeLong's test cannot be computed: it needs {stats.DELONG_MIN} test images of each class.")
-    doc.para("only CNN / only head right: the discordant images McNemar's test uses; Holm's adjustment in "
-             "brackets. " + delong, note=True)
-
     doc.heading("All metrics")
     doc.table(Table(
         ["model", "macro precision", "macro recall", "macro F1", "weighted precision", "weighted recall",
@@ -174,6 +174,38 @@ def run_document(summary: dict[str, Any], cfg: RunConfig, figures: dict[str, Pat
     doc.figure(figures["reliability"], "Reliability diagrams: bars below the diagonal mean over-confidence")
     if "roc" in figures:
         doc.figure(figures["roc"], "ROC curves on the test set")
+
+
+def run_document(summary: dict[str, Any], cfg: RunConfig, figures: dict[str, Path],
+                 notes: dict[str, str]) -> Doc:
+    models, tests, boot = summary["models"], summary["tests"], summary["bootstrap"]
+    names = summary["class_names"]
+    colors = plots.model_colors(list(models))
+    run = summary["run"]
+    doc = Doc(f"featurepipe comparison — {run['arch']} features on {Path(run['data']).name}")
+    counts = ", ".join(f"{c}: {n}" for c, n in zip(names, summary["class_counts"]))
+    doc.para(f"Run {run['path']} · test set {summary['test_size']} images ({counts}) · seed {run['seed']} · "
+             f"created {summary['created']}. Every model is scored on the same test images.")
+
+    doc.takeaway(takeaway(models, tests, summary.get("baseline")))
+    doc.heading("Results")
+    doc.table(headline_table(models, tests, baseline=summary.get("baseline")))
+    doc.para(f"95% intervals: percentile bootstrap, {boot['resamples']} resamples stratified by true class "
+             f"(seed {boot['seed']}); differences use the same resamples for both models (paired). McNemar: "
+             "exact two-sided test on the images exactly one of the two models gets right; p-values adjusted "
+             "over all heads with Holm's method. ECE: expected calibration error of the top-label probability, "
+             f"{stats.ECE_BINS} equal-width bins.", note=True)
+    doc.figure_row([(figures["accuracy"], "Test accuracy per model with 95% bootstrap intervals"),
+                    (figures["macro_f1"], "Test macro F1 per model with 95% bootstrap intervals")])
+    if "features" in summary:
+        features_table(doc, summary)
+
+    doc.heading("Is the difference real? Each head against the CNN")
+    doc.table(significance_table(tests))
+    doc.para("only CNN / only head right: the discordant images McNemar's test uses; Holm's adjustment in "
+             "brackets. " + delong_note(names, tests), note=True)
+
+    metric_sections(doc, summary, figures)
 
     doc.heading("Where the CNN fails")
     if "images" in notes:

@@ -37,3 +37,18 @@ def model_cost(paths: RunPaths, name: str) -> dict[str, float | None]:
     info = read_json(source) if source.exists() else {}
     return {"fit_seconds": info.get("train_seconds" if name == "cnn" else "fit_seconds"),
             "predict_seconds_per_image": info.get("predict_seconds_per_image")}
+
+
+def features_of(name: str, cfg: RunConfig) -> str:
+    """What a model's input is, in words: the report says it beside every row."""
+    arch = cfg.model.arch if cfg.model is not None else "the CNN"
+    if name == "cnn":
+        return f"{arch}, trained end to end" + (f" from {cfg.weights} weights" if cfg.weights else " from scratch")
+    info = read_json(cfg.paths.head_info(name)) if cfg.paths.head_info(name).exists() else {}
+    frozen = info.get("features", {}).get("frozen")
+    if frozen:
+        return f"{arch} with its {frozen} weights as they were, before any fine-tuning (frozen)"
+    if info.get("inputs"):
+        return "the probabilities of " + ", ".join(info["inputs"])
+    return (f"the {'fine-tuned' if cfg.weights else 'trained'} CNN's embedding "
+            f"({info.get('features', {}).get('layer', 'penultimate')})")

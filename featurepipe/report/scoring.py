@@ -28,7 +28,7 @@ def score_run(cfg: RunConfig, preds: dict[str, Predictions], resamples: int) -> 
     evaluated["baseline"] = baseline(train_counts, ref, evaluated["models"]["cnn"])
     if not evaluated["baseline"]["cnn_above"]:
         for t in evaluated["tests"].values():
-            t["verdict"] = _verdict(t, cnn_learned=False)
+            t["verdict"] = verdict(t, cnn_learned=False)
     return evaluated
 
 
@@ -69,7 +69,8 @@ def evaluate_models(preds: dict[str, Predictions], resamples: int, seed: int) ->
         for n, adjusted in zip(names, stats.holm([tests[n][test]["p_value"] for n in names]) if names else []):
             tests[n][test]["p_holm"] = adjusted
     for t in tests.values():
-        t["verdict"] = _verdict(t)
+        t["decided_by"] = "mcnemar"
+        t["verdict"] = verdict(t)
     return {
         "models": models,
         "per_class": {name: per_class(p) for name, p in preds.items()},
@@ -83,8 +84,14 @@ def evaluate_models(preds: dict[str, Predictions], resamples: int, seed: int) ->
 UNTRAINED_WIN = "head better than a CNN that did not learn"
 
 
-def _verdict(t: dict[str, Any], cnn_learned: bool = True) -> str:
-    if t["mcnemar"]["p_holm"] >= ALPHA:
+# The tests a verdict can be read from, as the reports name them: McNemar on one test split's paired
+# images; on a cross-validation, the fold-level corrected resampled t-test (report/pooled.py says why).
+DECIDERS = {"mcnemar": "McNemar", "corrected_t": "corrected t-test"}
+
+
+def verdict(t: dict[str, Any], cnn_learned: bool = True) -> str:
+    """The verdict on accuracy from the Holm-adjusted p of the test `t["decided_by"]` names."""
+    if t[t.get("decided_by", "mcnemar")]["p_holm"] >= ALPHA:
         return "no significant difference"
     if t["delta_accuracy"] > 0:
         return "head better" if cnn_learned else UNTRAINED_WIN

@@ -1,0 +1,191 @@
+"""`featurepipe crossval`: the whole comparison cross-validated, so that every image is tested once.
+
+A single 15 % test split of a few hundred images decides almost nothing (38 images: a handful of
+discordant pairs) and another seed's split tells another story. Here the images are cut into k
+stratified folds (groups kept whole, as in every split featurepipe makes); fold K is the test split of
+run DIR/foldK, whose val split is carved from the rest as in a single run, and each run goes through
+the four stages exactly as the single commands do (train-cnn, extract, fit-heads, compare), so every
+other command works on it. `compare --run DIR` then pools the out-of-fold predictions
+(report/pooled.py).
+
+Resuming is re-running the command: a stage whose result is already there (metrics.json, features of
+the current checkpoint, heads fitted on them, the fold's report) is not done again, and a fold whose
+training was interrupted continues from its last epoch (train-cnn --resume), so Ctrl-C loses at most
+the stage in progress.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from featurepipe import data as fdata
+from featurepipe.engine import Callback
+from featurepipe.errors import FeaturepipeError
+from featurepipe.extract import extract, read_attrs
+from featurepipe.heads import HeadsConfig, fit_heads
+from featurepipe.heads.registry import STACK
+from featurepipe.options import TrainConfig
+from featurepipe.progress import log, progress_bar
+from featurepipe.report import CompareOptions
+from featurepipe.report.command import compare
+from featurepipe.report.pooled import compare_crossval
+from featurepipe.run_config import RunConfig
+from featurepipe.runs import (CrossvalPaths, RunPaths, environment, frozen_label, is_crossval, is_finished, read_json,
+                              run_lock, write_json)
+from featurepipe.train import data_fingerprint, train
+
+STAGES = ("train-cnn", "extract", "fit-heads", "compare")
+# Options that may change between a cross-validation's first start and its continuation.
+MAY_CHANGE = ("device", "amp", "on_bad_image", "resume", "overwrite", "resolved")
+
+
+@dataclass
+class CrossvalConfig:
+    """crossval's own options (train-cnn's are a TrainConfig beside it)."""
+
+    folds: int = 5
+    heads: tuple[str, ...] = ("svm", "rf", "logreg")
+    tune: str = "val"
+    jobs: int = -1
+    bootstrap: int = 2000
+
+    def validate(self) -> None:
+        if self.folds < 2:
+            raise FeaturepipeError(f"--folds {self.folds}: a cross-validation needs at least 2 folds")
+        HeadsConfig(tune=self.tune, jobs=self.jobs).validate()
+        CompareOptions(resamples=self.bootstrap).validate()
+
+
+def fold_splits(catalog: fdata.Catalog, folds: int, seed: int) -> list[dict[str, np.ndarray]]:
+    """Catalog indices of train, val and test for each fold: the test folds partition every image,
+    stratified by class (and by group, each group in one fold, where the source has groups); val is a
+    stratified 15 % of all images carved from the rest, as a single run's."""
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+    labels = catalog.labels
+    fewest = int(np.bincount(labels, minlength=len(catalog.class_names)).min())
+    if fewest < folds + 2:  # every fold's test, val and train need an image of every class
+        raise FeaturepipeError(f"--folds {folds}: the smallest class of {catalog.source} has {fewest} image(s); "
+                               f"use at most {max(1, fewest - 2)} folds")
+    groups = None if catalog.groups is None else np.asarray(catalog.groups)
+    everything = np.arange(len(catalog))
+    if groups is None:
+        parts = StratifiedKFold(folds, shuffle=True, random_state=seed).split(everything, labels)
+    else:
+        if len(np.unique(groups)) < folds:
+            raise FeaturepipeError(f"--folds {folds}: {catalog.source} holds only {len(np.unique(groups))} groups; "
+                                   "use fewer folds")
+        parts = StratifiedGroupKFold(folds, shuffle=True, random_state=seed).split(everything, labels, groups)
+    out = []
+    for _, test in parts:
+        rest = np.setdiff1d(everything, test)
+        val_share = fdata.splits.VAL_FRACTION * len(everything) / len(rest)
+        part = fdata.splits.stratified_split(labels[rest], {"val": val_share}, seed, rest="train",
+                                             groups=None if groups is None else groups[rest])
+        out.append({"train": rest[part["train"]], "val": rest[part["val"]], "test": np.sort(test)})
+    return out
+
+
+def crossval(data: str, out: str | Path, cfg: TrainConfig, config: CrossvalConfig,
+             callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
+    """Run (or continue) the cross-validation in `out`; returns the pooled comparison's summary.
+    `callbacks` join every fold's training (tests interrupt it through them)."""
+    cfg.validate()
+    config.validate()
+    paths = CrossvalPaths(Path(out))
+    catalog = fdata.name_classes(fdata.scan(data, cfg.allow_outside), cfg.class_names)
+    splits = [{s: [catalog.ids[i] for i in idx] for s, idx in fold.items()}
+              for fold in fold_splits(catalog, config.folds, cfg.seed)]
+    plan = _plan(paths, catalog, cfg, config, [fold["test"] for fold in splits])
+    if [fold["test"] for fold in splits] != plan["test_ids"]:
+        raise FeaturepipeError(f"--out {paths.root}: its folds ({paths.plan}) differ from the ones {data} gives now; "
+                               "the data changed, so give a new --out")
+    train_cfg = replace(cfg, folds=1, resume=False, overwrite=False)
+    with progress_bar("stage") as bar:
+        task = bar.add_task("crossval", total=config.folds * len(STAGES), info="")
+        for k, fold_ids in enumerate(splits, start=1):
+            _fold(data, paths.fold(k), train_cfg, config, fold_ids, callbacks,
+                  lambda stage: bar.update(task, info=f"fold {k}/{config.folds}: {stage}"),
+                  lambda: bar.advance(task))
+    return compare_crossval(paths.root, None, CompareOptions(resamples=config.bootstrap))
+
+
+def _plan(paths: CrossvalPaths, catalog: fdata.Catalog, cfg: TrainConfig, config: CrossvalConfig,
+          test_ids: list[list[str]]) -> dict[str, Any]:
+    """crossval.json: written before the first fold; a continuation must match it."""
+    plan = {
+        "command": "crossval",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "data": {"source": catalog.source, "kind": catalog.kind, "class_names": catalog.class_names,
+                 "index_fingerprint": data_fingerprint(catalog, contents=False), "images": len(catalog)},
+        "crossval": {**asdict(config), "heads": list(config.heads)},
+        "train": {k: v for k, v in asdict(cfg).items() if k not in MAY_CHANGE},
+        "seed": cfg.seed,
+        "test_ids": test_ids,
+        "environment": environment(),
+    }
+    if is_crossval(paths.root):
+        old = read_json(paths.plan)
+        for key, what in (("data", "data"), ("crossval", "cross-validation options"), ("train", "train-cnn options")):
+            mine = plan[key] if key != "data" else {k: v for k, v in plan[key].items() if k != "source"}
+            theirs = old.get(key, {}) if key != "data" else {k: v for k, v in old.get(key, {}).items() if k != "source"}
+            if mine != theirs:
+                diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+                raise FeaturepipeError(f"--out {paths.root}: holds a cross-validation with other {what} "
+                                       f"({', '.join(diff)}); continue it with the same ones, or give a new --out")
+        log(f"continuing the cross-validation in {paths.root}")
+        return old
+    others = sorted(p.name for p in paths.root.iterdir() if p.name != ".lock") if paths.root.is_dir() else []
+    if others:
+        raise FeaturepipeError(f"--out {paths.root}: holds other files ({', '.join(others[:3])}) and is no "
+                               "cross-validation; give a new or empty folder")
+    write_json(paths.plan, plan)
+    return plan
+
+
+def _fold(data: str, run: RunPaths, cfg: TrainConfig, config: CrossvalConfig, splits: dict[str, list[str]],
+          callbacks: Sequence[Callback], show, done) -> None:
+    """The four stages on one fold, each skipped where its result is already there."""
+    show("train-cnn")
+    if not is_finished(run):
+        resume = run.last_checkpoint.exists() and run.config.exists()
+        with run_lock(run.root, "--out", create=True):
+            train(data, run.root, replace(cfg, resume=resume, overwrite=not resume), callbacks, splits=splits)
+    done()
+    show("extract")
+    run_cfg = RunConfig.load(run)
+    if not _features_current(run_cfg):
+        with run_lock(run.root):
+            extract(run.root, device=cfg.device, amp=cfg.amp)
+    done()
+    show("fit-heads")
+    if not _heads_current(run_cfg, config.heads):
+        with run_lock(run.root):
+            fit_heads(run.root, list(config.heads), HeadsConfig(tune=config.tune, jobs=config.jobs))
+    done()
+    show("compare")
+    summary = run.compare / "summary.json"
+    heads = [run.head_info(h) for h in run_cfg.fitted_heads()]
+    if not summary.exists() or any(h.stat().st_mtime > summary.stat().st_mtime for h in heads):
+        with run_lock(run.root):
+            # Grad-CAM is left to the user (compare --run DIR/foldK): minutes on a CPU, for each fold.
+            compare(run.root, options=CompareOptions(resamples=config.bootstrap, gradcam=False))
+    done()
+
+
+def _features_current(cfg: RunConfig) -> bool:
+    wanted = [cfg.paths.features] + ([cfg.paths.frozen_features] if cfg.weights is not None else [])
+    return all(p.exists() and read_attrs(p)["checkpoint"] == cfg.checkpoint for p in wanted)
+
+
+def _heads_current(cfg: RunConfig, heads: Sequence[str]) -> bool:
+    labels = list(heads)
+    if cfg.weights is not None:
+        labels += [frozen_label(h, cfg.weights) for h in heads if h != STACK]
+    return all(cfg.paths.head_info(h).exists() and read_json(cfg.paths.head_info(h)).get("checkpoint") == cfg.checkpoint
+               for h in labels)

@@ -1,0 +1,167 @@
+"""crossval: folds that test every image once, pooled predictions, resuming, the corrected t-test, the
+frozen-features arm, and class names for an .npz."""
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import cli, refused, write_npz
+from featurepipe.crossval import CrossvalConfig, crossval
+from featurepipe.engine import Callback
+from featurepipe.models import create_model
+from featurepipe.options import TrainConfig
+from featurepipe.stats import corrected_resampled_ttest
+
+FOLDS = 2
+HEADS = ("logreg", "svm")
+FROZEN = tuple(f"{h} (pretrained, frozen)" for h in HEADS)
+
+
+def options(weights: Path) -> TrainConfig:
+    """Tiny and quick: sixblock from a local state dict, two epochs (one frozen), as the CLI below."""
+    return TrainConfig(arch="sixblock", weights=str(weights), epochs=1, freeze_epochs=1, batch_size=16)
+
+
+CV_CONFIG = CrossvalConfig(folds=FOLDS, heads=HEADS, tune="none", bootstrap=1000)
+
+
+class CtrlC(Callback):
+    """Ctrl-C as the given epoch of the given fit (fold) starts."""
+
+    def __init__(self, fit: int, epoch: int) -> None:
+        self.fit, self.epoch, self.fits = fit, epoch, 0
+
+    def on_fit_start(self, trainer) -> None:
+        self.fits += 1
+
+    def on_epoch_start(self, trainer) -> None:
+        if self.fits == self.fit and trainer.epoch == self.epoch:
+            raise KeyboardInterrupt
+
+
+@pytest.fixture(scope="module")
+def cv(tmp_path_factory) -> dict[str, Path]:
+    """A finished two-fold cross-validation on the tiny .npz, from "pretrained" (random, local) weights."""
+    tmp = tmp_path_factory.mktemp("cv")
+    data = write_npz(tmp / "tiny.npz")
+    weights = tmp / "weights.pt"
+    torch.manual_seed(0)
+    torch.save(create_model("sixblock", 3, 1, [0.5], [0.25]).state_dict(), weights)
+    out = tmp / "cv"
+    cli("crossval", "--data", data, "--out", out, "--folds", FOLDS, "--heads", ",".join(HEADS), "--tune", "none",
+        "--bootstrap", 1000, "--arch", "sixblock", "--weights", weights, "--epochs", 1, "--freeze-epochs", 1,
+        "--batch-size", 16)
+    return {"data": data, "weights": weights, "out": out}
+
+
+def _ids(path: Path) -> list[str]:
+    with path.open(newline="") as f:
+        return [row["id"] for row in csv.DictReader(f)]
+
+
+def test_every_image_is_tested_exactly_once_and_pooled(cv):
+    out = cv["out"]
+    tested = []
+    for k in range(1, FOLDS + 1):
+        splits = json.loads((out / f"fold{k}" / "splits.json").read_text())
+        assert not set(splits["test"]) & (set(splits["train"]) | set(splits["val"]))
+        assert not set(splits["train"]) & set(splits["val"])
+        tested += splits["test"]
+        assert _ids(out / f"fold{k}" / "cnn" / "test_predictions.csv") == splits["test"]
+    assert len(tested) == len(set(tested)) == 186  # every image of the .npz, once
+    summary = json.loads((out / "compare" / "summary.json").read_text())
+    assert summary["pooled"] and summary["test_size"] == 186 and summary["folds"] == FOLDS
+    # The pooled accuracy is the folds' accuracies weighted by their test sizes.
+    folds = summary["per_fold"]
+    for model in ("cnn", *HEADS, *FROZEN):
+        weighted = sum(f["models"][model]["accuracy"] * f["n_test"] for f in folds) / 186
+        assert summary["models"][model]["accuracy"] == pytest.approx(weighted)
+        assert summary["fold_summary"][model]["accuracy"]["mean"] == pytest.approx(
+            np.mean([f["models"][model]["accuracy"] for f in folds]))
+    for name, t in summary["tests"].items():
+        assert t["decided_by"] == "corrected_t" and 0 <= t["corrected_t"]["p_holm"] <= 1
+    html = (out / "compare" / "report.html").read_text()
+    assert "Per fold" in html and "corrected t-test" in html and "mean ± sd" in html
+
+
+def test_each_fold_is_an_ordinary_run(cv, tmp_path):
+    cli("compare", "--run", cv["out"] / "fold1", "--out", tmp_path / "again", "--bootstrap", 1000, "--no-gradcam")
+    assert (tmp_path / "again" / "report.html").exists()
+    cli("compare", "--run", cv["out"], "--out", tmp_path / "pooled", "--bootstrap", 1000)  # the pooled one again
+    assert json.loads((tmp_path / "pooled" / "summary.json").read_text())["test_size"] == 186
+
+
+def test_frozen_arm_rows_where_the_cnn_started_from_weights(cv, tiny_run):
+    summary = json.loads((cv["out"] / "compare" / "summary.json").read_text())
+    for frozen in FROZEN:
+        assert frozen in summary["models"] and "frozen" in summary["features"][frozen]
+    assert (cv["out"] / "fold1" / "features.frozen.h5").exists()
+    assert (cv["out"] / "fold1" / "heads" / "svm.frozen.json").exists()
+    # From scratch (tiny_run): no frozen features, no frozen rows.
+    plain = json.loads((tiny_run / "compare" / "summary.json").read_text())
+    assert not any("frozen" in name for name in plain["models"])
+    assert not (tiny_run / "features.frozen.h5").exists()
+
+
+def test_interrupted_crossval_resumes_to_the_same_result(cv, tmp_path):
+    out = tmp_path / "cv"
+    with pytest.raises(KeyboardInterrupt):
+        crossval(str(cv["data"]), out, options(cv["weights"]), CV_CONFIG, callbacks=[CtrlC(fit=2, epoch=2)])
+    assert (out / "fold1" / "compare" / "summary.json").exists()  # the finished fold is kept...
+    assert not (out / "fold2" / "cnn" / "metrics.json").exists()  # ...and the one in progress is not finished
+    done = (out / "fold1" / "cnn" / "model.pt").stat().st_mtime
+    crossval(str(cv["data"]), out, options(cv["weights"]), CV_CONFIG)
+    assert (out / "fold1" / "cnn" / "model.pt").stat().st_mtime == done  # not trained again
+    for k in range(1, FOLDS + 1):
+        for name in ("cnn/test_predictions.csv", "heads/logreg.test_predictions.csv",
+                     "heads/svm.frozen.test_predictions.csv"):
+            assert (out / f"fold{k}" / name).read_text() == (cv["out"] / f"fold{k}" / name).read_text(), (k, name)
+    pooled = json.loads((out / "compare" / "summary.json").read_text())
+    reference = json.loads((cv["out"] / "compare" / "summary.json").read_text())
+    assert pooled["models"]["cnn"]["accuracy"] == reference["models"]["cnn"]["accuracy"]
+
+
+def test_crossval_refuses_other_options_in_the_same_folder(cv):
+    r = cli("crossval", "--data", cv["data"], "--out", cv["out"], "--folds", 3, "--heads", ",".join(HEADS),
+            "--tune", "none", "--bootstrap", 1000, ok=False)
+    refused(r, "--out", "other cross-validation options")
+
+
+def test_crossval_refuses_folds_the_data_cannot_fill(tmp_path):
+    data = write_npz(tmp_path / "tiny.npz")  # 62 images a class
+    refused(cli("crossval", "--data", data, "--out", tmp_path / "x", "--folds", 1, ok=False), "--folds 1")
+    refused(cli("crossval", "--data", data, "--out", tmp_path / "y", "--folds", 61, ok=False), "--folds 61",
+            "62 image(s)")
+
+
+def test_corrected_resampled_ttest_against_a_hand_computation():
+    # d = (0.02, 0.05, -0.01, 0.04, 0.03): mean 0.026, s² = 0.00212 / 4 = 0.00053; 5 folds of 144 test and
+    # 576 training images: (1/5 + 144/576) s² = 0.45 · 0.00053 = 0.0002385, se 0.0154434, t = 1.68357,
+    # two-sided p with 4 degrees of freedom 0.16757 (t tables; the uncorrected t would be 2.5254).
+    c = corrected_resampled_ttest(np.array([0.02, 0.05, -0.01, 0.04, 0.03]), n_train=576, n_test=144)
+    assert c.mean == pytest.approx(0.026)
+    assert c.se == pytest.approx(0.0154434, rel=1e-5)
+    assert c.t == pytest.approx(1.68357, rel=1e-5)
+    assert c.df == 4
+    assert c.p_value == pytest.approx(0.16757, abs=2e-5)
+
+
+def test_npz_class_names_by_option_and_by_key(tmp_path):
+    data = write_npz(tmp_path / "tiny.npz")
+    run = tmp_path / "run"
+    refused(cli("train-cnn", "--data", data, "--out", tmp_path / "bad", "--class-names", "a,b", ok=False),
+            "--class-names a,b", "3 classes")
+    cli("train-cnn", "--data", data, "--out", run, "--epochs", 1, "--batch-size", 16,
+        "--class-names", "normal,benign,malignant")
+    cli("extract", "--run", run, "--device", "cpu")  # the source read again takes the same names
+    assert json.loads((run / "config.json").read_text())["data"]["class_names"] == ["normal", "benign", "malignant"]
+    assert (run / "cnn" / "test_predictions.csv").read_text().splitlines()[0].endswith("p_benign,p_malignant")
+    arrays = dict(np.load(data))
+    np.savez(tmp_path / "named.npz", **arrays, class_names=np.array(["a", "b", "c"]))
+    from featurepipe.data import scan
+
+    assert scan(str(tmp_path / "named.npz")).class_names == ["a", "b", "c"]
