@@ -89,7 +89,7 @@ class Extend(Callback):
         extensions = trainer.state.setdefault("extensions", [])
         if trainer.epoch < trainer.epochs or trainer.stop or len(extensions) >= self.most:
             return
-        _, planned, _, start = self.phases.phase_of(trainer)
+        start = self.phases.phase_of(trainer)[3]
         losses = [h["val_loss"] for h in trainer.state["history"][start - 1:]]
         # Every rank takes rank 0's decision (its val scores are the ones recorded).
         if not distributed.broadcast_object(self.still_learning(losses, self.error())):
