@@ -23,6 +23,13 @@ app = typer.Typer(
 )
 
 
+# What the Ctrl-C line tells the user to do next, by command function.
+CONTINUE = {
+    "crossval": "run the same crossval command again: finished stages are kept and the fold in progress continues",
+    None: "train-cnn continues with --resume, extract where it stopped when re-run",
+}
+
+
 def _cli(fn):
     """User errors become one line on stderr and exit code 2; Ctrl-C exits cleanly with 130."""
 
@@ -37,8 +44,8 @@ def _cli(fn):
             typer.echo(f"featurepipe: error: {e}", err=True)
             raise typer.Exit(2)
         except KeyboardInterrupt:
-            typer.echo("featurepipe: interrupted; finished files are intact (train-cnn continues with --resume, "
-                       "extract where it stopped when re-run)", err=True)
+            typer.echo(f"featurepipe: interrupted; finished files are intact ({CONTINUE.get(fn.__name__, CONTINUE[None])})",
+                       err=True)
             raise typer.Exit(130)
 
     return wrapper

@@ -90,13 +90,16 @@ def metric_bars(values: dict[str, float], path: Path, metric: str = "accuracy", 
     for x, top, name in zip(xs, tops, names):
         ax.annotate(f"{values[name]:.3f}", (x, top), ha="center", va="bottom", xytext=(0, 3),
                     textcoords="offset points", fontsize=10)
-    ax.set_xticks(xs, names)
+    # "svm (ImageNet, frozen)" is wider than its bar: what the features are goes on lines of their own.
+    ticks = [n.replace(" (", "\n(", 1).replace(", ", ",\n") for n in names]
+    lines = max(t.count("\n") + 1 for t in ticks)
+    ax.set_xticks(xs, ticks, fontsize=10 if lines == 1 else 9)
     lows = [ci[n][0] for n in names] if ci else heights
     if baseline is not None:
         name, score = baseline
         ax.axhline(score, color="#b22222", linestyle="--", linewidth=1.2, label=f"{name}: {score:.3f}", zorder=3)
-        # Below the axis, where no bar can hide it (bbox_inches="tight" keeps it in the picture).
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), fontsize=8, frameon=False)
+        # Below the tick labels, where no bar can hide it (bbox_inches="tight" keeps it in the picture).
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.04 - 0.07 * lines), fontsize=8, frameon=False)
         lows = [*lows, score]
     _unit_axis(ax, _floor(lows), 1.06)
     label = _label(metric)

@@ -25,7 +25,7 @@ from featurepipe.heads import NAMES, STACK, full_proba, load_head
 from featurepipe.models import load_checkpoint
 from featurepipe.progress import log, progress_bar
 from featurepipe.run_config import RunConfig
-from featurepipe.runs import RunPaths, check_output, csv_cell, run_paths, skipped_beside, write_text
+from featurepipe.runs import RunPaths, check_output, csv_cell, is_frozen, run_paths, skipped_beside, write_text
 
 
 class Predictor:
@@ -50,7 +50,8 @@ class Predictor:
     def _load(self, name: str) -> dict[str, Any]:
         paths = self.run.paths
         if name not in self.infos:
-            fitted = self.run.fitted_heads()
+            # Frozen-features heads need the pretrained backbone's features, which predict does not compute.
+            fitted = [h for h in self.run.fitted_heads() if not is_frozen(h)]
             if name not in NAMES or name not in fitted:
                 raise FeaturepipeError(f"--model {name}: not a model of {paths.root}; choose cnn"
                                        + (f" or a fitted head: {', '.join(fitted)}" if fitted else ""))

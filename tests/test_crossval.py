@@ -95,12 +95,26 @@ def test_each_fold_is_an_ordinary_run(cv, tmp_path):
     assert json.loads((tmp_path / "pooled" / "summary.json").read_text())["test_size"] == 186
 
 
+def test_pooled_compare_keeps_a_users_files_and_rewrites_its_own(cv, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "report.html").write_text("my notes")
+    refused(cli("compare", "--run", cv["out"], "--out", mine, "--bootstrap", 1000, ok=False), "report.html",
+            "--overwrite")
+    assert (mine / "report.html").read_text() == "my notes"
+    cli("compare", "--run", cv["out"], "--out", cv["out"] / "compare", "--bootstrap", 1000)  # its own folder
+
+
 def test_frozen_arm_rows_where_the_cnn_started_from_weights(cv, tiny_run):
     summary = json.loads((cv["out"] / "compare" / "summary.json").read_text())
     for frozen in FROZEN:
         assert frozen in summary["models"] and "frozen" in summary["features"][frozen]
     assert (cv["out"] / "fold1" / "features.frozen.h5").exists()
     assert (cv["out"] / "fold1" / "heads" / "svm.frozen.json").exists()
+    # predict does not compute the pretrained backbone's features: it neither takes nor offers frozen heads.
+    r = cli("predict", "--run", cv["out"] / "fold1", "--model", FROZEN[0], cv["data"], ok=False)
+    line = refused(r, "--model", "svm")
+    assert "frozen" not in line.split("choose", 1)[1]
     # From scratch (tiny_run): no frozen features, no frozen rows.
     plain = json.loads((tiny_run / "compare" / "summary.json").read_text())
     assert not any("frozen" in name for name in plain["models"])
@@ -123,6 +137,18 @@ def test_interrupted_crossval_resumes_to_the_same_result(cv, tmp_path):
     pooled = json.loads((out / "compare" / "summary.json").read_text())
     reference = json.loads((cv["out"] / "compare" / "summary.json").read_text())
     assert pooled["models"]["cnn"]["accuracy"] == reference["models"]["cnn"]["accuracy"]
+
+
+def test_ctrl_c_in_a_crossval_says_to_run_the_same_command_again(cv, tmp_path, monkeypatch):
+    import featurepipe.crossval as module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "crossval", interrupted)
+    r = cli("crossval", "--data", cv["data"], "--out", tmp_path / "cv", ok=False)
+    assert r.exit_code == 130 and "Traceback" not in r.output
+    assert "run the same crossval command again" in r.output and "--resume" not in r.output
 
 
 def test_crossval_refuses_other_options_in_the_same_folder(cv):

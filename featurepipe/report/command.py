@@ -35,9 +35,9 @@ RUNS_FILES = ("summary.md", "report.html", "summary.json", "accuracy.png", "macr
 
 def check_out(out: Path, n_runs: int, overwrite: bool = False) -> None:
     """Refuse, before any work, an --out that cannot be written or holds a user's files compare would
-    replace; inside a run (RUN/compare given as --out) the files are compare's own."""
+    replace; inside a run or a cross-validation (RUN/compare given as --out) the files are compare's own."""
     out = Path(out).expanduser()
-    ours = any(is_run(p) for p in Path(os.path.abspath(out)).parents)
+    ours = any(is_run(p) or is_crossval(p) for p in Path(os.path.abspath(out)).parents)
     check_output(out, "--out", folder=True, overwrite=overwrite,
                  beside=() if ours else tuple(out / name for name in (RUN_FILES if n_runs == 1 else RUNS_FILES)))
 
