@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from featurepipe.data.dataset import ImageDataset
-from featurepipe.data.images import UnreadableImage, max_image_pixels
+from featurepipe.data.images import max_image_pixels
 
 # A source goes to the device whole when it takes at most this share of the free device memory; else
 # batches are gathered on the host into pinned memory and copied without blocking.
