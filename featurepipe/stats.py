@@ -161,6 +161,45 @@ def corrected_resampled_ttest(differences: np.ndarray, n_train: float, n_test: f
 
 
 @dataclass
+class ValToTest:
+    """Does a model score lower on test than its val scores predict?
+
+    expected: the test accuracy it would have if it recognised each class of test as often as it did on
+    val (val's per-class recall weighted by test's class shares, so a different class mix alone is no
+    drop); observed: its test accuracy. z and the one-sided p test expected - observed against the
+    binomial noise of both splits' per-class recalls.
+    """
+
+    expected: float
+    observed: float
+    z: float
+    p_value: float
+
+
+def val_to_test(val_true: np.ndarray, val_pred: np.ndarray, test_true: np.ndarray, test_pred: np.ndarray,
+                n_classes: int) -> ValToTest | None:
+    """None where a class of test has no val image: val says nothing of how it is recognised."""
+    n_val = np.bincount(val_true, minlength=n_classes)
+    n_test = np.bincount(test_true, minlength=n_classes)
+    present = n_test > 0
+    if (n_val[present] == 0).any():
+        return None
+    share = n_test[present] / n_test.sum()
+    hits_val = np.bincount(val_true, weights=val_pred == val_true, minlength=n_classes)[present]
+    hits_test = np.bincount(test_true, weights=test_pred == test_true, minlength=n_classes)[present]
+    recall_val, recall_test = hits_val / n_val[present], hits_test / n_test[present]
+    expected, observed = float(share @ recall_val), float(share @ recall_test)
+
+    def variance(hits, n):  # of each recall, from (hits + 1/2) / (n + 1): a class recognised every time still has noise
+        r = (hits + 0.5) / (n + 1)
+        return r * (1 - r) / n
+
+    se = float(np.sqrt(share ** 2 @ (variance(hits_val, n_val[present]) + variance(hits_test, n_test[present]))))
+    z = (expected - observed) / se
+    return ValToTest(expected, observed, float(z), float(sps.norm.sf(z)))
+
+
+@dataclass
 class Reliability:
     """Top-label calibration in equal-width confidence bins ((m-1)/M, m/M]."""
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from sklearn import metrics
 
+from featurepipe.evaluate import Predictions, save_predictions
 from featurepipe.explain import cam_layer, gradcam, read_test_images
 from featurepipe.models import create_model, load_checkpoint
 from featurepipe.run_config import RunConfig
@@ -87,6 +88,36 @@ def test_significance_detects_a_real_difference_and_not_a_null_one(tmp_path):
     # svm is drawn with the CNN's own skill: no difference to find.
     assert tests["svm"]["verdict"] == "no significant difference"
     assert tests["svm"]["delta_accuracy_ci"][0] < 0 < tests["svm"]["delta_accuracy_ci"][1]
+
+
+def test_a_model_that_scores_lower_on_test_than_val_predicts_is_named_and_a_new_class_mix_is_not(tmp_path):
+    run = fake_run(tmp_path / "run", n_classes=2, n_test=300, heads=("svm", "rf"), seed=3)
+    names = ["class0", "class1"]
+
+    def write_val(model, perfect=False):
+        ids, y, proba = read_predictions(prediction_file(run, model), names)
+        keep = np.concatenate([np.arange(len(y)), *[np.flatnonzero(y == 1)] * 2])  # class1 three times over
+        proba = np.eye(2)[y[keep]] if perfect else proba[keep]
+        path = Path(str(prediction_file(run, model)).replace("test_predictions", "val_predictions"))
+        save_predictions(path, Predictions([f"val/{k:06d}" for k in range(len(keep))], y[keep], proba, names))
+
+    # Val holds the test images' own predictions in another class mix: each class recognised as often.
+    for model in ("cnn", "svm", "rf"):
+        write_val(model)
+    cli("compare", "--run", run, "--no-gradcam")
+    check = json.loads((run / "compare" / "summary.json").read_text())["val_to_test"]
+    assert set(check["models"]) == {"cnn", "svm", "rf"} and check["shifted"] == []
+    for c in check["models"].values():
+        assert c["expected"] == pytest.approx(c["observed"]) and c["val_accuracy"] != pytest.approx(c["observed"])
+    assert "No model scores significantly lower on test than val predicts" in (run / "compare" / "summary.md").read_text()
+
+    # svm right on every val image, as a head tuned to images unlike test's can be: named, in the report and the log.
+    write_val("svm", perfect=True)
+    r = cli("compare", "--run", run, "--no-gradcam")
+    check = json.loads((run / "compare" / "summary.json").read_text())["val_to_test"]
+    assert check["shifted"] == ["svm"] and check["models"]["svm"]["expected"] > 0.99
+    assert "warning: Test is unlike val: svm" in " ".join(r.output.split())
+    assert "Test is unlike val: svm" in (run / "compare" / "summary.md").read_text()
 
 
 def test_a_cnn_that_learned_nothing_is_named_and_no_head_wins_over_it(tmp_path):

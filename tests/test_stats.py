@@ -159,3 +159,27 @@ def test_roc_auc_is_none_where_a_class_has_no_test_image():
     proba = np.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1]])
     assert stats.roc_auc(np.array([0, 1]), proba) is None
     assert stats.medmnist_auc(np.array([0, 1]), proba) is None
+
+
+def _recognised(rng, counts, recall):
+    """Labels and predictions of a split with these class counts, each image right with its class's recall."""
+    y = np.repeat(np.arange(len(counts)), counts)
+    right = rng.random(len(y)) < np.asarray(recall)[y]
+    return y, np.where(right, y, (y + 1) % len(counts))
+
+
+def test_val_to_test_holds_its_level_under_another_class_mix_and_finds_a_real_drop():
+    rng = np.random.default_rng(0)
+    recall = [0.98, 0.90, 0.95]
+
+    def rejected(test_recall, trials=1000):
+        return np.mean([stats.val_to_test(*_recognised(rng, [40, 150, 60], recall),
+                                          *_recognised(rng, [150, 60, 40], test_recall), 3).p_value < 0.05
+                        for _ in range(trials)])
+
+    # The same per-class recall on test, with its own class mix: accuracy moves, the test does not fire.
+    assert 0.02 < rejected(recall) < 0.08
+    # Each class recognised 8 points less often on test: found nearly every time.
+    assert rejected([r - 0.08 for r in recall]) > 0.8
+    # A class of test that val never shows: nothing to expect.
+    assert stats.val_to_test(np.array([0, 0]), np.array([0, 0]), np.array([0, 1]), np.array([0, 1]), 2) is None

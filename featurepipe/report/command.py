@@ -15,12 +15,12 @@ from featurepipe.errors import FeaturepipeError
 from featurepipe.evaluate import report
 from featurepipe.progress import log
 from featurepipe.report.csv_files import metrics_csv, per_class_csv
-from featurepipe.report.documents import run_document, runs_document
+from featurepipe.report.documents import run_document, runs_document, shift_warning
 from featurepipe.report.figures import RUN_FIGURES, run_figures, runs_figures
 from featurepipe.report.gallery import (GRADCAM_SIZE, failure_row, gallery_figure, gradcam_figure, images_or_note,
                                         top_losses)
-from featurepipe.report.inputs import features_of, load_all
-from featurepipe.report.scoring import score_run
+from featurepipe.report.inputs import features_of, load_all, load_val
+from featurepipe.report.scoring import score_run, val_to_test
 from featurepipe.run_config import RunConfig
 from featurepipe.runs import (RunPaths, check_output, environment, is_crossval, is_run, read_json, run_paths,
                               write_json, write_text)
@@ -71,6 +71,7 @@ def compare(run: str | Path, out: str | Path | None = None, options: CompareOpti
         **score_run(cfg, preds, options.resamples),
         "heads": {n: _head_choice(paths, n) for n in preds if n != "cnn"},
         "features": {n: features_of(n, cfg) for n in preds},
+        "val_to_test": val_to_test(load_val(cfg, preds), preds),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "run": {"path": str(paths.root), "arch": cfg.model.arch, "seed": cfg.seed, "data": cfg.data.source,
                 "img_size": cfg.model.img_size},
@@ -104,6 +105,8 @@ def compare(run: str | Path, out: str | Path | None = None, options: CompareOpti
     summary["timing"] = {"compare_seconds_excluding_gradcam": round(time.perf_counter() - started - cam_seconds, 2),
                          "gradcam_seconds": round(cam_seconds, 2)}
     write_json(out / "summary.json", summary)
+    if warning := shift_warning(summary["val_to_test"]):
+        log(f"warning: {warning}")
     best = max(summary["models"], key=lambda n: summary["models"][n]["accuracy"])
     log(f"best on test accuracy: {best} ({summary['models'][best]['accuracy']:.4f}); "
         f"{summary['timing']['compare_seconds_excluding_gradcam']:.1f} s"

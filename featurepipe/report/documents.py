@@ -176,6 +176,33 @@ def metric_sections(doc: Doc, summary: dict[str, Any], figures: dict[str, Path])
         doc.figure(figures["roc"], "ROC curves on the test set")
 
 
+def shift_warning(val_to_test: dict[str, Any]) -> str | None:
+    """One line for the report and the console where a model scores lower on test than val predicts."""
+    shifted = val_to_test["shifted"]
+    if not shifted:
+        return None
+    m = val_to_test["models"]
+    return ("Test is unlike val: " + ", ".join(f"{n} {m[n]['expected']:.3f} expected from val, {m[n]['observed']:.3f} "
+                                               "on test" for n in shifted)
+            + f" (Holm-adjusted p < {ALPHA}). The test images differ from the val images in more than their class "
+            "mix (another site, scanner or period?); heads fitted to the training images' features can lose more "
+            "to that than the CNN, so a head that trails here may lead on images like the training ones "
+            "(docs/design.md, \"A test set from elsewhere\").")
+
+
+def val_to_test_section(doc: Doc, val_to_test: dict[str, Any], colors) -> None:
+    m = val_to_test["models"]
+    doc.heading("Does test look like val?")
+    warning = shift_warning(val_to_test)
+    doc.para(warning or f"No model scores significantly lower on test than val predicts (Holm-adjusted, α = {ALPHA}).")
+    doc.table(Table(["model", "val accuracy", "test accuracy expected from val", "test accuracy", "z, p (Holm)"],
+                    [[n, f"{_f(c['val_accuracy'])} ({c['val_size']} images)", _f(c["expected"]), _f(c["observed"]),
+                      f"{c['z']:+.2f}, {_p(c['p_holm'])}"] for n, c in m.items()], colors))
+    doc.para("Expected: the model's val recall of each class weighted by test's class shares, so a different class "
+             "mix alone is no drop; one-sided z-test against the binomial noise of both splits' recalls. The heads "
+             "chose their hyperparameters on val, so their val figures are a little optimistic.", note=True)
+
+
 def run_document(summary: dict[str, Any], cfg: RunConfig, figures: dict[str, Path],
                  notes: dict[str, str]) -> Doc:
     models, tests, boot = summary["models"], summary["tests"], summary["bootstrap"]
@@ -204,6 +231,9 @@ def run_document(summary: dict[str, Any], cfg: RunConfig, figures: dict[str, Pat
     doc.table(significance_table(tests))
     doc.para("only CNN / only head right: the discordant images McNemar's test uses; Holm's adjustment in "
              "brackets. " + delong_note(names, tests), note=True)
+
+    if summary.get("val_to_test", {}).get("models"):
+        val_to_test_section(doc, summary["val_to_test"], colors)
 
     metric_sections(doc, summary, figures)
 

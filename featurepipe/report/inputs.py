@@ -31,6 +31,18 @@ def load_all(cfg: RunConfig) -> dict[str, Predictions]:
     return preds
 
 
+def load_val(cfg: RunConfig, names) -> dict[str, Predictions]:
+    """Each model's val predictions, where it wrote any (an empty val split, or a run older than them, has none)."""
+    found = {}
+    for name in names:
+        path = cfg.paths.predictions(name, "val")
+        if path.is_file():
+            p = load_predictions(path, cfg.class_names)
+            if len(p.ids):
+                found[name] = p
+    return found
+
+
 def model_cost(paths: RunPaths, name: str) -> dict[str, float | None]:
     """Fit (training) time and prediction time per image, as train-cnn and fit-heads measured them."""
     source = paths.cnn_metrics if name == "cnn" else paths.head_info(name)

@@ -80,6 +80,24 @@ def evaluate_models(preds: dict[str, Predictions], resamples: int, seed: int) ->
     }
 
 
+def val_to_test(val: dict[str, Predictions], test: dict[str, Predictions]) -> dict[str, Any]:
+    """For every model with val predictions: does it score lower on test than val predicts (stats.val_to_test),
+    Holm-adjusted over the models. `shifted` names those that do: their test images are unlike the val
+    images they were checked on (another site, scanner, period), and the heads, fitted to the clean
+    training images' features, can lose more to that than the CNN (docs/design.md, "A test set from
+    elsewhere")."""
+    checks = {}
+    for name, v in val.items():
+        t = test[name]
+        c = stats.val_to_test(v.y_true, v.y_pred, t.y_true, t.y_pred, len(t.class_names))
+        if c is not None:
+            checks[name] = {"val_accuracy": float(np.mean(v.y_pred == v.y_true)), "val_size": len(v.ids),
+                            "expected": c.expected, "observed": c.observed, "z": c.z, "p_value": c.p_value}
+    for name, adjusted in zip(checks, stats.holm([c["p_value"] for c in checks.values()]) if checks else []):
+        checks[name]["p_holm"] = adjusted
+    return {"models": checks, "shifted": [n for n, c in checks.items() if c["p_holm"] < ALPHA]}
+
+
 # A head's significant win over a CNN that is not above the majority-class baseline: no evidence about heads.
 UNTRAINED_WIN = "head better than a CNN that did not learn"
 
