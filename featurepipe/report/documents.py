@@ -232,7 +232,7 @@ def run_document(summary: dict[str, Any], cfg: RunConfig, figures: dict[str, Pat
     doc.para("only CNN / only head right: the discordant images McNemar's test uses; Holm's adjustment in "
              "brackets. " + delong_note(names, tests), note=True)
 
-    if summary.get("val_to_test", {}).get("models"):
+    if summary["val_to_test"]["models"]:
         val_to_test_section(doc, summary["val_to_test"], colors)
 
     metric_sections(doc, summary, figures)
