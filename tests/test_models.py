@@ -22,6 +22,16 @@ def test_sixblock_works_from_28_to_224_px(size):
         assert net.forward_features(x).shape == (2, net.embedding_dim)
 
 
+@pytest.mark.parametrize("size,last_map", [(28, 3), (32, 4), (64, 4), (128, 4), (224, 7)])
+def test_sixblock_pools_to_no_less_than_3x3_and_not_after_its_last_block(size, last_map):
+    # A 28-px image's deep blocks on 3x3 maps trained 2.6x faster and scored higher on PneumoniaMNIST; the sizes
+    # `--arch auto` gives sixblock on sets of thousands (64, 128 px) keep the maps they were measured with.
+    features = create_model("sixblock", 2, 1, [0.5], [0.25]).features
+    with torch.no_grad():
+        maps = features.feature_maps(torch.zeros(1, 1, size, size))
+    assert min(m.shape[-1] for m in maps) >= 3
+    assert maps[-1].shape[-2:] == (last_map, last_map)
+
 def test_registry_has_the_promised_backbones():
     assert {"sixblock", "resnet18", "resnet50", "densenet121"} <= set(ARCHS)
     with pytest.raises(FeaturepipeError, match="unknown architecture"):
