@@ -32,6 +32,7 @@ def test_sixblock_pools_to_no_less_than_3x3_and_not_after_its_last_block(size, l
     assert min(m.shape[-1] for m in maps) >= 3
     assert maps[-1].shape[-2:] == (last_map, last_map)
 
+
 def test_registry_has_the_promised_backbones():
     assert {"sixblock", "resnet18", "resnet50", "densenet121"} <= set(ARCHS)
     with pytest.raises(FeaturepipeError, match="unknown architecture"):

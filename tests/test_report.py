@@ -98,7 +98,8 @@ def test_a_model_that_scores_lower_on_test_than_val_predicts_is_named_and_a_new_
         ids, y, proba = read_predictions(prediction_file(run, model), names)
         keep = np.concatenate([np.arange(len(y)), *[np.flatnonzero(y == 1)] * 2])  # class1 three times over
         proba = np.eye(2)[y[keep]] if perfect else proba[keep]
-        save_predictions(run_paths(run).predictions(model, "val"), Predictions([f"val/{k:06d}" for k in range(len(keep))], y[keep], proba, names))
+        val_ids = [f"val/{k:06d}" for k in range(len(keep))]
+        save_predictions(run_paths(run).predictions(model, "val"), Predictions(val_ids, y[keep], proba, names))
 
     # Val holds the test images' own predictions in another class mix: each class recognised as often.
     for model in ("cnn", "svm", "rf"):

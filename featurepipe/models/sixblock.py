@@ -15,8 +15,8 @@ class SixBlock(nn.Module):
     them at 7x7 (min_pool 8, before), and it scored higher on PneumoniaMNIST in each of three seeds:
     0.9423 / 0.9455 / 0.9503 against 0.9391 / 0.9407 / 0.9471 (docs/design.md). Sizes whose maps never
     sit at 6 or 7 px before the last block (32, 64, 128, 224) keep the maps they had; 48-63 and 96-127
-    px now also end at 3x3 (at 56 and 112 px, one seed each: no difference beyond noise). A pool after the last
-    block would only coarsen the map that global average pooling and Grad-CAM read.
+    px now also end at 3x3 (at 56 and 112 px, one seed each: no difference beyond noise). A pool after
+    the last block would only coarsen the map that global average pooling and Grad-CAM read.
     """
 
     def __init__(self, in_channels: int = 1, widths: tuple[int, ...] = (32, 64, 96, 128, 192, 256),
