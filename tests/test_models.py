@@ -154,6 +154,30 @@ def test_last2_on_torchvision_backbones_pools_the_last_two_stages(arch, dims):
         torch.testing.assert_close(f[:, 256:], net.forward_features(x))  # layer4, pooled
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_batchnorm_statistics_follow_ten_training_batches(arch):
+    """Validation runs in eval mode after every epoch; a 240-image set's epoch is eight batches, so
+    statistics that trail the weights by a hundred (TF's momentum) score weights of twelve epochs ago."""
+    channels, size = ARCHS[arch].in_channels(grey=False), ARCHS[arch].min_img_size
+    try:
+        net = create_model(arch, 2, channels, [0.4] * channels, [0.2] * channels).train()
+    except FeaturepipeError as e:  # efficientnet_lite0 without its optional extra
+        pytest.skip(str(e))
+    norm = next((m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)), None)
+    if norm is None:
+        pytest.skip(f"{arch} has no BatchNorm")
+    seen = []
+    norm.register_forward_hook(lambda m, inputs, out: seen.append(inputs[0].mean(dim=(0, 2, 3)).detach()))
+    torch.manual_seed(0)
+    x = torch.randint(200, 256, (4, channels, size, size), dtype=torch.uint8)
+    start = norm.running_mean.clone()
+    with torch.no_grad():
+        for _ in range(10):
+            net(x)
+    target = seen[-1]
+    assert (norm.running_mean - target).norm() <= 0.4 * (start - target).norm()
+
+
 def test_embed_dim_leaves_batchnorm_statistics_alone():
     net = create_model("sixblock", 2, 1, [0.5], [0.25]).train()
     before = net.features.blocks[0][1].running_mean.clone()
