@@ -51,11 +51,11 @@ def auto_batch_size(n_train: int) -> int:
 
 # Fine-tuning a pretrained backbone: about 300 optimizer steps, and at least 15 epochs. Half that
 # scored lower on both 240-image sets (brain MRI CNN 0.8975 against 0.9075, fundus 0.7875 against
-# 0.8042), though their val loss was lowest after 90-150 steps. 300 steps alone gave sets of thousands a few epochs each
-# and they stopped while still learning: a 2 239-image dermoscopy set 11 epochs (training accuracy
-# 0.72, val loss still falling 1.06 → 0.96 over the last four), a 4 800-image brain MRI set 5 (0.91,
-# val accuracy still rising); measured again on PneumoniaMNIST at 64 px (docs/design.md). Where 15
-# is still too few, Extend adds cycles.
+# 0.8042), though their val loss was lowest after 90-150 steps. 300 steps alone gave sets of
+# thousands a few epochs each and they stopped while still learning: a 2 239-image dermoscopy set 11
+# epochs (training accuracy 0.72, val loss still falling 1.06 → 0.96 over the last four), a 4 800-image
+# brain MRI set 5 (0.91, val accuracy still rising); measured again on PneumoniaMNIST at 64 px
+# (docs/design.md). Where 15 is still too few, Extend adds cycles.
 FINETUNE_STEPS = 300
 FINETUNE_MIN_EPOCHS = 15
 FINETUNE_MAX_EPOCHS = 40
