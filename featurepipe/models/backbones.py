@@ -45,14 +45,11 @@ def efficientnet_lite0() -> nn.Module:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError:
         raise FeaturepipeError(f"--arch efficientnet_lite0 needs the optional extra: {LITE0_INSTALL}") from None
-    model = EfficientNet.from_name("efficientnet-lite0")
+    # BatchNorm decay 0.9 in TF's terms is torch's default momentum, 0.1. The port's 0.99 averages over
+    # ~100 steps: an ImageNet epoch is thousands, a 240-image set's is 8, so eval mode (every epoch's
+    # validation) normalised with statistics of weights 12 epochs old.
+    model = EfficientNet.from_name("efficientnet-lite0", batch_norm_momentum=0.9)
     model._fc = nn.Identity()
-    # The TF port's BatchNorm momentum (0.01) averages over ~100 steps: an ImageNet epoch is thousands,
-    # a 240-image set's is 8, so eval mode (every epoch's validation) normalised with statistics of
-    # weights 12 epochs old. torch's default follows the weights within about ten steps.
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.momentum = 0.1
     return model
 
 
