@@ -27,15 +27,21 @@ from featurepipe.run_config import RunConfig
 from featurepipe.runs import read_json, run_paths
 
 
-def frozen_features(run: str, arch: str, size: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """{split: (features, labels)}: the pretrained backbone's embedding of the run's images at `size` px."""
+def run_splits(run: str) -> tuple[fdata.Catalog, dict[str, np.ndarray]]:
+    """The run's images and its train/val/test indices into them."""
     paths = run_paths(run)
     cfg = RunConfig.load(paths)
     catalog = cfg.train.scan(cfg.data.source)
+    return catalog, fdata.assign_splits(catalog, cfg.seed, read_json(paths.splits))
+
+
+def frozen_features(catalog: fdata.Catalog, splits: dict[str, np.ndarray], arch: str,
+                    size: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{split: (features, labels)}: the pretrained backbone's embedding of the run's images at `size` px."""
     mean, std = ARCHS[arch].normalisation("imagenet")
     net = create_model(arch, len(catalog.class_names), 3, mean, std, weights="imagenet").eval()
     out = {}
-    for split, idx in fdata.assign_splits(catalog, cfg.seed, read_json(paths.splits)).items():
+    for split, idx in splits.items():
         ds = fdata.ImageDataset(catalog.store, idx, catalog.labels[idx], size, 3)
         images = torch.stack([torch.as_tensor(ds[i][0]) for i in range(len(ds))])
         with torch.no_grad():
@@ -51,10 +57,11 @@ def main() -> None:
     parser.add_argument("--heads", default="logreg,svm")
     args = parser.parse_args()
     print("| backbone @ px | embed s | head | chosen on val | val accuracy | test accuracy |\n|---|---:|---|---|---:|---:|")
+    catalog, splits = run_splits(args.run)
     for item in args.archs.split(","):
         arch, size = item.split("@")
         t0 = time.perf_counter()
-        f = frozen_features(args.run, arch, int(size))
+        f = frozen_features(catalog, splits, arch, int(size))
         seconds = time.perf_counter() - t0
         with one_thread_per_job():
             for name in parse_heads(args.heads):
