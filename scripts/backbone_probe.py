@@ -4,9 +4,9 @@ classes: a cheap look before paying for a fine-tuning run.
     PYTHONPATH=. python scripts/backbone_probe.py RUN [--archs efficientnet_lite0@160,efficientnet_lite2@260]
                                                       [--heads logreg,svm]
 
-RUN is any run that has done train-cnn (its images and splits are used; its model is not). Each
-backbone embeds train, val and test at the given size, as `extract`'s frozen arm does; each head's grid
-is chosen on val and scored on test, as fit-heads and compare do. The measurement behind
+RUN is any run that has done train-cnn (its images, splits and intensity window are used; its model is
+not). Each backbone embeds train, val and test at the given size, as `extract`'s frozen arm does; each
+head's grid is chosen on val and scored on test, as fit-heads and compare do. The measurement behind
 docs/design.md's entry on EfficientNet-Lite1 and -Lite2.
 """
 
@@ -27,19 +27,20 @@ from featurepipe.run_config import RunConfig
 from featurepipe.runs import read_json, run_paths
 
 
-def run_splits(run: str) -> tuple[fdata.Catalog, dict[str, np.ndarray]]:
-    """The run's images and its train/val/test indices into them."""
+def run_splits(run: str) -> tuple[fdata.Catalog, dict[str, np.ndarray], tuple[float, float]]:
+    """The run's images, its train/val/test indices into them, and its intensity window."""
     paths = run_paths(run)
     cfg = RunConfig.load(paths)
     catalog = cfg.train.scan(cfg.data.source)
-    return catalog, fdata.assign_splits(catalog, cfg.seed, read_json(paths.splits))
+    window = tuple(cfg.sections["train"]["resolved"]["window"])
+    return catalog, fdata.assign_splits(catalog, cfg.seed, read_json(paths.splits)), window
 
 
-def frozen_features(catalog: fdata.Catalog, splits: dict[str, np.ndarray], arch: str,
+def frozen_features(catalog: fdata.Catalog, splits: dict[str, np.ndarray], window: tuple[float, float], arch: str,
                     size: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """{split: (features, labels)}: the pretrained backbone's embedding of the run's images at `size` px."""
     mean, std = ARCHS[arch].normalisation("imagenet")
-    net = create_model(arch, len(catalog.class_names), 3, mean, std, weights="imagenet").eval()
+    net = create_model(arch, len(catalog.class_names), 3, mean, std, weights="imagenet", window=window).eval()
     out = {}
     for split, idx in splits.items():
         ds = fdata.ImageDataset(catalog.store, idx, catalog.labels[idx], size, 3)
@@ -57,11 +58,11 @@ def main() -> None:
     parser.add_argument("--heads", default="logreg,svm")
     args = parser.parse_args()
     print("| backbone @ px | embed s | head | chosen on val | val accuracy | test accuracy |\n|---|---:|---|---|---:|---:|")
-    catalog, splits = run_splits(args.run)
+    catalog, splits, window = run_splits(args.run)
     for item in args.archs.split(","):
         arch, size = item.split("@")
         t0 = time.perf_counter()
-        f = frozen_features(catalog, splits, arch, int(size))
+        f = frozen_features(catalog, splits, window, arch, int(size))
         seconds = time.perf_counter() - t0
         with one_thread_per_job():
             for name in parse_heads(args.heads):
