@@ -46,8 +46,8 @@ def frozen_features(catalog: fdata.Catalog, splits: dict[str, np.ndarray], windo
         ds = fdata.ImageDataset(catalog.store, idx, catalog.labels[idx], size, 3)
         images = torch.stack([torch.as_tensor(ds[i][0]) for i in range(len(ds))])
         with torch.no_grad():
-            out[split] = (torch.cat([net.forward_features(images[a:a + 32]) for a in range(0, len(images), 32)]).numpy(),
-                          np.asarray(catalog.labels[idx]))
+            features = torch.cat([net.forward_features(images[a:a + 32]) for a in range(0, len(images), 32)])
+        out[split] = (features.numpy(), np.asarray(catalog.labels[idx]))
     return out
 
 
@@ -57,7 +57,8 @@ def main() -> None:
     parser.add_argument("--archs", default="efficientnet_lite0@160,efficientnet_lite1@240,efficientnet_lite2@260")
     parser.add_argument("--heads", default="logreg,svm")
     args = parser.parse_args()
-    print("| backbone @ px | embed s | head | chosen on val | val accuracy | test accuracy |\n|---|---:|---|---|---:|---:|")
+    print("| backbone @ px | embed s | head | chosen on val | val accuracy | test accuracy |\n"
+          "|---|---:|---|---|---:|---:|")
     catalog, splits, window = run_splits(args.run)
     for item in args.archs.split(","):
         arch, size = item.split("@")
