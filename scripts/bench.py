@@ -46,9 +46,9 @@ from featurepipe.models import load_checkpoint  # noqa: E402
 from featurepipe.train import TrainConfig, train  # noqa: E402
 
 
-def pure_forward(net, shape, batch: int, seconds: float = 8.0) -> float:
-    """The model alone, run as extract runs it: on its device, with its precision, on the CPU in passes
-    sized to glibc's heap blocks."""
+def pure_forward(net, shape, batch: int, seconds: float = 8.0, amp: bool | None = None) -> float:
+    """The model alone, run as extract runs it: on its device, with its precision (`amp` None: as extract's
+    default chooses), on the CPU in passes sized to glibc's heap blocks."""
     device = net.mean.device
     x = torch.randint(0, 256, (batch, *shape), dtype=torch.uint8, device=device)
     x = x.contiguous(memory_format=torch.channels_last)
@@ -56,14 +56,15 @@ def pure_forward(net, shape, batch: int, seconds: float = 8.0) -> float:
     per_pass = images_per_pass(net, shape[-1])
 
     def forward():
-        with autocast(device):
+        with autocast(device, amp):
             return in_passes(net.forward_features, x, per_pass)
 
     with torch.inference_mode():
         return _rate(forward, batch, device, seconds)
 
 
-def pure_step(net, shape, batch: int, classes: int, seconds: float = 8.0) -> float:
+def pure_step(net, shape, batch: int, classes: int, seconds: float = 8.0, amp: bool | None = None) -> float:
+    """A training step alone (forward, loss, backward, AdamW); `amp` None: as train-cnn's default chooses."""
     device = net.mean.device
     x = torch.randint(0, 256, (batch, *shape), dtype=torch.uint8, device=device)
     x = x.contiguous(memory_format=torch.channels_last)
@@ -71,7 +72,8 @@ def pure_step(net, shape, batch: int, classes: int, seconds: float = 8.0) -> flo
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
     loss_fn = torch.nn.CrossEntropyLoss()
     net.train()
-    amp = choose_precision(device, None, net.arch).train_step  # as train-cnn's default chooses
+    if amp is None:
+        amp = choose_precision(device, None, net.arch).train_step
 
     def step():
         with autocast(device, amp):
