@@ -54,7 +54,8 @@ def _cli(fn):
 DATA = typer.Option(..., "--data", help="Image folder, CSV manifest (path,label[,split]), .npz, or 'demo'.")
 # Options of fit-heads and compare that crossval passes on.
 HEADS = typer.Option("svm,rf,logreg", help="Comma-separated: svm, linsvm, logreg, rf, knn, hgb, stack.")
-TUNE = typer.Option("val", help="Hyperparameters: none (defaults), val (grid on val), cv (grid, CV on train).")
+TUNE = typer.Option("val", help="Hyperparameters: none (defaults), val (grid on val; cv on a --folds run, whose "
+                                "CNN trained on val), cv (grid, CV on train).")
 JOBS = typer.Option(-1, help="Parallel jobs for grid points, CV folds and forests (-1: all cores).")
 BOOTSTRAP = typer.Option(2000, help="Stratified bootstrap resamples for the 95% intervals (at least 1000).")
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from featurepipe.errors import FeaturepipeError
 from featurepipe.models import fingerprint
-from featurepipe.runs import FROZEN_STEM, RunPaths, frozen_label, is_finished, read_json, require
+from featurepipe.runs import FROZEN_STEM, RunPaths, frozen_label, is_finished, is_frozen, read_json, require
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ class TrainSettings:
     allow_outside: bool = False
     monitor: str | None = None  # None: a run older than --monitor, which always kept the best epoch
     class_names: str | None = None  # --class-names: every later scan of the source names its classes so
+    folds: int = 1  # --folds K > 1: the checkpoint is one fold's model, trained on most of val's images
 
     def scan(self, source: str):
         """The run's data source read again, its classes named as in training."""
@@ -81,7 +82,7 @@ class RunConfig:
             DataConfig(data["class_names"], data.get("source"), data.get("kind"), data.get("fingerprint"),
                        data.get("index_fingerprint"), data.get("counts", {})),
             TrainSettings(train.get("seed", 0), train.get("allow_outside", False), train.get("monitor"),
-                          train.get("class_names")),
+                          train.get("class_names"), train.get("folds", 1)),
             None if model is None else ModelConfig(model["arch"], model["img_size"], model["in_channels"]),
             raw,
         )
@@ -104,6 +105,12 @@ class RunConfig:
     def weights(self) -> str | None:
         """The pretrained weights the CNN started from (None: from scratch): whether a frozen arm exists."""
         return self.sections.get("train", {}).get("resolved", {}).get("weights")
+
+    def val_held_out(self, name: str) -> bool:
+        """Are `name`'s val predictions of images its model never learned from? Not for the heads on a --folds
+        run's features: the fold model that embeds them trained on most of val. The CNN's val predictions there
+        are its folds' out-of-fold ones, and the frozen backbone never saw val."""
+        return self.train.folds == 1 or name == "cnn" or is_frozen(name)
 
     def fitted_heads(self) -> list[str]:
         """Every head fit-heads has written (stack included), by name, frozen-features heads by their label:

@@ -358,6 +358,14 @@ def test_kfold_saves_folds_oof_and_a_fold_averaged_test_ensemble(npz_file, tmp_p
     best = run / "folds" / f"fold{metrics['checkpoint_fold']}" / "cnn" / "model.pt"
     assert (run / "cnn" / "model.pt").read_bytes() == best.read_bytes()
     cli("extract", "--run", run)  # the chosen fold model serves as the feature extractor
+    # That model trained on most of val's images: the heads choose on train by CV, stack has nothing held out
+    # to combine, and compare does not read a val-to-test drop into the heads' (unheld-out) val figures.
+    fitted = cli("fit-heads", "--run", run, "--heads", "logreg,stack").output
+    assert "--tune cv" in fitted and "stack: skipped" in fitted
+    assert json.loads((run / "heads" / "logreg.json").read_text())["tuned_on"] == "cv"
+    cli("compare", "--run", run, "--no-gradcam")
+    shift = json.loads((run / "compare" / "summary.json").read_text())["val_to_test"]
+    assert "logreg" not in shift["models"] and shift["not_held_out"] == ["logreg"]
 
 
 def test_lr_find_plots_and_suggests(npz_file, tmp_path):

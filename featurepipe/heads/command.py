@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +95,11 @@ def _fit_arm(cfg: RunConfig, path: Path, base: list[str], label, config: HeadsCo
     paths = cfg.paths
     attrs = check_features(cfg, path)
     class_names, seed, current = cfg.class_names, cfg.seed, cfg.checkpoint
+    held_out = not base or cfg.val_held_out(label(base[0]))
+    if config.tune == "val" and not held_out:
+        log(f"{paths.root} is a --folds run whose CNN trained on val's images: the heads' hyperparameters are "
+            "chosen by cross-validation on train (--tune cv) instead")
+        config = replace(config, tune="cv")
     names = [*base, *stack]
     results = {}
     with open_split(path, "train") as train, open_split(path, "val") as val, open_split(path, "test") as test:
@@ -112,7 +117,8 @@ def _fit_arm(cfg: RunConfig, path: Path, base: list[str], label, config: HeadsCo
             train, val, test = (FeatureSplit(s.features[:], s.labels, s.ids) for s in (train, val, test))
         common = {"checkpoint": current, "seed": seed, "class_names": class_names, "n_train": n,
                   "features": {"arch": attrs["arch"], "layer": attrs["layer"], "tta": attrs["tta"], "dim": dim,
-                               **({"frozen": attrs["frozen"]} if "frozen" in attrs else {})}}
+                               **({"frozen": attrs["frozen"]} if "frozen" in attrs else {})},
+              **({} if held_out else {"val_held_out": False})}
         with progress_bar("head") as bar, one_thread_per_job():
             task = bar.add_task("fit heads" + (" (frozen features)" if "frozen" in attrs else ""), total=len(names),
                                 info="")

@@ -63,6 +63,7 @@ def write_head(paths: RunPaths, name: str, model, info: dict[str, Any], fit_seco
         "environment": environment(),
     })
     chosen = info.get("params") or {}
-    log(f"{name}: {chosen} → val macro F1 {val_scores.get('macro_f1', float('nan')):.4f}, test accuracy "
+    unheld = "" if info.get("val_held_out", True) else " (val trained the CNN: no check)"
+    log(f"{name}: {chosen} → val macro F1 {val_scores.get('macro_f1', float('nan')):.4f}{unheld}, test accuracy "
         f"{test_scores['accuracy']:.4f}, macro F1 {test_scores['macro_f1']:.4f} (fit {fit_seconds:.1f} s)")
     return test_scores

@@ -21,8 +21,9 @@ STACK_CV_FOLDS = 5
 
 
 def stack_inputs(cfg: RunConfig) -> list[str]:
-    """The CNN and every head already fitted on the current checkpoint's features, stack excluded."""
-    names = [h for h in cfg.fitted_heads() if h != STACK]
+    """The CNN and every head already fitted on the current checkpoint's features whose val predictions are
+    held out (stack learns from them), stack excluded."""
+    names = [h for h in cfg.fitted_heads() if h != STACK and cfg.val_held_out(h)]
     for h in names:
         cfg.head_info(h)
     return ["cnn", *names]
@@ -33,6 +34,9 @@ def fit_stack(cfg: RunConfig, val: FeatureSplit, test: FeatureSplit, tune: str, 
     paths, class_names, seed = cfg.paths, cfg.class_names, cfg.seed
     t0 = time.perf_counter()
     inputs = stack_inputs(cfg)
+    if len(inputs) < 2 and cfg.train.folds > 1:
+        raise SkipHead("on a --folds run only the CNN's val predictions (and the frozen arm's) are of images their "
+                       "models did not learn from; nothing held out to combine the CNN with")
     if len(inputs) < 2:
         raise FeaturepipeError(f"--heads stack: no fitted heads to combine with the CNN in {paths.heads}; "
                                "fit some first, e.g. --heads svm,logreg,stack")

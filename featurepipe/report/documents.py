@@ -200,7 +200,9 @@ def val_to_test_section(doc: Doc, val_to_test: dict[str, Any], colors) -> None:
                       f"{c['z']:+.2f}, {_p(c['p_holm'])}"] for n, c in m.items()], colors))
     doc.para("Expected: the model's val recall of each class weighted by test's class shares, so a different class "
              "mix alone is no drop; one-sided z-test against the binomial noise of both splits' recalls. The heads "
-             "chose their hyperparameters on val, so their val figures are a little optimistic.", note=True)
+             "chose their hyperparameters on val, so their val figures are a little optimistic."
+             + (f" Not shown: {', '.join(skipped)}, whose features come from a fold model that trained on most of "
+                "val's images (a --folds run)." if (skipped := val_to_test.get("not_held_out")) else ""), note=True)
 
 
 def run_document(summary: dict[str, Any], cfg: RunConfig, figures: dict[str, Path],
