@@ -24,6 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from featurepipe import data as fdata
+from featurepipe.data.fingerprint import data_fingerprint
 from featurepipe.engine import Callback
 from featurepipe.errors import FeaturepipeError
 from featurepipe.extract import extract, read_attrs
@@ -37,11 +38,11 @@ from featurepipe.report.pooled import compare_crossval
 from featurepipe.run_config import RunConfig
 from featurepipe.runs import (CrossvalPaths, RunPaths, environment, frozen_label, is_crossval, is_finished, read_json,
                               run_lock, write_json)
-from featurepipe.train import data_fingerprint, train
+from featurepipe.train import train
 
 STAGES = ("train-cnn", "extract", "fit-heads", "compare")
 # Options that may change between a cross-validation's first start and its continuation.
-MAY_CHANGE = ("device", "amp", "on_bad_image", "resume", "overwrite", "resolved")
+MAY_CHANGE = ("device", "amp", "on_bad_image", "resume", "overwrite")
 
 
 @dataclass
@@ -65,8 +66,6 @@ def fold_splits(catalog: fdata.Catalog, folds: int, seed: int) -> list[dict[str,
     """Catalog indices of train, val and test for each fold: the test folds partition every image,
     stratified by class (and by group, each group in one fold, where the source has groups); val is a
     stratified 15 % of all images carved from the rest, as a single run's."""
-    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
-
     labels = catalog.labels
     fewest = int(np.bincount(labels, minlength=len(catalog.class_names)).min())
     if fewest < folds + 2:  # every fold's test, val and train need an image of every class
@@ -74,13 +73,7 @@ def fold_splits(catalog: fdata.Catalog, folds: int, seed: int) -> list[dict[str,
                                f"use at most {max(1, fewest - 2)} folds")
     groups = None if catalog.groups is None else np.asarray(catalog.groups)
     everything = np.arange(len(catalog))
-    if groups is None:
-        parts = StratifiedKFold(folds, shuffle=True, random_state=seed).split(everything, labels)
-    else:
-        if len(np.unique(groups)) < folds:
-            raise FeaturepipeError(f"--folds {folds}: {catalog.source} holds only {len(np.unique(groups))} groups; "
-                                   "use fewer folds")
-        parts = StratifiedGroupKFold(folds, shuffle=True, random_state=seed).split(everything, labels, groups)
+    parts = fdata.splits.kfold(labels, folds, seed, groups, f"{catalog.source} holds")
     out = []
     for _, test in parts:
         rest = np.setdiff1d(everything, test)

@@ -1,7 +1,8 @@
 """The rules that fill the options a user leaves out, from the training images in front of them.
 
 Each rule sits beside the measurements it came from; docs/design.md ("Defaults and the measurements
-behind them") has the table. `train.resolve` applies them and records the choices in config.json.
+behind them") has the table. `prepare.resolve` applies them and records the choices in config.json
+(`prepare.Resolved`).
 """
 
 from __future__ import annotations
@@ -71,12 +72,32 @@ def auto_epochs(n_train: int, batch_size: int, pretrained: bool) -> int:
     return int(min(200, max(10, min(60, math.ceil(80_000 / n_train)), math.ceil(1_250 / steps))))
 
 
+def auto_lr(pretrained: bool) -> float:
+    """Peak learning rate of the head: half as high where a pretrained backbone is fine-tuned."""
+    return 1e-3 if pretrained else 2e-3
+
+
+def auto_freeze_epochs(pretrained: bool) -> int:
+    """One epoch training only the new head on a frozen pretrained backbone, so that a random head's
+    first gradients do not wreck its features; nothing to freeze from scratch."""
+    return 1 if pretrained else 0
+
+
+def auto_patience(epochs: int) -> int:
+    """Early stopping (--monitor loss or macro_f1) waits a third of the schedule, at least 8 epochs."""
+    return max(8, epochs // 3)
+
+
 # A schedule that ends while the model is still learning gets another, shorter cycle (callbacks.Extend):
 # warm-restarted from the final weights at this share of the peak learning rate, for this share of the
 # planned epochs, at most this many times. Only where --epochs was left out: a number given is kept.
 EXTEND_SHARE = 0.5
 EXTEND_LR_SCALE = 0.5
 EXTEND_MAX = 2
+
+
+def auto_extend_max(epochs_given: int | None) -> int:
+    return EXTEND_MAX if epochs_given is None else 0
 
 
 def still_learning(val_losses: list[float], standard_error: float) -> bool:

@@ -21,7 +21,9 @@ from featurepipe.errors import FeaturepipeError
 from featurepipe.models import create_model
 from featurepipe.progress import log, progress_bar
 from featurepipe.runs import atomic_path, check_output, check_outside, environment, write_json
-from featurepipe.train import TrainConfig, balanced_class_weights, drops_last, prepare, training_device
+from featurepipe.options import TrainConfig
+from featurepipe.prepare import prepare, training_device
+from featurepipe.train import balanced_class_weights, drops_last
 
 
 def lr_find(data: str, out: str | Path, cfg: TrainConfig, start: float = 1e-6, end: float = 1.0,
@@ -32,14 +34,14 @@ def lr_find(data: str, out: str | Path, cfg: TrainConfig, start: float = 1e-6, e
     check_outside(Path(out), data)
     check_output(Path(out), "--out", folder=True)
     prep = prepare(data, cfg, training_device(cfg.device))
-    r = prep.cfg.resolved
+    r = prep.resolved
     n_classes = len(prep.catalog.class_names)
     train_ds = prep.dataset(prep.splits["train"])
-    augment = fdata.augmentation(r["augment"])
-    loader = fdata.make_loader(train_ds, r["batch_size"], shuffle=True, seed=cfg.seed,
-                               drop_last=drops_last(len(train_ds), r["batch_size"]))
-    net = create_model(r["arch"], n_classes, r["in_channels"], r["mean"], r["std"], r["weights"],
-                       window=tuple(r["window"]))
+    augment = fdata.augmentation(r.augment)
+    loader = fdata.make_loader(train_ds, r.batch_size, shuffle=True, seed=cfg.seed,
+                               drop_last=drops_last(len(train_ds), r.batch_size))
+    net = create_model(r.arch, n_classes, r.in_channels, r.mean, r.std, r.weights,
+                       window=tuple(r.window))
     net = net.to(prep.device, memory_format=torch.channels_last).train()
     weights = torch.tensor(balanced_class_weights(train_ds.labels, n_classes), dtype=torch.float32)
     criterion = nn.CrossEntropyLoss(weight=weights.to(prep.device))
@@ -74,8 +76,8 @@ def lr_find(data: str, out: str | Path, cfg: TrainConfig, start: float = 1e-6, e
                 break
     suggestion = suggest(np.array(lrs), np.array(losses))
     out = Path(out)
-    result = {"suggestion": suggestion, "lrs": lrs, "losses": losses, "arch": r["arch"], "data": str(data),
-              "seed": cfg.seed, "precision": r["precision"], "environment": environment()}
+    result = {"suggestion": suggestion, "lrs": lrs, "losses": losses, "arch": r.arch, "data": str(data),
+              "seed": cfg.seed, "precision": r.precision, "environment": environment()}
     if distributed.is_main():  # under torchrun every rank sweeps alike; rank 0 writes
         write_json(out / "lr_find.json", result)
         _plot(lrs, losses, suggestion, out / "lr_find.png")

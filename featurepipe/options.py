@@ -30,7 +30,7 @@ class Check:
     says: str | Callable[[], str]
 
     def problem(self, value: Any) -> str | None:
-        if value is None or self.ok(value):  # None: left to train.resolve
+        if value is None or self.ok(value):  # None: left to prepare.resolve
             return None
         return self.says if isinstance(self.says, str) else self.says()
 
@@ -82,7 +82,7 @@ AMP_HELP = ("Mixed precision. auto: on CUDA (bf16, else fp16); on a CPU with nat
 
 @dataclass
 class TrainConfig:
-    """Options of train-cnn. None means: chosen from the data in front of it (see `train.resolve`)."""
+    """Options of train-cnn. None means: chosen from the data in front of it (see `prepare.resolve`)."""
 
     # The list repeats models.ARCHS' names (a test holds them equal): importing the registry here would
     # import torch for every --help.
@@ -135,7 +135,6 @@ class TrainConfig:
     allow_outside: bool = option(False, ALLOW_OUTSIDE_HELP)  # CSV rows and folder links may lead out of the data
     class_names: str | None = option(None, "With an .npz: names for its labels 0, 1, ... (comma-separated), shown "
                                            "instead of the numbers (a class_names array in the file does the same).")
-    resolved: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):

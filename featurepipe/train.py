@@ -8,10 +8,9 @@ options ask for.
 from __future__ import annotations
 
 import functools
-import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
@@ -21,20 +20,20 @@ import torch
 from torch import nn
 
 from featurepipe import data as fdata
-from featurepipe import defaults, distributed
+from featurepipe import defaults, distributed, resume
 from featurepipe.callbacks import (DDP, EMA, EarlyStopping, Extend, FreezePhase, History, KeepBest, Progress,
                                    ResumeState, SeedEpochs)
 from featurepipe.data.fingerprint import check_same_data, data_fingerprint
-from featurepipe.device import Precision, autocast, choose_precision, keep_freed_memory, resolve_device, to_device
+from featurepipe.device import autocast, to_device
 from featurepipe.engine import Callback, Trainer, diverged
 from featurepipe.errors import FeaturepipeError
 from featurepipe.evaluate import (Predictions, clearly_above, macro_f1, majority_baseline, save_evaluation,
                                   save_predictions, scores)
-from featurepipe.models import ARCHS, Net, create_model, save_checkpoint
+from featurepipe.models import Net, create_model, save_checkpoint
 from featurepipe.options import TrainConfig
 from featurepipe.progress import log
-from featurepipe.runs import (RunPaths, atomic_path, environment, is_finished, is_run, read_json, require,
-                              run_paths, write_json)
+from featurepipe.prepare import Prepared, Resolved, prepare, training_device
+from featurepipe.runs import RunPaths, atomic_path, environment, read_json, run_paths, write_json
 
 def drops_last(n: int, batch_size: int) -> bool:
     """Drop the last partial batch only when it is small (under a quarter of a batch): a batch of one
@@ -42,123 +41,12 @@ def drops_last(n: int, batch_size: int) -> bool:
     return n > batch_size and n % batch_size < batch_size / 4
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-@dataclass
-class Prepared:
-    """Everything a fit needs that does not depend on which images it trains on."""
-
-    cfg: TrainConfig
-    catalog: fdata.Catalog
-    splits: dict[str, np.ndarray]
-    meta: dict[str, Any]
-    store: fdata.ArrayStore | fdata.sources.FileStore
-    position: np.ndarray  # catalog index → index in `store`
-    device: torch.device
-    precision: Precision
-    skipped: list = field(default_factory=list)  # unreadable images left out (fdata.Skipped)
-
-    def dataset(self, idx: np.ndarray) -> fdata.ImageDataset:
-        r = self.cfg.resolved
-        return fdata.ImageDataset(self.store, self.position[idx], self.catalog.labels[idx], r["img_size"],
-                                  r["in_channels"])
-
-    def ids(self, idx: np.ndarray) -> list[str]:
-        return [self.catalog.ids[i] for i in idx]
-
-
-def training_device(name: str) -> torch.device:
-    """The device this process trains on (--device), the process joined to torchrun's group where torchrun
-    started it. Settings of the whole process, made once by the commands that train (train-cnn, lr-find),
-    before anything is decoded: on the CPU, glibc keeps the memory a step frees (keep_freed_memory)."""
-    device = distributed.setup(resolve_device(name))
-    if device.type == "cpu":
-        keep_freed_memory()
-    return device
-
-
-def prepare(data: str, cfg: TrainConfig, device: torch.device,
-            saved_splits: dict[str, list[str]] | None = None) -> Prepared:
-    """Scan the data, decide the split, resolve automatic options and decode what fits into memory."""
-    cfg.validate()
-    seed_everything(cfg.seed)
-    catalog = fdata.name_classes(fdata.scan(data, cfg.allow_outside), cfg.class_names)
-    splits = fdata.assign_splits(catalog, cfg.seed, saved_splits)
-    cfg = resolve(cfg, catalog, splits)
-    r = cfg.resolved
-    precision = choose_precision(device, cfg.amp, r["arch"])
-    r["precision"] = precision.record(device)
-    # Every image is decoded once here: unreadable ones are dropped (or stop the run, --on-bad-image
-    # error), and what fits stays in memory, so 2000-px scans are not decoded again every epoch.
-    stores, splits, skipped = fdata.load_splits(catalog, splits, r["img_size"], r["in_channels"], cfg.on_bad_image)
-    meta = {
-        "arch": r["arch"], "num_classes": len(catalog.class_names), "in_channels": r["in_channels"],
-        "mean": r["mean"], "std": r["std"], "window": r["window"], "img_size": r["img_size"],
-        "class_names": catalog.class_names,
-    }
-    store, position = catalog.store, np.arange(len(catalog))
-    if isinstance(stores["train"][0], fdata.DiskCache):  # every split's images, at catalog positions
-        store = stores["train"][0]
-    elif all(s is not catalog.store for s, _ in stores.values()):
-        # One store for all splits (k-fold mixes train and val): the splits' in-memory copies, joined.
-        store = fdata.ArrayStore(np.concatenate([s.images for s, _ in stores.values()]), "cached images")
-        offset = 0
-        for split, (s, positions) in stores.items():
-            position[splits[split]] = offset + positions
-            offset += len(s.images)
-    return Prepared(cfg, catalog, splits, meta, store, position, device, precision, skipped)
-
-
-def resolve(cfg: TrainConfig, catalog: fdata.Catalog, splits: dict[str, np.ndarray]) -> TrainConfig:
-    """Fill every automatic option from the training images and record the choice."""
-    train_idx = splits["train"]
-    short_side, grey = fdata.describe_images(catalog.store, train_idx, cfg.seed)
-    n_train = len(train_idx) + (len(splits["val"]) if cfg.folds > 1 else 0)
-    arch, weights, why = ((cfg.arch, cfg.weights, "as given") if cfg.arch != "auto"
-                          else defaults.auto_arch(short_side, n_train))
-    entry = ARCHS[arch]
-    if cfg.img_size is not None and cfg.img_size < entry.min_img_size:
-        raise FeaturepipeError(f"--img-size {cfg.img_size}: too small; {arch} (chosen by --arch auto: {why}) needs "
-                               f"at least {entry.min_img_size} px")
-    in_channels = entry.in_channels(grey)
-    img_size = cfg.img_size or defaults.auto_img_size(arch, short_side, weights is not None)
-    # A re-run finds this sample in the disk cache, decoded by the first (data/cache.py).
-    pixels = fdata.pixel_sample(fdata.cache.reuse(catalog.store, img_size, in_channels), train_idx, img_size,
-                                in_channels, cfg.seed)
-    intensity = fdata.intensity.measure(pixels)
-    mean, std = entry.normalisation(weights)
-    if mean is None:
-        mean, std = fdata.channel_stats(pixels, intensity.window)
-    batch_size = cfg.batch_size or defaults.auto_batch_size(n_train)
-    epochs = cfg.epochs or defaults.auto_epochs(n_train, batch_size, weights is not None)
-    resolved = {
-        "arch": arch, "weights": weights, "arch_reason": why,
-        "img_size": img_size, "in_channels": in_channels, "median_short_side": short_side, "grey": grey,
-        "batch_size": batch_size, "epochs": epochs,
-        "freeze_epochs": cfg.freeze_epochs if cfg.freeze_epochs is not None else (1 if weights else 0),
-        "lr": cfg.lr or (1e-3 if weights else 2e-3),
-        "patience": cfg.patience or max(8, epochs // 3),
-        # Epochs left out: the schedule may grow where it ends still learning (callbacks.Extend).
-        "extend_max": defaults.EXTEND_MAX if cfg.epochs is None else 0,
-        "augment": fdata.resolve_augmentation(cfg.augment, grey),
-        "intensity": {"high": intensity.high, "levels": intensity.levels, "low_range": intensity.low_range,
-                      "description": intensity.describe()},
-        "window": list(intensity.window),
-        "mean": mean, "std": std, "data_fingerprint": data_fingerprint(catalog),
-    }
-    return replace(cfg, resolved=resolved)
-
-
 def train(data: str, out: str | Path, cfg: TrainConfig, callbacks: Sequence[Callback] = (),
           splits: dict[str, list[str]] | None = None) -> dict[str, Any] | None:
     """train-cnn: the run's metrics (None on torchrun's ranks other than 0). `callbacks` join every fit's own.
     `splits` (image ids per split) replaces the split featurepipe would make: a fold of `crossval`."""
     run = run_paths(out)
-    cfg = _check_run_dir(run, data, cfg)
+    cfg = resume.check_run_dir(run, data, cfg)
     prep = prepare(data, cfg, training_device(cfg.device),
                    read_json(run.splits) if cfg.resume and run.splits.exists() else splits)
     cfg, catalog, splits = prep.cfg, prep.catalog, prep.splits
@@ -167,18 +55,18 @@ def train(data: str, out: str | Path, cfg: TrainConfig, callbacks: Sequence[Call
     # Rank 0 writes the run; under torchrun the other ranks train in step with it and write nothing.
     main = distributed.is_main()
     if main and not cfg.resume:  # a resumed run keeps the list its first start wrote
-        _start_over(run)
+        resume.start_over(run)
         fdata.save_skipped(run.skipped, prep.skipped)
     if main:
         _write_config(run, prep)
-    r = cfg.resolved
+    r = prep.resolved
     if cfg.arch == "auto":
-        log(f"--arch auto: {r['arch']}" + (" (ImageNet weights)" if r["weights"] else "") + f": {r['arch_reason']}")
-    if r["intensity"]["low_range"]:
-        log(f"intensity: {r['intensity']['description']}")
-    log(f"training {r['arch']} on {prep.device.type}: {len(splits['train'])} train / {len(splits['val'])} val "
-        f"images, {r['img_size']} px, {r['in_channels']} channel(s), {r['epochs']} epochs of batches of "
-        f"{r['batch_size']}, augment={r['augment']}" + (f", {cfg.folds} folds" if cfg.folds > 1 else ""))
+        log(f"--arch auto: {r.arch}" + (" (ImageNet weights)" if r.weights else "") + f": {r.arch_reason}")
+    if r.intensity["low_range"]:
+        log(f"intensity: {r.intensity['description']}")
+    log(f"training {r.arch} on {prep.device.type}: {len(splits['train'])} train / {len(splits['val'])} val "
+        f"images, {r.img_size} px, {r.in_channels} channel(s), {r.epochs} epochs of batches of "
+        f"{r.batch_size}, augment={r.augment}" + (f", {cfg.folds} folds" if cfg.folds > 1 else ""))
     log(prep.precision.describe(prep.device))
     result = cross_validate(prep, run, callbacks) if cfg.folds > 1 else single(prep, run, callbacks)
     if main:
@@ -196,12 +84,12 @@ def _write_config(run: RunPaths, prep: Prepared) -> None:
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "data": {
             "source": catalog.source, "kind": catalog.kind, "class_names": catalog.class_names,
-            "fingerprint": cfg.resolved["data_fingerprint"],
+            "fingerprint": prep.resolved.data_fingerprint,
             "index_fingerprint": data_fingerprint(catalog, contents=False),
             "counts": {s: np.bincount(catalog.labels[idx], minlength=len(catalog.class_names)).tolist()
                        for s, idx in splits.items()},
         },
-        "train": asdict(cfg),
+        "train": {**asdict(cfg), "resolved": asdict(prep.resolved)},
         "model": prep.meta,
         "environment": environment(),
     })
@@ -244,8 +132,6 @@ def cross_validate(prep: Prepared, run: RunPaths, callbacks: Sequence[Callback] 
     featurepipe makes. RUN/cnn/model.pt becomes the fold model with the best validation score, so
     extract and the heads work as after a single fit; the CNN's test predictions are the ensemble's.
     """
-    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
-
     cfg, splits = prep.cfg, prep.splits
     pool = np.concatenate([splits["train"], splits["val"]])
     labels = prep.catalog.labels[pool]
@@ -253,14 +139,8 @@ def cross_validate(prep: Prepared, run: RunPaths, callbacks: Sequence[Callback] 
     if fewest < cfg.folds:
         raise FeaturepipeError(f"--folds {cfg.folds}: a class has only {fewest} image(s) in train and val; "
                                "use fewer folds")
-    if prep.catalog.groups is None:
-        folds = StratifiedKFold(cfg.folds, shuffle=True, random_state=cfg.seed).split(pool, labels)
-    else:
-        groups = np.asarray(prep.catalog.groups)[pool]
-        if len(np.unique(groups)) < cfg.folds:
-            raise FeaturepipeError(f"--folds {cfg.folds}: train and val hold only {len(np.unique(groups))} groups; "
-                                   "use fewer folds")
-        folds = StratifiedGroupKFold(cfg.folds, shuffle=True, random_state=cfg.seed).split(pool, labels, groups)
+    groups = None if prep.catalog.groups is None else np.asarray(prep.catalog.groups)[pool]
+    folds = fdata.splits.kfold(labels, cfg.folds, cfg.seed, groups, "train and val hold")
     oof = np.zeros((len(pool), len(prep.catalog.class_names)))
     test_probas, per_fold = [], []
     main = distributed.is_main()
@@ -306,11 +186,11 @@ def fit(prep: Prepared, train_idx: np.ndarray, val_idx: np.ndarray, run: RunPath
         callbacks: Sequence[Callback] = ()) -> tuple[Net, dict[str, Any]]:
     """Train one model; keep the chosen epoch's weights (see `choose` and --monitor) and return them
     loaded. `callbacks` go after the run's own (see featurepipe/callbacks.py)."""
-    cfg, r, device = prep.cfg, prep.cfg.resolved, prep.device
+    cfg, r, device = prep.cfg, prep.resolved, prep.device
     n_classes = len(prep.catalog.class_names)
     pin = device.type == "cuda"
     train_ds = prep.dataset(train_idx)
-    augment = fdata.augmentation(r["augment"])  # per image, on whole batches on the device
+    augment = fdata.augmentation(r.augment)  # per image, on whole batches on the device
     world = distributed.world_size()
     # Each process sees its own shard of every epoch; the global batch stays --batch-size.
     sampler = None
@@ -319,28 +199,28 @@ def fit(prep: Prepared, train_idx: np.ndarray, val_idx: np.ndarray, run: RunPath
     elif world > 1:
         sampler = torch.utils.data.DistributedSampler(train_ds, world, distributed.rank(), shuffle=True,
                                                       seed=cfg.seed, drop_last=True)
-    train_loader = fdata.make_loader(train_ds, max(1, r["batch_size"] // world), shuffle=True, seed=cfg.seed,
-                                     pin_memory=pin, drop_last=drops_last(len(train_ds), r["batch_size"]),
+    train_loader = fdata.make_loader(train_ds, max(1, r.batch_size // world), shuffle=True, seed=cfg.seed,
+                                     pin_memory=pin, drop_last=drops_last(len(train_ds), r.batch_size),
                                      sampler=sampler)
     val_loader = fdata.make_loader(prep.dataset(val_idx), 256, pin_memory=pin)
     # On a GPU, images in memory are copied there once and batches sliced there (data/gpu.py).
     train_loader, val_loader = fdata.gpu.on_device(train_loader, device), fdata.gpu.on_device(val_loader, device)
 
-    net = create_model(r["arch"], n_classes, r["in_channels"], r["mean"], r["std"], r["weights"],
-                       window=tuple(r["window"]))
+    net = create_model(r.arch, n_classes, r.in_channels, r.mean, r.std, r.weights,
+                       window=tuple(r.window))
     net = net.to(device, memory_format=torch.channels_last)
     if world > 1:
         torch.manual_seed(cfg.seed + 1000 * distributed.rank())  # different augmentation on each rank
-    total = r["freeze_epochs"] + r["epochs"]
+    total = r.freeze_epochs + r.epochs
     ema = EMA(net, total * len(train_loader)) if cfg.ema else None
     # Imbalance: class-weighted loss, unless the sampler already balances the batches.
     class_weights = np.ones(n_classes) if sampler else balanced_class_weights(train_ds.labels, n_classes)
     criterion = nn.CrossEntropyLoss(weight=torch.tensor(class_weights, dtype=torch.float32, device=device),
                                     label_smoothing=cfg.label_smoothing)
     forward, step = prep.precision.forward, prep.precision.train_step  # autocast or not, for each kind of pass
-    validation = Validation(val_loader, device, forward, prep.catalog.class_names, class_weights, r["lr"])
-    phases = FreezePhase(r["freeze_epochs"], r["epochs"],
-                         lambda phase, epochs, lr_scale: _optimizer(net, cfg, phase, len(train_loader), epochs,
+    validation = Validation(val_loader, device, forward, prep.catalog.class_names, class_weights, r.lr)
+    phases = FreezePhase(r.freeze_epochs, r.epochs,
+                         lambda phase, epochs, lr_scale: _optimizer(net, cfg, r, phase, len(train_loader), epochs,
                                                                     lr_scale))
     trainer = Trainer(net, train_loader, criterion, device, step, augment, validation, epochs=total, callbacks=[
         phases,  # first: the epoch's optimizer, which DDP wraps
@@ -351,10 +231,10 @@ def fit(prep: Prepared, train_idx: np.ndarray, val_idx: np.ndarray, run: RunPath
         KeepBest(cfg.monitor, functools.partial(validation.error, cfg.monitor), run.checkpoint, prep.meta),
         Progress(),
         History(run),
-        EarlyStopping(cfg.monitor, r["patience"], r["freeze_epochs"]),
+        EarlyStopping(cfg.monitor, r.patience, r.freeze_epochs),
         *([Extend(phases, defaults.still_learning, functools.partial(validation.error, "loss"),
-                  defaults.extension_epochs, defaults.EXTEND_LR_SCALE, r["extend_max"])]
-          if r.get("extend_max") else []),
+                  defaults.extension_epochs, defaults.EXTEND_LR_SCALE, r.extend_max)]
+          if r.extend_max else []),
         ResumeState(run, prep.meta, cfg.resume, phases, ema),  # after all that changes the state it saves
         *callbacks,
     ])
@@ -476,22 +356,21 @@ def evaluate(prep: Prepared, net: Net | None, idx: np.ndarray, proba: np.ndarray
     return Predictions(prep.ids(idx), prep.catalog.labels[idx], proba, names)
 
 
-def _optimizer(net: Net, cfg: TrainConfig, phase: str, steps_per_epoch: int, epochs: int | None = None,
+def _optimizer(net: Net, cfg: TrainConfig, r: Resolved, phase: str, steps_per_epoch: int, epochs: int | None = None,
                lr_scale: float = 1.0):
     """AdamW + one-cycle schedule for a phase of `epochs` (by default the run's), peaking at `lr_scale` × the
     run's rates. Pretrained backbones get lower, layer-wise rates."""
-    r = cfg.resolved
-    lr = r["lr"] * lr_scale
+    lr = r.lr * lr_scale
     for p in net.features.parameters():
         p.requires_grad_(phase == "all")
     if epochs is None:
-        epochs = r["freeze_epochs"] if phase == "head" else r["epochs"]
+        epochs = r.freeze_epochs if phase == "head" else r.epochs
     if phase == "head":
         groups = [{"params": list(net.head.parameters()), "lr": lr}]
     else:
         groups = [{"params": list(net.head.parameters()), "lr": lr}]
         backbone = [p for p in net.features.parameters()]
-        if r["weights"]:
+        if r.weights:
             # Discriminative rates: early layers (generic edges, textures) move least. Three groups,
             # from lr * ratio for the first third to lr * ratio^(1/3) for the last.
             chunks = np.array_split(np.arange(len(backbone)), 3)
@@ -503,63 +382,6 @@ def _optimizer(net: Net, cfg: TrainConfig, phase: str, steps_per_epoch: int, epo
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=[g["lr"] for g in groups], total_steps=max(1, epochs * steps_per_epoch), pct_start=0.15)
     return optimizer, scheduler
-
-
-# Options a resumed run must share with its first start (device, amp and --on-bad-image may change).
-RESUME_KEEPS = ("arch", "weights", "epochs", "freeze_epochs", "batch_size", "img_size", "lr", "lr_backbone_ratio",
-                "weight_decay", "label_smoothing", "augment", "sampler", "monitor", "patience", "ema", "folds", "seed",
-                "class_names")
-
-
-def _resumable(run: RunPaths) -> bool:
-    return run.last_checkpoint.exists() or any(run.root.glob("folds/*/cnn/last.pt"))
-
-
-def _check_run_dir(run: RunPaths, data: str, cfg: TrainConfig) -> TrainConfig:
-    """The options to train with: as given, or on --resume the run's own where one is left out."""
-    if cfg.resume:
-        if not _resumable(run):
-            raise FeaturepipeError(f"--resume: {run.last_checkpoint} does not exist; start the run without --resume")
-        old = read_json(require(run.config, "run config", "start the run over without --resume"))
-        if old["data"]["source"] not in (data, str(Path(data).expanduser())):
-            # Moved data are fine; other data are not (the fingerprint tells them apart).
-            catalog = fdata.name_classes(fdata.scan(data, cfg.allow_outside), cfg.class_names)
-            if data_fingerprint(catalog) != old["data"].get("fingerprint"):
-                raise FeaturepipeError(f"--resume: {run.root} was trained on {old['data']['source']}, not {data}")
-            log(f"warning: {run.root} was trained on {old['data']['source']}; {data} holds the same data")
-        return _resumed_options(cfg, old["train"])
-    if (is_finished(run) or _resumable(run)) and not cfg.overwrite:
-        raise FeaturepipeError(
-            f"--out {run.root}: already holds a trained CNN; pass --overwrite to replace it, or --resume to continue"
-        )
-    others = sorted(p.name for p in run.root.iterdir() if p.name != ".lock") if run.root.is_dir() else []
-    if others and not is_run(run.root) and not cfg.overwrite:
-        raise FeaturepipeError(f"--out {run.root}: holds other files ({', '.join(others[:3])}"
-                               f"{', ...' if len(others) > 3 else ''}) and is no featurepipe run; give a new or "
-                               "empty folder, or pass --overwrite")
-    return cfg
-
-
-def _resumed_options(cfg: TrainConfig, old: dict[str, Any]) -> TrainConfig:
-    """Options left automatic take the run's; one given otherwise than the run had is refused."""
-    # --arch's default is "auto", not None: left out (or auto), it means the run's own.
-    left_out = {k for k in RESUME_KEEPS if getattr(cfg, k) is None or (k == "arch" and cfg.arch == "auto")}
-    cfg = replace(cfg, **{k: old[k] for k in left_out if k in old})
-    for k in RESUME_KEEPS:
-        was = old.get(k) if old.get(k) is not None else old.get("resolved", {}).get(k)
-        # An option the run left to auto may be given as what auto chose (--arch efficientnet_lite0).
-        if k in old and getattr(cfg, k) is not None and getattr(cfg, k) not in (was, old.get("resolved", {}).get(k)):
-            raise FeaturepipeError(f"--resume: --{k.replace('_', '-')} {getattr(cfg, k)} differs from the run's {was}; "
-                                   "resume with the run's options, or start over with --overwrite")
-    return cfg
-
-
-def _start_over(run: RunPaths) -> None:
-    """A run trained again forgets that it was finished and where it stopped, before anything else is
-    written: an interrupted --overwrite must neither pass for finished nor resume the previous run."""
-    for path in (run.cnn_metrics, run.last_checkpoint, *run.root.glob("folds/*/cnn/last.pt"),
-                 *run.root.glob("folds/*/cnn/metrics.json")):
-        path.unlink(missing_ok=True)
 
 
 @torch.inference_mode()

@@ -12,7 +12,9 @@ from featurepipe.engine import Callback, Trainer
 from featurepipe.evaluate import load_predictions
 from featurepipe.models import create_model
 from featurepipe.defaults import auto_arch, auto_batch_size, auto_epochs, auto_img_size, still_learning
-from featurepipe.train import BalancedSampler, TrainConfig, _optimizer, drops_last, train
+from featurepipe.options import TrainConfig
+from featurepipe.prepare import Resolved
+from featurepipe.train import BalancedSampler, _optimizer, drops_last, train
 
 from conftest import cli, copy_run, refused, train_args
 
@@ -253,17 +255,18 @@ def test_one_standard_error_rule():
 
 # ---- fine-tuning phases ----------------------------------------------------------------------------------------------
 
-def _cfg(**resolved):
-    cfg = TrainConfig(weights="x", lr_backbone_ratio=0.1)
-    cfg.resolved = {"lr": 1e-3, "epochs": 2, "freeze_epochs": 1, "weights": cfg.weights, **resolved}
-    return cfg
+FINE_TUNING = TrainConfig(weights="x", lr_backbone_ratio=0.1)
+RESOLVED = Resolved(arch="resnet18", weights="x", arch_reason="as given", img_size=32, in_channels=3,
+                    median_short_side=32, grey=False, batch_size=8, epochs=2, freeze_epochs=1, lr=1e-3, patience=8,
+                    extend_max=0, augment="none", intensity={}, window=[0.0, 255.0], mean=[0.5] * 3,
+                    std=[0.25] * 3, data_fingerprint="")
 
 
 def test_frozen_phase_trains_only_the_head():
     torch.manual_seed(0)
     net = create_model("resnet18", 3, 3, [0.5] * 3, [0.25] * 3)
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    optimizer, scheduler = _optimizer(net, _cfg(), "head", steps_per_epoch=2)
+    optimizer, scheduler = _optimizer(net, FINE_TUNING, RESOLVED, "head", steps_per_epoch=2)
     images = np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
     ds = ImageDataset(ArrayStore(images, "random"), np.arange(16), np.arange(16) % 3, 32, 3)
     trainer = Trainer(net, make_loader(ds, 8), torch.nn.CrossEntropyLoss(), torch.device("cpu"), amp=False)
@@ -276,7 +279,7 @@ def test_frozen_phase_trains_only_the_head():
 
 def test_unfrozen_pretrained_backbone_gets_discriminative_rates():
     net = create_model("resnet18", 3, 3, [0.5] * 3, [0.25] * 3)
-    optimizer, _ = _optimizer(net, _cfg(), "all", steps_per_epoch=2)
+    optimizer, _ = _optimizer(net, FINE_TUNING, RESOLVED, "all", steps_per_epoch=2)
     lrs = [g["max_lr"] for g in optimizer.param_groups]
     head, backbone = lrs[0], lrs[1:]
     assert head == pytest.approx(1e-3)

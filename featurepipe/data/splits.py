@@ -182,3 +182,19 @@ def _from_saved(catalog: Catalog, saved: dict[str, list[str]]) -> dict[str, np.n
 
 def split_ids(catalog: Catalog, splits: dict[str, np.ndarray]) -> dict[str, list[str]]:
     return {s: [catalog.ids[i] for i in idx] for s, idx in splits.items()}
+
+
+def kfold(labels: np.ndarray, folds: int, seed: int, groups: np.ndarray | None,
+          holder: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(train, test) positions into `labels` for each of `folds` stratified folds; with `groups`, each
+    group in one fold (as every split featurepipe makes). `holder` names what the positions index, for
+    the error where there are fewer groups than folds. Both k-folds (train-cnn --folds and crossval)
+    cut here, so a seed gives the same folds in either."""
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+    positions = np.arange(len(labels))
+    if groups is None:
+        return list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(positions, labels))
+    if len(np.unique(groups)) < folds:
+        raise FeaturepipeError(f"--folds {folds}: {holder} only {len(np.unique(groups))} groups; use fewer folds")
+    return list(StratifiedGroupKFold(folds, shuffle=True, random_state=seed).split(positions, labels, groups))
