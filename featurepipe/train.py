@@ -264,7 +264,7 @@ class Validation:
         self.class_weights, self.lr = class_weights, lr
 
     def __call__(self, net: Net) -> dict[str, float]:
-        val = predict(net, self.loader, self.device, self.amp, ids=None, class_names=self.class_names)
+        val = predict_loader(net, self.loader, self.device, self.amp, ids=None, class_names=self.class_names)
         if not np.isfinite(val.proba).all():
             raise diverged("the validation predictions", float("nan"), self.lr)
         loss, self.loss_se = _val_loss(val, self.class_weights)
@@ -352,7 +352,7 @@ def evaluate(prep: Prepared, net: Net | None, idx: np.ndarray, proba: np.ndarray
     names = prep.catalog.class_names
     if proba is None:
         loader = fdata.make_loader(prep.dataset(idx), 256, pin_memory=prep.device.type == "cuda")
-        return predict(net, loader, prep.device, prep.precision.forward, ids=prep.ids(idx), class_names=names)
+        return predict_loader(net, loader, prep.device, prep.precision.forward, ids=prep.ids(idx), class_names=names)
     return Predictions(prep.ids(idx), prep.catalog.labels[idx], proba, names)
 
 
@@ -385,7 +385,7 @@ def _optimizer(net: Net, cfg: TrainConfig, r: Resolved, phase: str, steps_per_ep
 
 
 @torch.inference_mode()
-def predict(net: Net, loader, device: torch.device, amp: bool | None, ids: list[str] | None,
+def predict_loader(net: Net, loader, device: torch.device, amp: bool | None, ids: list[str] | None,
             class_names: list[str]) -> Predictions:
     """Softmax probabilities for every image of a loader, in loader order."""
     net.eval()

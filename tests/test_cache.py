@@ -13,7 +13,7 @@ from PIL import Image
 
 from conftest import cli, messy_archive, write_images
 from featurepipe import data as fdata
-import featurepipe.data.load as load_module
+import featurepipe.data.workers as workers_module
 from featurepipe.data import cache
 from featurepipe.data.sources import FileStore
 from featurepipe.errors import FeaturepipeError
@@ -62,7 +62,7 @@ def test_a_rerun_decodes_nothing_and_keeps_the_skipped_list(tmp_path, cache_dir,
     messy_archive(root)
     _, (_, kept, skipped) = load(root)
     no_decoding(monkeypatch)
-    monkeypatch.setattr(load_module, "each_image", None)  # not even the check pass runs
+    monkeypatch.setattr(workers_module, "each_image", None)  # not even the check pass runs
     _, (_, again, skipped_again) = load(root)
     assert skipped_again == skipped
     assert all(np.array_equal(kept[s], again[s]) for s in kept)
@@ -83,7 +83,7 @@ def test_an_interrupted_fill_continues_where_its_last_record_stopped(tmp_path, c
     root = tmp_path / "data"
     write_images(root, 20)
     monkeypatch.setattr(cache, "RECORD_ROWS", 8)
-    real = load_module.each_image
+    real = workers_module.each_image
 
     def interrupted(store, indices, fn, description):
         for n, item in enumerate(real(store, indices, fn, description)):
@@ -91,7 +91,7 @@ def test_an_interrupted_fill_continues_where_its_last_record_stopped(tmp_path, c
                 raise KeyboardInterrupt
             yield item
 
-    monkeypatch.setattr(load_module, "each_image", interrupted)
+    monkeypatch.setattr(workers_module, "each_image", interrupted)
     with pytest.raises(KeyboardInterrupt):
         load(root)
     decoded = []
@@ -100,7 +100,7 @@ def test_an_interrupted_fill_continues_where_its_last_record_stopped(tmp_path, c
         decoded.extend(indices.tolist())
         return real(store, indices, fn, description)
 
-    monkeypatch.setattr(load_module, "each_image", counted)
+    monkeypatch.setattr(workers_module, "each_image", counted)
     catalog, (stores, _, _) = load(root)
     # 25 rows were decoded and recorded before the interruption (a record at every 8, and one on the way out).
     assert len(catalog) - 25 <= len(decoded) < len(catalog)
@@ -161,7 +161,7 @@ def test_small_splits_stay_in_memory_and_no_room_streams_with_a_warning(tmp_path
 def test_a_bad_memory_cap_is_one_line(monkeypatch):
     monkeypatch.setenv("FEATUREPIPE_CACHE_BYTES", "lots")
     with pytest.raises(FeaturepipeError, match="FEATUREPIPE_CACHE_BYTES=lots: give a number of bytes"):
-        fdata.fits_in_cache(10, 28, 1)
+        cache.fits_in_memory(10, 28, 1)
 
 
 def test_extract_and_the_gallery_after_training_decode_no_image(tmp_path, cache_dir, monkeypatch):

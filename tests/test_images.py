@@ -231,7 +231,7 @@ def test_loader_yields_a_correct_image_or_records_a_skip_never_crashes(tmp_path_
     expected = good[1]
     size = expected.shape[0] if expected is not None and expected.shape[0] == expected.shape[1] else 16
     # In-process (no worker) so each example is cheap; the worker path is the same item function.
-    with mock.patch("featurepipe.data.load.num_workers", return_value=0):
+    with mock.patch("featurepipe.data.workers.num_workers", return_value=0):
         images, failed = decode_all(FileStore(paths), np.arange(len(paths)), size, channels)
     assert 0 not in failed, failed.get(0)
     assert images.images.shape == (len(paths), size, size, channels) and images.images.dtype == np.uint8

@@ -8,7 +8,8 @@ import typer
 
 from featurepipe.cli import app
 from featurepipe.errors import FeaturepipeError
-from featurepipe.options import TrainConfig, declared, flag, option_rows, readme_rows
+from featurepipe.docs_table import option_rows, readme_rows
+from featurepipe.options import TrainConfig, declared, flag
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -24,7 +25,7 @@ def test_readme_table_lists_every_option_of_train_cnn_with_its_default():
                 + [f"{n}: in README.md's table, not an option of train-cnn" for n in readme.keys() - cli.keys()]
                 + [f"{n}: README.md says {readme[n]}, the CLI {cli[n]}" for n in cli.keys() & readme.keys()
                    if cli[n] != readme[n]])
-    assert not problems, "\n".join(problems + ["rewrite the table: python -m featurepipe.options README.md"])
+    assert not problems, "\n".join(problems + ["rewrite the table: python -m featurepipe.docs_table README.md"])
 
 
 def test_help_shows_every_option_of_the_table():

@@ -8,7 +8,6 @@ from featurepipe.data.dataset import (
     channel_stats,
     decode_in_turn,
     describe_images,
-    fits_in_cache,
     make_loader,
     pixel_sample,
 )
@@ -20,7 +19,7 @@ from featurepipe.data.splits import assign_splits, split_ids
 __all__ = [
     "AUGMENTATIONS", "SPLITS", "ArrayStore", "Catalog", "ImageDataset", "assign_splits", "augmentation", "channel_stats",
     "DiskCache", "gpu",
-    "decode_in_turn", "describe_images", "fits_in_cache", "make_loader", "pixel_sample", "resolve_augmentation", "scan",
+    "decode_in_turn", "describe_images", "make_loader", "pixel_sample", "resolve_augmentation", "scan",
     "split_ids", "name_classes",
     "BAD_IMAGE_POLICIES", "Skipped", "UnreadableImage", "check_policy", "load_splits", "save_skipped",
 ]

@@ -41,6 +41,7 @@ from typing import Iterator
 
 import numpy as np
 
+from featurepipe.data import workers
 from featurepipe.data.images import UnreadableImage
 from featurepipe.data.sources import FileStore
 from featurepipe.errors import FeaturepipeError
@@ -62,6 +63,11 @@ def memory_bytes() -> int:
         return int(float(value)) if value else MEMORY_BYTES
     except ValueError:
         raise FeaturepipeError(f"FEATUREPIPE_CACHE_BYTES={value}: give a number of bytes") from None
+
+
+def fits_in_memory(n: int, size: int, channels: int) -> bool:
+    """Whether n decoded images stay in memory; a split that does not goes to the disk cache."""
+    return n * size * size * channels <= memory_bytes()
 
 
 def root() -> Path | None:
@@ -203,14 +209,12 @@ class DiskCache:
         """Decode the rows at `indices` the cache lacks; returns {k: reason} for each indices[k] that is
         unreadable (as load.decode_all). With `stop_at_first` the first failure raises UnreadableImage,
         after what was decoded so far is recorded."""
-        from featurepipe.data.load import each_image
-
         # Opened again under the lock: another process may have filled rows meanwhile. A full disk or a
         # folder not ours is one line (FEATUREPIPE_CACHE_DIR=off does without); rows recorded so far stay.
         with cannot_write(self.folder), self._locked():
             todo = indices[self.status[indices] == TODO]
             if len(todo):
-                self._decode(todo, stop_at_first, description, each_image)
+                self._decode(todo, stop_at_first, description)
             self.images = np.load(self.data, mmap_mode="c")
         failed = {k: self.reasons[int(i)] for k, i in enumerate(indices) if self.status[i] == BAD}
         if failed and stop_at_first:
@@ -218,13 +222,13 @@ class DiskCache:
             raise UnreadableImage(self.source.describe(int(indices[k])), failed[k])
         return failed
 
-    def _decode(self, todo: np.ndarray, stop_at_first: bool, description: str, each_image) -> None:
+    def _decode(self, todo: np.ndarray, stop_at_first: bool, description: str) -> None:
         row, offset = int(np.prod(self.shape[1:])), _header_bytes(self.shape)
         written: list[int] = []
         last = time.monotonic()
         fd = os.open(self.data, os.O_WRONLY)
         try:
-            for j, arr, why in each_image(self.source, todo, _Read(self.size, self.channels), description):
+            for j, arr, why in workers.each_image(self.source, todo, _Read(self.size, self.channels), description):
                 i = int(todo[j])
                 if why:
                     self.status[i], self.reasons[i] = BAD, why
@@ -326,7 +330,7 @@ def for_archive(store, counts: list[int], size: int, channels: int) -> DiskCache
     """The disk cache train-cnn fills, where a split of this file archive is too big for memory and a
     usable cache folder is configured with room for it; else None (the split streams, as before)."""
     base = root()
-    if store.in_memory or base is None or all(n * size * size * channels <= memory_bytes() for n in counts):
+    if store.in_memory or base is None or all(fits_in_memory(n, size, channels) for n in counts):
         return None
     cache = DiskCache(store, base / key(store, size, channels), size, channels)
     why = unusable(cache.folder)

@@ -14,11 +14,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from featurepipe.data import cache, intensity
+from featurepipe.data import intensity
 from featurepipe.data.images import UnreadableImage
 from featurepipe.data.intensity import FULL_RANGE
 from featurepipe.data.sources import ArrayStore, FileStore
-from featurepipe.distributed import launch
+from featurepipe.data.workers import num_workers
 from featurepipe.errors import FeaturepipeError
 
 # Decoded, resized images of a split up to cache.memory_bytes() (4 GiB) stay in memory: 2000-px scans
@@ -73,18 +73,6 @@ class ImageDataset(Dataset):
                 raise UnreadableImage(self.store.describe(int(self.indices[j])), w)
 
 
-def num_workers(store: ArrayStore | FileStore) -> int:
-    """Decoding files needs worker processes; arrays in memory are faster without the IPC.
-
-    One core is left to the main process (the model), and under torchrun the processes on one
-    machine share its cores.
-    """
-    if store.in_memory:
-        return 0
-    cores = (os.cpu_count() or 2) // launch().local_world_size
-    return max(1, min(16, cores - 1))
-
-
 def make_loader(ds: ImageDataset, batch_size: int | None, *, shuffle: bool = False, seed: int = 0,
                 pin_memory: bool = False, drop_last: bool = False, sampler=None, once: bool = False,
                 batches: list[list[int]] | None = None) -> DataLoader:
@@ -131,10 +119,6 @@ def _seed_worker(worker_id: int) -> None:
     import random
 
     random.seed(seed)
-
-
-def fits_in_cache(n: int, size: int, channels: int) -> bool:
-    return n * size * size * channels <= cache.memory_bytes()
 
 
 def sample_positions(n: int, k: int, seed: int) -> np.ndarray:

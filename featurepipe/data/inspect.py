@@ -17,7 +17,8 @@ import numpy as np
 
 from featurepipe.data import intensity
 from featurepipe.data.dataset import pixel_sample
-from featurepipe.data.load import Skipped, each_image
+from featurepipe.data.load import Skipped
+from featurepipe.data.workers import each_image
 from featurepipe.data.sources import SPLITS, Catalog, scan
 from featurepipe.data.splits import TEST_FRACTION, VAL_FRACTION, assign_splits, broken_groups, check_splits
 from featurepipe.errors import FeaturepipeError

@@ -15,19 +15,16 @@ import io
 from collections import Counter
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Iterator
 
 import numpy as np
-from torch.utils.data import DataLoader, Dataset
 
 from featurepipe import distributed
-from featurepipe.data import cache
-from featurepipe.data.dataset import fits_in_cache, num_workers
+from featurepipe.data import cache, workers
 from featurepipe.data.images import UnreadableImage
 from featurepipe.data.sources import SPLITS, ArrayStore, Catalog, FileStore
 from featurepipe.data.splits import check_splits
 from featurepipe.errors import FeaturepipeError
-from featurepipe.progress import log, progress_bar
+from featurepipe.progress import log
 from featurepipe.runs import csv_cell, write_text
 
 BAD_IMAGE_POLICIES = ("skip", "error")
@@ -69,7 +66,7 @@ def load_splits(catalog: Catalog, splits: dict[str, np.ndarray], size: int, chan
             images, failed = None, disk.fill(idx, stop_at_first=on_bad == "error",
                                              description=f"decode {split} to disk")
         else:
-            keep = fits_in_cache(len(idx), size, channels)
+            keep = cache.fits_in_memory(len(idx), size, channels)
             images, failed = decode_all(catalog.store, idx, size, channels, keep=keep, stop_at_first=on_bad == "error",
                                         description=f"{'decode' if keep else 'check'} {split}")
         good = np.array([k for k in range(len(idx)) if k not in failed], dtype=np.int64)
@@ -99,7 +96,7 @@ def decode_all(store: ArrayStore | FileStore, indices: np.ndarray, size: int, ch
     mine = np.arange(share, len(indices), shares)
     failed: dict[int, str] = {}
     read = functools.partial(_read, size=size, channels=channels, keep=keep)
-    for j, arr, why in each_image(store, indices[mine], read, description):
+    for j, arr, why in workers.each_image(store, indices[mine], read, description):
         if why:
             failed[int(mine[j])] = why
             if stop_at_first:
@@ -116,38 +113,6 @@ def decode_all(store: ArrayStore | FileStore, indices: np.ndarray, size: int, ch
 def _read(store: ArrayStore | FileStore, i: int, size: int, channels: int, keep: bool) -> np.ndarray | None:
     arr = store.read(i, size, channels)
     return arr if keep else None  # a check only: no need to ship the pixels back from the worker
-
-
-def each_image(store: ArrayStore | FileStore, indices: np.ndarray, fn: Callable[[Any, int], Any],
-               description: str) -> Iterator[tuple[int, Any, str]]:
-    """(k, fn(store, indices[k]), "") or (k, None, why it is unreadable) for every k, in order.
-
-    Files are read in worker processes (fn must be picklable: a module-level function or a partial).
-    Failures travel as data: an exception raised in a loader worker reaches the main process as a
-    multi-line traceback instead of the one line a user should see.
-    """
-    loader = DataLoader(_Each(store, indices, fn), batch_size=64, num_workers=num_workers(store), collate_fn=list)
-    failed = 0
-    with progress_bar() as bar:
-        task = bar.add_task(description, total=len(indices), info="")
-        for batch in loader:
-            yield from batch
-            failed += sum(1 for _, _, why in batch if why)
-            bar.update(task, advance=len(batch), info=f"{failed} unreadable" if failed else "")
-
-
-class _Each(Dataset):
-    def __init__(self, store: ArrayStore | FileStore, indices: np.ndarray, fn) -> None:
-        self.store, self.indices, self.fn = store, indices, fn
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, k: int):
-        try:
-            return k, self.fn(self.store, int(self.indices[k])), ""
-        except UnreadableImage as e:
-            return k, None, e.reason or str(e)
 
 
 def save_skipped(path: Path, skipped: list[Skipped]) -> None:
