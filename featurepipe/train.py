@@ -386,7 +386,7 @@ def _optimizer(net: Net, cfg: TrainConfig, r: Resolved, phase: str, steps_per_ep
 
 @torch.inference_mode()
 def predict_loader(net: Net, loader, device: torch.device, amp: bool | None, ids: list[str] | None,
-            class_names: list[str]) -> Predictions:
+                   class_names: list[str]) -> Predictions:
     """Softmax probabilities for every image of a loader, in loader order."""
     net.eval()
     probs, labels = [], []
