@@ -20,7 +20,8 @@ from featurepipe.engine import Callback, Trainer
 from featurepipe.errors import FeaturepipeError, first_line
 from featurepipe.models import save_checkpoint
 from featurepipe.progress import log, progress_bar
-from featurepipe.runs import RunPaths, write_text
+from featurepipe.files import write_text
+from featurepipe.runs import RunPaths
 
 
 class EMA(Callback):

@@ -27,7 +27,8 @@ from featurepipe import data as fdata
 from featurepipe.data.fingerprint import data_fingerprint
 from featurepipe.engine import Callback
 from featurepipe.errors import FeaturepipeError
-from featurepipe.extract import extract, read_attrs
+from featurepipe.extract import extract
+from featurepipe.features import read_attrs
 from featurepipe.heads import HeadsConfig, fit_heads
 from featurepipe.heads.registry import STACK
 from featurepipe.options import TrainConfig
@@ -36,8 +37,8 @@ from featurepipe.report import CompareOptions
 from featurepipe.report.command import compare
 from featurepipe.report.pooled import compare_crossval
 from featurepipe.run_config import RunConfig
-from featurepipe.runs import (CrossvalPaths, RunPaths, environment, frozen_label, is_crossval, is_finished, read_json,
-                              run_lock, write_json)
+from featurepipe.files import read_json, write_json
+from featurepipe.runs import CrossvalPaths, RunPaths, environment, frozen_label, is_crossval, is_finished, run_lock
 from featurepipe.train import train
 
 STAGES = ("train-cnn", "extract", "fit-heads", "compare")

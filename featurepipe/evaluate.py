@@ -12,7 +12,7 @@ from sklearn import metrics
 
 from featurepipe import stats
 from featurepipe.errors import FeaturepipeError
-from featurepipe.runs import atomic_path, csv_cell, read_cell, write_text
+from featurepipe.files import atomic_path, csv_cell, read_cell, write_text
 
 
 @dataclass

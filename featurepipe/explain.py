@@ -15,7 +15,7 @@ from featurepipe import data as fdata
 from featurepipe.data.fingerprint import check_same_data
 from featurepipe.models import Net, get_arch
 from featurepipe.run_config import RunConfig
-from featurepipe.runs import read_json
+from featurepipe.files import read_json
 
 
 def read_test_images(cfg: RunConfig, ids: list[str]) -> list[np.ndarray]:

@@ -20,7 +20,8 @@ from featurepipe.engine import Trainer
 from featurepipe.errors import FeaturepipeError
 from featurepipe.models import create_model
 from featurepipe.progress import log, progress_bar
-from featurepipe.runs import atomic_path, check_output, check_outside, environment, write_json
+from featurepipe.files import atomic_path, write_json
+from featurepipe.runs import check_output, check_outside, environment
 from featurepipe.options import TrainConfig
 from featurepipe.prepare import prepare, training_device
 from featurepipe.train import balanced_class_weights, drops_last

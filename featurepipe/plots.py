@@ -17,7 +17,7 @@ matplotlib.rcParams["text.parse_math"] = False
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from featurepipe.runs import atomic_path  # noqa: E402
+from featurepipe.files import atomic_path  # noqa: E402
 
 CNN_COLOR = "#444444"
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]

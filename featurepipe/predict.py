@@ -25,7 +25,8 @@ from featurepipe.heads import NAMES, STACK, full_proba, load_head
 from featurepipe.models import load_checkpoint
 from featurepipe.progress import log, progress_bar
 from featurepipe.run_config import RunConfig
-from featurepipe.runs import RunPaths, check_output, csv_cell, is_frozen, run_paths, skipped_beside, write_text
+from featurepipe.files import csv_cell, write_text
+from featurepipe.runs import RunPaths, check_output, is_frozen, run_paths, skipped_beside
 
 
 class Predictor:

@@ -12,7 +12,8 @@ from featurepipe.data.fingerprint import data_fingerprint
 from featurepipe.errors import FeaturepipeError
 from featurepipe.options import TrainConfig
 from featurepipe.progress import log
-from featurepipe.runs import RunPaths, is_finished, is_run, read_json, require
+from featurepipe.files import read_json, require
+from featurepipe.runs import RunPaths, is_finished, is_run
 
 # Options a resumed run must share with its first start (device, amp and --on-bad-image may change).
 RESUME_KEEPS = ("arch", "weights", "epochs", "freeze_epochs", "batch_size", "img_size", "lr", "lr_backbone_ratio",

@@ -14,7 +14,8 @@ from typing import Any
 
 from featurepipe.errors import FeaturepipeError
 from featurepipe.models import fingerprint
-from featurepipe.runs import FROZEN_STEM, RunPaths, frozen_label, is_finished, is_frozen, read_json, require
+from featurepipe.files import read_json, require
+from featurepipe.runs import FROZEN_STEM, RunPaths, frozen_label, is_finished, is_frozen
 
 
 @dataclass(frozen=True)

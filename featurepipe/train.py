@@ -33,7 +33,8 @@ from featurepipe.models import Net, create_model, save_checkpoint
 from featurepipe.options import TrainConfig
 from featurepipe.progress import log
 from featurepipe.prepare import Prepared, Resolved, prepare, training_device
-from featurepipe.runs import RunPaths, atomic_path, environment, read_json, run_paths, write_json
+from featurepipe.files import atomic_path, read_json, write_json
+from featurepipe.runs import RunPaths, environment, run_paths
 
 def drops_last(n: int, batch_size: int) -> bool:
     """Drop the last partial batch only when it is small (under a quarter of a batch): a batch of one

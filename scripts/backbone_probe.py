@@ -24,7 +24,8 @@ from featurepipe.heads.fitting import choose, fit_chosen, one_thread_per_job
 from featurepipe.heads.registry import HEADS
 from featurepipe.models import ARCHS, create_model
 from featurepipe.run_config import RunConfig
-from featurepipe.runs import read_json, run_paths
+from featurepipe.files import read_json
+from featurepipe.runs import run_paths
 
 
 def run_splits(run: str) -> tuple[fdata.Catalog, dict[str, np.ndarray], tuple[float, float]]:

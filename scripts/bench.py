@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from featurepipe.device import autocast, choose_precision, images_per_pass, in_passes, resolve_device  # noqa: E402
-from featurepipe.extract import CHUNK_BYTES, COMPRESSION, hdf5_filters, read_split  # noqa: E402
+from featurepipe.features import CHUNK_BYTES, COMPRESSION, hdf5_filters, read_split  # noqa: E402
 from featurepipe.models import load_checkpoint  # noqa: E402
 from featurepipe.train import TrainConfig, train  # noqa: E402
 
@@ -128,7 +128,7 @@ def extract_rate(run: Path, batch: int, device: torch.device) -> float:
     # The CUDA context is made before the clock starts, as the interpreter and imports are.
     warm = "torch.zeros(1, device='cuda')\n" if device.type == "cuda" else ""
     return float(in_fresh_process(
-        f"import time, torch\nfrom featurepipe.extract import extract, read_split\n{warm}"
+        f"import time, torch\nfrom featurepipe.extract import extract\nfrom featurepipe.features import read_split\n{warm}"
         f"t0 = time.perf_counter(); extract({str(run)!r}, batch_size={batch}, device={device.type!r})\n"
         "t = time.perf_counter() - t0\n"
         f"print(sum(len(read_split({str(run / 'features.h5')!r}, s).labels) for s in ('train', 'val', 'test')) / t)"))

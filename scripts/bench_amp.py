@@ -37,7 +37,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from featurepipe.extract import read_split  # noqa: E402
+from featurepipe.features import read_split  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 CONFIGS = {

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from featurepipe.extract import read_split
+from featurepipe.features import read_split
 from featurepipe.predict import predict
 
 from conftest import cli, write_images

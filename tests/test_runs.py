@@ -405,14 +405,14 @@ def test_full_disk_during_extract_is_one_line_and_a_rerun_completes(tiny_run, tm
 
 
 def test_a_write_failing_mid_extract_drops_the_partial_file_and_nothing_else_does(tmp_path):
-    from featurepipe.extract import _damaged_if_failed
+    from featurepipe.features import damaged_if_failed
 
     partial = tmp_path / "features.h5.partial"
     partial.write_bytes(b"x")
-    with pytest.raises(RuntimeError, match="out of memory"), _damaged_if_failed(partial, lambda: None):
+    with pytest.raises(RuntimeError, match="out of memory"), damaged_if_failed(partial, lambda: None):
         raise RuntimeError("CUDA out of memory")  # not a write: the progress is kept
     assert partial.exists()
-    with pytest.raises(FeaturepipeError, match="cannot write"), _damaged_if_failed(partial, lambda: None):
+    with pytest.raises(FeaturepipeError, match="cannot write"), damaged_if_failed(partial, lambda: None):
         raise OSError("Can't write data (file write failed: errno = 28, error message = 'No space left on device')")
     assert not partial.exists()
 

@@ -22,7 +22,7 @@ from featurepipe.data.workers import each_image
 from featurepipe.data.sources import SPLITS, Catalog, scan
 from featurepipe.data.splits import TEST_FRACTION, VAL_FRACTION, assign_splits, broken_groups, check_splits
 from featurepipe.errors import FeaturepipeError
-from featurepipe.runs import write_json
+from featurepipe.files import write_json
 
 LISTED = 20  # duplicates and broken groups shown in the text report; --json has them all
 

@@ -25,7 +25,7 @@ from featurepipe.data.sources import SPLITS, ArrayStore, Catalog, FileStore
 from featurepipe.data.splits import check_splits
 from featurepipe.errors import FeaturepipeError
 from featurepipe.progress import log
-from featurepipe.runs import csv_cell, write_text
+from featurepipe.files import csv_cell, write_text
 
 BAD_IMAGE_POLICIES = ("skip", "error")
 

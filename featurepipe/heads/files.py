@@ -12,7 +12,8 @@ from featurepipe.errors import FeaturepipeError, first_line
 from featurepipe.evaluate import Predictions, save_evaluation, save_predictions, scores
 from featurepipe.heads.registry import TRUSTED_TYPES
 from featurepipe.progress import log
-from featurepipe.runs import RunPaths, atomic_path, environment, file_sha256, require, write_json
+from featurepipe.files import atomic_path, file_sha256, require, write_json
+from featurepipe.runs import RunPaths, environment
 
 
 def load_head(paths: RunPaths, name: str, info: dict[str, Any]):

@@ -13,7 +13,7 @@ from sklearn.utils.class_weight import compute_class_weight
 
 from featurepipe.errors import FeaturepipeError
 from featurepipe.evaluate import macro_f1
-from featurepipe.extract import FeatureSplit, open_split
+from featurepipe.features import FeatureSplit, open_split
 from featurepipe.heads.fitting import jsonable, predict_proba
 from featurepipe.heads.registry import HeadSpec
 

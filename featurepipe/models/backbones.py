@@ -10,7 +10,7 @@ import torchvision
 from torch import nn
 
 from featurepipe.errors import FeaturepipeError
-from featurepipe.runs import file_sha256
+from featurepipe.files import file_sha256
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]

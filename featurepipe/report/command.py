@@ -22,8 +22,8 @@ from featurepipe.report.gallery import (GRADCAM_SIZE, failure_row, gallery_figur
 from featurepipe.report.inputs import features_of, load_all, load_val
 from featurepipe.report.scoring import score_run, val_to_test
 from featurepipe.run_config import RunConfig
-from featurepipe.runs import (RunPaths, check_output, environment, is_crossval, is_run, read_json, run_paths,
-                              write_json, write_text)
+from featurepipe.files import read_json, write_json, write_text
+from featurepipe.runs import RunPaths, check_output, environment, is_crossval, is_run, run_paths
 
 MIN_RESAMPLES = 1000
 # What compare writes into its folder: with --out, a user's files of these names are not replaced

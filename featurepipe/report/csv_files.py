@@ -6,7 +6,7 @@ import csv
 import io
 from typing import Any
 
-from featurepipe.runs import csv_cell
+from featurepipe.files import csv_cell
 
 PER_CLASS_FIELDS = ("class", "precision", "recall", "f1", "support", "tp", "tn", "fp", "fn")
 METRIC_FIELDS = ("accuracy", "balanced_accuracy", "macro_precision", "macro_recall", "macro_f1",

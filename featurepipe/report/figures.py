@@ -11,7 +11,8 @@ from sklearn.metrics import confusion_matrix, roc_curve
 
 from featurepipe import plots, stats
 from featurepipe.evaluate import Predictions
-from featurepipe.runs import RunPaths, read_json
+from featurepipe.files import read_json
+from featurepipe.runs import RunPaths
 
 # Every chart of one run's comparison, saved as <name>.png in the report folder.
 RUN_FIGURES = ("accuracy", "macro_f1", "confusion", "reliability", "roc", "training_curves", "top_losses", "gradcam")

@@ -7,7 +7,8 @@ import numpy as np
 from featurepipe.errors import FeaturepipeError
 from featurepipe.evaluate import Predictions, load_predictions
 from featurepipe.run_config import RunConfig
-from featurepipe.runs import RunPaths, read_json, require
+from featurepipe.files import read_json, require
+from featurepipe.runs import RunPaths
 
 
 def load_all(cfg: RunConfig) -> dict[str, Predictions]:

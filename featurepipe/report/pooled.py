@@ -33,7 +33,8 @@ from featurepipe.report.figures import run_figures
 from featurepipe.report.inputs import features_of, load_all, model_cost
 from featurepipe.report.scoring import baseline, evaluate_models, verdict
 from featurepipe.run_config import RunConfig
-from featurepipe.runs import CrossvalPaths, RunPaths, environment, read_json, write_json, write_text
+from featurepipe.files import read_json, write_json, write_text
+from featurepipe.runs import CrossvalPaths, RunPaths, environment
 
 T_TEST = "corrected resampled t-test over the folds (Nadeau and Bengio 2003)"
 
