@@ -18,9 +18,9 @@ import torch
 from featurepipe import distributed
 from featurepipe.engine import Callback, Trainer
 from featurepipe.errors import FeaturepipeError, first_line
+from featurepipe.files import write_text
 from featurepipe.models import save_checkpoint
 from featurepipe.progress import log, progress_bar
-from featurepipe.files import write_text
 from featurepipe.runs import RunPaths
 
 

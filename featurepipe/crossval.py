@@ -29,6 +29,7 @@ from featurepipe.engine import Callback
 from featurepipe.errors import FeaturepipeError
 from featurepipe.extract import extract
 from featurepipe.features import read_attrs
+from featurepipe.files import read_json, write_json
 from featurepipe.heads import HeadsConfig, fit_heads
 from featurepipe.heads.registry import STACK
 from featurepipe.options import TrainConfig
@@ -37,7 +38,6 @@ from featurepipe.report import CompareOptions
 from featurepipe.report.command import compare
 from featurepipe.report.pooled import compare_crossval
 from featurepipe.run_config import RunConfig
-from featurepipe.files import read_json, write_json
 from featurepipe.runs import CrossvalPaths, RunPaths, environment, frozen_label, is_crossval, is_finished, run_lock
 from featurepipe.train import train
 

@@ -13,9 +13,9 @@ from torch import nn
 
 from featurepipe import data as fdata
 from featurepipe.data.fingerprint import check_same_data
+from featurepipe.files import read_json
 from featurepipe.models import Net, get_arch
 from featurepipe.run_config import RunConfig
-from featurepipe.files import read_json
 
 
 def read_test_images(cfg: RunConfig, ids: list[str]) -> list[np.ndarray]:

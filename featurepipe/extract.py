@@ -20,11 +20,11 @@ from featurepipe import distributed, features
 from featurepipe.data.fingerprint import check_same_data
 from featurepipe.device import autocast, choose_precision, images_per_pass, in_passes, resolve_device, to_device
 from featurepipe.errors import FeaturepipeError
+from featurepipe.files import cannot_write, partial_path, read_json, require
 from featurepipe.models import LAYERS, TTA, create_model, fingerprint, load_checkpoint
 from featurepipe.models.embedding import check_choice
 from featurepipe.progress import log, progress_bar
 from featurepipe.run_config import RunConfig
-from featurepipe.files import cannot_write, partial_path, read_json, require
 from featurepipe.runs import check_output, run_paths, skipped_beside
 
 def extract(run: str | Path, batch_size: int = 256, data: str | None = None, out: str | Path | None = None,

@@ -18,12 +18,12 @@ from featurepipe import distributed
 from featurepipe.device import to_device
 from featurepipe.engine import Trainer
 from featurepipe.errors import FeaturepipeError
-from featurepipe.models import create_model
-from featurepipe.progress import log, progress_bar
 from featurepipe.files import atomic_path, write_json
-from featurepipe.runs import check_output, check_outside, environment
+from featurepipe.models import create_model
 from featurepipe.options import TrainConfig
 from featurepipe.prepare import prepare, training_device
+from featurepipe.progress import log, progress_bar
+from featurepipe.runs import check_output, check_outside, environment
 from featurepipe.train import balanced_class_weights, drops_last
 
 

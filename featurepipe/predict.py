@@ -21,11 +21,11 @@ from featurepipe.data.images import IMAGE_EXTENSIONS
 from featurepipe.data.sources import FileStore, _images_under
 from featurepipe.device import autocast, choose_precision, images_per_pass, in_passes, resolve_device, to_device
 from featurepipe.errors import FeaturepipeError
+from featurepipe.files import csv_cell, write_text
 from featurepipe.heads import NAMES, STACK, full_proba, load_head
 from featurepipe.models import load_checkpoint
 from featurepipe.progress import log, progress_bar
 from featurepipe.run_config import RunConfig
-from featurepipe.files import csv_cell, write_text
 from featurepipe.runs import RunPaths, check_output, is_frozen, run_paths, skipped_beside
 
 

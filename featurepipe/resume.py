@@ -10,9 +10,9 @@ from typing import Any
 from featurepipe import data as fdata
 from featurepipe.data.fingerprint import data_fingerprint
 from featurepipe.errors import FeaturepipeError
+from featurepipe.files import read_json, require
 from featurepipe.options import TrainConfig
 from featurepipe.progress import log
-from featurepipe.files import read_json, require
 from featurepipe.runs import RunPaths, is_finished, is_run
 
 # Options a resumed run must share with its first start (device, amp and --on-bad-image may change).

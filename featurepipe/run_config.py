@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from featurepipe.errors import FeaturepipeError
-from featurepipe.models import fingerprint
 from featurepipe.files import read_json, require
+from featurepipe.models import fingerprint
 from featurepipe.runs import FROZEN_STEM, RunPaths, frozen_label, is_finished, is_frozen
 
 

@@ -29,11 +29,11 @@ from featurepipe.engine import Callback, Trainer, diverged
 from featurepipe.errors import FeaturepipeError
 from featurepipe.evaluate import (Predictions, clearly_above, macro_f1, majority_baseline, save_evaluation,
                                   save_predictions, scores)
+from featurepipe.files import atomic_path, read_json, write_json
 from featurepipe.models import Net, create_model, save_checkpoint
 from featurepipe.options import TrainConfig
-from featurepipe.progress import log
 from featurepipe.prepare import Prepared, Resolved, prepare, training_device
-from featurepipe.files import atomic_path, read_json, write_json
+from featurepipe.progress import log
 from featurepipe.runs import RunPaths, environment, run_paths
 
 def drops_last(n: int, batch_size: int) -> bool:

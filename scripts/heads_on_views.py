@@ -19,12 +19,12 @@ import torch
 
 from featurepipe import data as fdata
 from featurepipe.features import read_split
+from featurepipe.files import read_json
 from featurepipe.heads import parse_heads
 from featurepipe.heads.fitting import choose, fit_chosen, one_thread_per_job
 from featurepipe.heads.registry import HEADS
 from featurepipe.models import load_checkpoint
 from featurepipe.run_config import RunConfig
-from featurepipe.files import read_json
 from featurepipe.runs import run_paths
 
 

@@ -254,8 +254,8 @@ def test_heads_saved_before_the_package_split_still_load(tmp_path):
 
 
 def test_a_head_file_from_another_run_is_refused(tmp_path):
-    from featurepipe.heads import load_head
     from featurepipe.files import file_sha256
+    from featurepipe.heads import load_head
     from featurepipe.runs import run_paths
 
     ours, theirs = synthetic_run(tmp_path / "ours"), synthetic_run(tmp_path / "theirs", seed=1)
@@ -271,8 +271,8 @@ def test_a_head_file_from_another_run_is_refused(tmp_path):
 
 @pytest.mark.parametrize("dim, classes, words", [(20, 3, "takes 20 features"), (12, 5, "classes [0, 1, 2, 3, 4]")])
 def test_a_head_of_another_width_or_class_count_is_one_line(tmp_path, dim, classes, words):
-    from featurepipe.heads import load_head
     from featurepipe.files import file_sha256
+    from featurepipe.heads import load_head
     from featurepipe.runs import run_paths
 
     ours, theirs = synthetic_run(tmp_path / "ours"), synthetic_run(tmp_path / "theirs", dim=dim, classes=classes)

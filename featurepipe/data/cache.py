@@ -45,8 +45,8 @@ from featurepipe.data import workers
 from featurepipe.data.images import UnreadableImage
 from featurepipe.data.sources import FileStore
 from featurepipe.errors import FeaturepipeError
-from featurepipe.progress import gib, log
 from featurepipe.files import atomic_path, cannot_write
+from featurepipe.progress import gib, log
 
 # In-memory cap (bytes of decoded images per split) above which a split goes to the disk cache.
 MEMORY_BYTES = 4 * 1024**3

@@ -24,8 +24,8 @@ from featurepipe.data.images import UnreadableImage
 from featurepipe.data.sources import SPLITS, ArrayStore, Catalog, FileStore
 from featurepipe.data.splits import check_splits
 from featurepipe.errors import FeaturepipeError
-from featurepipe.progress import log
 from featurepipe.files import csv_cell, write_text
+from featurepipe.progress import log
 
 BAD_IMAGE_POLICIES = ("skip", "error")
 

@@ -14,6 +14,7 @@ from sklearn.pipeline import Pipeline
 from featurepipe.errors import FeaturepipeError
 from featurepipe.evaluate import Predictions
 from featurepipe.features import FeatureSplit, open_split, read_attrs
+from featurepipe.files import require
 from featurepipe.heads.files import write_head
 from featurepipe.heads.fitting import TUNE, SkipHead, choose, fit_chosen, jsonable, one_thread_per_job, predict_proba
 from featurepipe.heads.online import choose_online, fit_online
@@ -21,7 +22,6 @@ from featurepipe.heads.registry import HEADS, NYSTROEM, ONLINE, STACK
 from featurepipe.heads.stack import fit_stack
 from featurepipe.progress import log, progress_bar
 from featurepipe.run_config import RunConfig
-from featurepipe.files import require
 from featurepipe.runs import RunPaths, frozen_label, run_paths
 
 

@@ -10,9 +10,9 @@ import skops.io as sio
 
 from featurepipe.errors import FeaturepipeError, first_line
 from featurepipe.evaluate import Predictions, save_evaluation, save_predictions, scores
+from featurepipe.files import atomic_path, file_sha256, require, write_json
 from featurepipe.heads.registry import TRUSTED_TYPES
 from featurepipe.progress import log
-from featurepipe.files import atomic_path, file_sha256, require, write_json
 from featurepipe.runs import RunPaths, environment
 
 

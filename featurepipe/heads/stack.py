@@ -11,11 +11,11 @@ from sklearn.pipeline import Pipeline
 from featurepipe.errors import FeaturepipeError
 from featurepipe.evaluate import Predictions, load_predictions
 from featurepipe.features import FeatureSplit
+from featurepipe.files import require
 from featurepipe.heads.files import write_head
 from featurepipe.heads.fitting import SkipHead, choose, full_proba, stratified_folds
 from featurepipe.heads.registry import STACK, STACK_SPEC, HeadSpec
 from featurepipe.run_config import RunConfig
-from featurepipe.files import require
 from featurepipe.runs import RunPaths
 
 STACK_CV_FOLDS = 5

@@ -12,10 +12,10 @@ import torch
 
 from featurepipe.data.intensity import FULL_RANGE
 from featurepipe.errors import FeaturepipeError
+from featurepipe.files import atomic_path, file_sha256
 from featurepipe.models.backbones import load_state_dict_file, load_weights
 from featurepipe.models.net import Net
 from featurepipe.models.registry import get_arch, imagenet_weights_file
-from featurepipe.files import atomic_path, file_sha256
 
 
 def create_model(arch: str, num_classes: int, in_channels: int, mean: list[float], std: list[float],

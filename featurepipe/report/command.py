@@ -13,6 +13,7 @@ import numpy as np
 
 from featurepipe.errors import FeaturepipeError
 from featurepipe.evaluate import report
+from featurepipe.files import write_json, write_text
 from featurepipe.progress import log
 from featurepipe.report.csv_files import metrics_csv, per_class_csv
 from featurepipe.report.documents import run_document, runs_document, shift_warning
@@ -22,8 +23,7 @@ from featurepipe.report.gallery import (GRADCAM_SIZE, failure_row, gallery_figur
 from featurepipe.report.inputs import features_of, load_all, load_val
 from featurepipe.report.scoring import score_run, val_to_test
 from featurepipe.run_config import RunConfig
-from featurepipe.files import read_json, write_json, write_text
-from featurepipe.runs import RunPaths, check_output, environment, is_crossval, is_run, run_paths
+from featurepipe.runs import check_output, environment, is_crossval, is_run, run_paths
 
 MIN_RESAMPLES = 1000
 # What compare writes into its folder: with --out, a user's files of these names are not replaced
@@ -61,16 +61,17 @@ def compare(run: str | Path, out: str | Path | None = None, options: CompareOpti
     started = time.perf_counter()
     paths = run_paths(run)
     cfg = RunConfig.load(paths)
-    preds = load_all(cfg)
+    inputs = load_all(cfg)
+    preds = inputs.preds
     out = Path(out) if out is not None else paths.compare
     ref = preds["cnn"]
     summary = {
         "test_size": len(ref.ids),
         "class_names": ref.class_names,
         "class_counts": np.bincount(ref.y_true, minlength=len(ref.class_names)).tolist(),
-        **score_run(cfg, preds, options.resamples),
-        "heads": {n: _head_choice(paths, n) for n in preds if n != "cnn"},
-        "features": {n: features_of(n, cfg) for n in preds},
+        **score_run(cfg, inputs, options.resamples),
+        "heads": {n: _head_choice(inputs.records[n]) for n in preds if n != "cnn"},
+        "features": {n: features_of(n, cfg, inputs.records[n]) for n in preds},
         "val_to_test": {**val_to_test(load_val(cfg, [n for n in preds if cfg.val_held_out(n)]), preds),
                         "not_held_out": [n for n in preds if not cfg.val_held_out(n)]},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -115,8 +116,7 @@ def compare(run: str | Path, out: str | Path | None = None, options: CompareOpti
     return summary
 
 
-def _head_choice(paths: RunPaths, name: str) -> dict[str, Any]:
-    info = read_json(paths.head_info(name))
+def _head_choice(info: dict[str, Any]) -> dict[str, Any]:
     return {"params": info.get("params", {}), "val_macro_f1": info.get("val_macro_f1")}
 
 
@@ -141,13 +141,14 @@ def compare_runs(runs: list[str | Path], out: str | Path | None, options: Compar
     for label, run in zip(labels, runs):
         paths = run_paths(run)
         cfg = RunConfig.load(paths)
-        preds = load_all(cfg)
+        inputs = load_all(cfg)
+        preds = inputs.preds
         if class_names is not None and preds["cnn"].class_names != class_names:
             raise FeaturepipeError(f"--run {run}: its classes ({', '.join(preds['cnn'].class_names)}) differ from "
                                    f"the first run's ({', '.join(class_names)}); compare runs of one task")
         class_names = preds["cnn"].class_names
         test_ids[label] = preds["cnn"].ids
-        evaluated = score_run(cfg, preds, options.resamples)
+        evaluated = score_run(cfg, inputs, options.resamples)
         results[label] = {"path": str(paths.root), "arch": cfg.model.arch, "seed": cfg.seed,
                           "data": cfg.data.source, "test_size": len(preds["cnn"].ids),
                           "models": evaluated["models"], "tests": evaluated["tests"],

@@ -24,6 +24,7 @@ import numpy as np
 from featurepipe import stats
 from featurepipe.errors import FeaturepipeError
 from featurepipe.evaluate import Predictions, report, scores
+from featurepipe.files import read_json, write_json, write_text
 from featurepipe.progress import log
 from featurepipe.render import Doc, Table
 from featurepipe.report.csv_files import metrics_csv, per_class_csv
@@ -33,7 +34,6 @@ from featurepipe.report.figures import run_figures
 from featurepipe.report.inputs import features_of, load_all, model_cost
 from featurepipe.report.scoring import baseline, evaluate_models, verdict
 from featurepipe.run_config import RunConfig
-from featurepipe.files import read_json, write_json, write_text
 from featurepipe.runs import CrossvalPaths, RunPaths, environment
 
 T_TEST = "corrected resampled t-test over the folds (Nadeau and Bengio 2003)"
@@ -107,14 +107,15 @@ def compare_crossval(root: str | Path, out: str | Path | None, options) -> dict[
     plan = read_json(paths.plan)
     runs = fold_runs(paths.root)
     cfgs = [RunConfig.load(r) for r in runs]
-    per_fold = [load_all(c) for c in cfgs]
+    inputs = [load_all(c) for c in cfgs]
+    per_fold = [i.preds for i in inputs]
     preds = pool(per_fold, paths.root)
     out = Path(out) if out is not None else paths.compare
     ref = preds["cnn"]
     seed = plan["seed"]
     evaluated = evaluate_models(preds, options.resamples, seed)
     for name, m in evaluated["models"].items():
-        costs = [model_cost(c.paths, name) for c in cfgs]
+        costs = [model_cost(name, i.records[name]) for i in inputs]
         for key in ("fit_seconds", "predict_seconds_per_image"):
             values = [c[key] for c in costs if c[key] is not None]
             m[key] = float(np.mean(values)) if values else None  # per fold: what one fit costs
@@ -136,7 +137,7 @@ def compare_crossval(root: str | Path, out: str | Path | None, options) -> dict[
         "fold_summary": {n: {m: {"mean": float(np.mean([f["models"][n][m] for f in folds])),
                                  "sd": float(np.std([f["models"][n][m] for f in folds], ddof=1))}
                              for m in ("accuracy", "macro_f1")} for n in preds},
-        "features": {n: features_of(n, first) for n in preds},
+        "features": {n: features_of(n, first, inputs[0].records[n]) for n in preds},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "run": {"path": str(paths.root), "arch": first.model.arch, "seed": seed, "data": plan["data"]["source"],
                 "img_size": first.model.img_size, "folds": [str(r.root) for r in runs]},

@@ -9,19 +9,20 @@ import numpy as np
 
 from featurepipe import stats
 from featurepipe.evaluate import Predictions, majority_baseline, per_class, scores
-from featurepipe.report.inputs import model_cost
+from featurepipe.report.inputs import Inputs, model_cost
 from featurepipe.run_config import RunConfig
 
 LEVEL = 0.95
 ALPHA = 0.05
 
 
-def score_run(cfg: RunConfig, preds: dict[str, Predictions], resamples: int) -> dict[str, Any]:
+def score_run(cfg: RunConfig, inputs: Inputs, resamples: int) -> dict[str, Any]:
     """`evaluate_models` with each model's fit and prediction times added to its scores, and the
     majority-class baseline (verdicts against a CNN that is not above it say so)."""
+    preds = inputs.preds
     evaluated = evaluate_models(preds, resamples, cfg.seed)
     for name, scores_ in evaluated["models"].items():
-        scores_.update(model_cost(cfg.paths, name))
+        scores_.update(model_cost(name, inputs.records[name]))
     ref = preds["cnn"]
     # Runs written before config.json kept class counts: the test split's own majority class instead.
     train_counts = cfg.data.counts.get("train") or np.bincount(ref.y_true, minlength=len(ref.class_names))
