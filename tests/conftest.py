@@ -18,8 +18,10 @@ from typer.testing import CliRunner
 
 from featurepipe.cli import app
 from featurepipe.device import NATIVE_BF16_VARIABLE
+from featurepipe.engine import Callback
 from featurepipe.evaluate import Predictions, save_predictions
 from featurepipe.models import fingerprint
+from featurepipe.runs import run_paths
 
 # The suite's comparisons and accuracy floors were set on fp32 arithmetic: automatic precision treats
 # every CPU, in this process and in the commands it starts, as one without native bf16. Tests of the
@@ -265,8 +267,22 @@ def read_predictions(path: Path, class_names: list[str]):
     return [r["id"] for r in rows], y, proba
 
 
-def prediction_file(run: Path, model: str) -> Path:
-    return run / "cnn" / "test_predictions.csv" if model == "cnn" else run / "heads" / f"{model}.test_predictions.csv"
+def prediction_file(run: Path, model: str, split: str = "test") -> Path:
+    return run_paths(run).predictions(model, split)
+
+
+class CtrlC(Callback):
+    """Ctrl-C as the given epoch of the given fit (a fold of k-fold or crossval; the first by default) starts."""
+
+    def __init__(self, epoch: int, fit: int = 1) -> None:
+        self.fit, self.epoch, self.fits = fit, epoch, 0
+
+    def on_fit_start(self, trainer) -> None:
+        self.fits += 1
+
+    def on_epoch_start(self, trainer) -> None:
+        if self.fits == self.fit and trainer.epoch == self.epoch:
+            raise KeyboardInterrupt
 
 
 def assert_report_matches_sklearn(run: Path, out: Path | None = None) -> None:

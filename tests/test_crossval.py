@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import cli, refused, write_npz
+from conftest import CtrlC, cli, prediction_file, refused, write_npz
 from featurepipe.crossval import CrossvalConfig, crossval
-from featurepipe.engine import Callback
 from featurepipe.models import create_model
 from featurepipe.options import TrainConfig
 from featurepipe.stats import corrected_resampled_ttest
@@ -27,20 +26,6 @@ def options(weights: Path) -> TrainConfig:
 
 
 CV_CONFIG = CrossvalConfig(folds=FOLDS, heads=HEADS, tune="none", bootstrap=1000)
-
-
-class CtrlC(Callback):
-    """Ctrl-C as the given epoch of the given fit (fold) starts."""
-
-    def __init__(self, fit: int, epoch: int) -> None:
-        self.fit, self.epoch, self.fits = fit, epoch, 0
-
-    def on_fit_start(self, trainer) -> None:
-        self.fits += 1
-
-    def on_epoch_start(self, trainer) -> None:
-        if self.fits == self.fit and trainer.epoch == self.epoch:
-            raise KeyboardInterrupt
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +56,7 @@ def test_every_image_is_tested_exactly_once_and_pooled(cv):
         assert not set(splits["test"]) & (set(splits["train"]) | set(splits["val"]))
         assert not set(splits["train"]) & set(splits["val"])
         tested += splits["test"]
-        assert _ids(out / f"fold{k}" / "cnn" / "test_predictions.csv") == splits["test"]
+        assert _ids(prediction_file(out / f"fold{k}", "cnn")) == splits["test"]
     assert len(tested) == len(set(tested)) == 186  # every image of the .npz, once
     summary = json.loads((out / "compare" / "summary.json").read_text())
     assert summary["pooled"] and summary["test_size"] == 186 and summary["folds"] == FOLDS
@@ -82,8 +67,20 @@ def test_every_image_is_tested_exactly_once_and_pooled(cv):
         assert summary["models"][model]["accuracy"] == pytest.approx(weighted)
         assert summary["fold_summary"][model]["accuracy"]["mean"] == pytest.approx(
             np.mean([f["models"][model]["accuracy"] for f in folds]))
+    # Holm over the heads, recomputed here: the k-th smallest p times the heads left, never below the one before.
+    p = {name: t["corrected_t"]["p_value"] for name, t in summary["tests"].items()}
+    holm, running = {}, 0.0
+    for k, name in enumerate(sorted(p, key=p.get)):
+        running = max(running, min(1.0, (len(p) - k) * p[name]))
+        holm[name] = running
     for name, t in summary["tests"].items():
-        assert t["decided_by"] == "corrected_t" and 0 <= t["corrected_t"]["p_holm"] <= 1
+        assert t["decided_by"] == "corrected_t"
+        assert t["corrected_t"]["differences"] == pytest.approx(
+            [f["models"][name]["accuracy"] - f["models"]["cnn"]["accuracy"] for f in folds])
+        assert t["corrected_t"]["p_holm"] == pytest.approx(holm[name])
+        c = corrected_resampled_ttest(np.array(t["corrected_t"]["differences"]), t["corrected_t"]["n_train"],
+                                      t["corrected_t"]["n_test"])
+        assert t["corrected_t"]["p_value"] == pytest.approx(c.p_value)
     html = (out / "compare" / "report.html").read_text()
     assert "Per fold" in html and "corrected t-test" in html and "mean ± sd" in html
 

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import prediction_file, read_predictions
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -27,7 +29,11 @@ def test_two_process_training_writes_one_complete_run(npz_file, tmp_path):
     torchrun("train-cnn", "--data", str(npz_file), "--out", "run", "--epochs", "2", cwd=tmp_path)
     run = tmp_path / "run"
     metrics = json.loads((run / "cnn" / "metrics.json").read_text())
-    assert metrics["epochs_run"] == 2 and 0 <= metrics["test"]["accuracy"] <= 1
+    names = json.loads((run / "config.json").read_text())["data"]["class_names"]
+    _, y, proba = read_predictions(prediction_file(run, "cnn"), names)
+    # Rank 0 scored the whole test split, not its own shard of it.
+    assert len(y) == sum(json.loads((run / "config.json").read_text())["data"]["counts"]["test"])
+    assert metrics["epochs_run"] == 2 and metrics["test"]["accuracy"] == pytest.approx((proba.argmax(1) == y).mean())
     assert len((run / "cnn" / "history.csv").read_text().splitlines()) == 1 + 2  # rank 0 alone wrote it
     assert not list(run.rglob("*.tmp"))
     torch.load(run / "cnn" / "model.pt", weights_only=True)  # a complete checkpoint

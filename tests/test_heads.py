@@ -16,7 +16,7 @@ from featurepipe.evaluate import Predictions, load_predictions, save_predictions
 from featurepipe.heads import HEADS, HeadsConfig, fit_heads
 from featurepipe.models import fingerprint
 
-from conftest import cli, make_arrays
+from conftest import cli, make_arrays, prediction_file
 
 SIZES = {"train": 300, "val": 120, "test": 150}
 
@@ -68,9 +68,9 @@ def test_every_head_learns_and_gives_probabilities(run, name):
         X = h5["test/features"][:]
     proba = joblib.load(run / "heads" / f"{name}.joblib").predict_proba(X)
     np.testing.assert_allclose(proba.sum(axis=1), 1.0, rtol=1e-6)
-    saved = load_predictions(run / "heads" / f"{name}.test_predictions.csv", ["c0", "c1", "c2"])
+    saved = load_predictions(prediction_file(run, name), ["c0", "c1", "c2"])
     np.testing.assert_allclose(saved.proba, proba, rtol=1e-4, atol=1e-6)
-    assert (run / "heads" / f"{name}.val_predictions.csv").is_file()
+    assert prediction_file(run, name, "val").is_file()
 
 
 @pytest.mark.parametrize("tune", ["val", "cv"])
@@ -163,8 +163,7 @@ def test_stack_combines_the_cnn_and_heads_and_beats_both(tmp_path):
     assert info["inputs"] == ["cnn", "logreg", "svm"] and info["fitted_on"] == "val"
     assert set(info["coefficients"]) == {"cnn", "logreg", "svm"}
     names = ["c0", "c1"]
-    acc = {m: load_predictions(run / ("cnn" if m == "cnn" else "heads") / (
-        "test_predictions.csv" if m == "cnn" else f"{m}.test_predictions.csv"), names) for m in ("cnn", "logreg", "svm", "stack")}
+    acc = {m: load_predictions(prediction_file(run, m), names) for m in ("cnn", "logreg", "svm", "stack")}
     acc = {m: float((p.y_pred == p.y_true).mean()) for m, p in acc.items()}
     assert acc["stack"] > max(acc["cnn"], acc["logreg"], acc["svm"]) + 0.02, acc
     for f in ("stack.joblib", "stack.json", "stack.test_predictions.csv", "stack.classification_report.txt"):

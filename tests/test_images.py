@@ -18,7 +18,7 @@ from featurepipe.data.images import read_file
 from featurepipe.data.load import decode_all
 from featurepipe.data.sources import FileStore
 
-from conftest import CLASSES, cli, grey_pattern, messy_archive, write_images
+from conftest import CLASSES, cli, grey_pattern, messy_archive, prediction_file, write_images
 
 
 # ---- modes, EXIF orientation, colour ---------------------------------------------------------------------------------
@@ -117,7 +117,7 @@ def test_unreadable_images_are_skipped_listed_and_shift_nothing(tmp_path):
         for split, ids in splits.items():
             assert list(h5[split]["ids"].asstr()[:]) == ids
             assert labelled_as_folder(ids, h5[split]["labels"][:], sorted(CLASSES))
-    with open(run / "cnn" / "test_predictions.csv", newline="", encoding="utf-8") as f:
+    with open(prediction_file(run, "cnn"), newline="", encoding="utf-8") as f:
         preds = list(csv.DictReader(f))
     assert [p["id"] for p in preds] == splits["test"]
     assert all(p["id"].split("/")[1] == p["true"] for p in preds)

@@ -11,7 +11,7 @@ from sklearn.pipeline import Pipeline
 
 from featurepipe.evaluate import load_predictions
 
-from conftest import cli
+from conftest import cli, prediction_file
 
 
 def test_run_directory_layout(tiny_run):
@@ -72,9 +72,7 @@ def test_summary_contract_agrees_with_sklearn(tiny_run):
     assert summary["test_size"] == 36 and summary["class_names"] == ["0", "1", "2"]
     assert set(summary["models"]) == {"cnn", "svm", "rf", "logreg"}
     for name, m in summary["models"].items():
-        folder = "cnn" if name == "cnn" else "heads"
-        prefix = "" if name == "cnn" else f"{name}."
-        p = load_predictions(tiny_run / folder / f"{prefix}test_predictions.csv", summary["class_names"])
+        p = load_predictions(prediction_file(tiny_run, name), summary["class_names"])
         assert m["accuracy"] == pytest.approx(accuracy_score(p.y_true, p.y_pred))
         assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(p.y_true, p.y_pred))
         assert m["macro_f1"] == pytest.approx(f1_score(p.y_true, p.y_pred, average="macro"))

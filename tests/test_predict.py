@@ -12,7 +12,7 @@ from PIL import Image
 
 from featurepipe.evaluate import load_predictions
 
-from conftest import cli, refused
+from conftest import cli, prediction_file, refused
 
 CLASSES = ["0", "1", "2"]
 
@@ -45,8 +45,7 @@ def assert_matches_saved(out_csv: Path, saved_csv: Path) -> None:
 def test_predict_gives_what_the_run_computed_for_the_same_images(tiny_run, test_images, tmp_path, model):
     out = tmp_path / "pred.csv"
     cli("predict", "--run", tiny_run, "--model", model, test_images, "--out", out, "--batch-size", "7")
-    saved = tiny_run / ("cnn/test_predictions.csv" if model == "cnn" else f"heads/{model}.test_predictions.csv")
-    assert_matches_saved(out, saved)
+    assert_matches_saved(out, prediction_file(tiny_run, model))
 
 
 def test_predict_with_the_stack_and_a_head_on_other_features(tiny_run, test_images, tmp_path):
@@ -62,7 +61,7 @@ def test_predict_with_the_stack_and_a_head_on_other_features(tiny_run, test_imag
     for model in ("knn", "stack"):
         out = tmp_path / f"{model}.csv"
         cli("predict", "--run", run, "--model", model, test_images, "--out", out)
-        assert_matches_saved(out, run / "heads" / f"{model}.test_predictions.csv")
+        assert_matches_saved(out, prediction_file(run, model))
 
 
 def test_predict_writes_csv_to_stdout_for_files_and_folders(tiny_run, test_images):

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
+from scipy.stats import norm
 
 from conftest import REAL_DATA, assert_report_matches_sklearn, cli
 
@@ -32,5 +33,7 @@ def test_pneumoniamnist_report_agrees_with_sklearn(request, tmp_path):
     assert summary["test_size"] == 624 and summary["class_names"] == ["0", "1"]
     assert_report_matches_sklearn(run, out)
     for head, t in summary["tests"].items():
-        assert "delong" in t and 0 <= t["delong"]["p_value"] <= 1, head
+        # The two-sided p of DeLong's z, and Holm's adjustment never below it.
+        assert t["delong"]["p_value"] == pytest.approx(2 * norm.sf(abs(t["delong"]["z"]))), head
+        assert t["delong"]["p_holm"] >= t["delong"]["p_value"], head
     assert (out / "gradcam.png").is_file() and (out / "top_losses.png").is_file()

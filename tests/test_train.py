@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from featurepipe.data import AUGMENTATIONS, ArrayStore, ImageDataset, augmentation, make_loader, resolve_augmentation
-from featurepipe.engine import Callback, Trainer
+from featurepipe.engine import Trainer
 from featurepipe.evaluate import load_predictions
 from featurepipe.models import create_model
 from featurepipe.defaults import auto_arch, auto_batch_size, auto_epochs, auto_img_size, still_learning
@@ -16,7 +16,11 @@ from featurepipe.options import TrainConfig
 from featurepipe.prepare import Resolved
 from featurepipe.train import BalancedSampler, _optimizer, drops_last, train
 
-from conftest import cli, copy_run, refused, train_args
+from conftest import CtrlC, cli, copy_run, refused, train_args
+
+
+def _weights(run):
+    return torch.load(run / "cnn" / "model.pt", map_location="cpu", weights_only=True)["state_dict"]
 
 
 # ---- automatic options, schedule, architecture choice, warnings ------------------------------------------------------
@@ -84,10 +88,6 @@ def test_still_learning_asks_whether_the_last_quarter_beat_the_rest_by_more_than
     assert not still_learning([1.0, 0.5, 0.2], standard_error=0.0)  # too short to tell
 
 
-def _weights_of(run):
-    return torch.load(run / "cnn" / "model.pt", map_location="cpu", weights_only=True)["state_dict"]
-
-
 def test_a_schedule_that_ends_still_learning_runs_one_more_cycle_and_resumes_into_it(npz_file, tmp_path,
                                                                                      monkeypatch):
     import featurepipe.defaults as defaults_module
@@ -107,7 +107,7 @@ def test_a_schedule_that_ends_still_learning_runs_one_more_cycle_and_resumes_int
     with pytest.raises(KeyboardInterrupt):
         train(str(npz_file), broken, TrainConfig(**cfg), callbacks=[CtrlC(epoch=6)])
     train(str(npz_file), broken, TrainConfig(**cfg, resume=True))
-    a, b = _weights_of(whole), _weights_of(broken)
+    a, b = _weights(whole), _weights(broken)
     assert all(torch.allclose(a[k].float(), b[k].float()) for k in a)
 
     # Epochs given are kept as given.
@@ -168,10 +168,6 @@ def test_diverged_training_stops_in_one_line(tmp_path, class_folders):
 
 
 # ---- reproducibility and --resume ------------------------------------------------------------------------------------
-
-def _weights(run):
-    return torch.load(run / "cnn" / "model.pt", weights_only=True)["state_dict"]
-
 
 def test_same_seed_same_weights_and_metrics(npz_file, tmp_path):
     runs = [tmp_path / "a", tmp_path / "b"]
@@ -399,14 +395,3 @@ def test_pretrained_lite0_fine_tunes_with_its_own_normalisation(npz_file, tmp_pa
     assert cfg["train"]["resolved"]["freeze_epochs"] == 1
     history = (run / "cnn" / "history.csv").read_text().splitlines()
     assert len(history) == 1 + 2  # one frozen epoch, then one of the whole network
-
-
-class CtrlC(Callback):
-    """Ctrl-C as the given epoch starts."""
-
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_epoch_start(self, trainer) -> None:
-        if trainer.epoch == self.epoch:
-            raise KeyboardInterrupt
