@@ -1,20 +1,13 @@
-"""Feed featurepipe every kind of bad input a user can give it and print what it did, as a Markdown table.
-
-Each case runs the real command line in a fresh process (so exit codes and tracebacks are what a user
-sees) on tiny generated data under a temporary folder:
-
-  python scripts/bad_inputs_table.py [--keep DIR]
-
-A row is "crashed" if the command printed a Python traceback, died of something else than the signal
-the case sends, ran code planted in a run folder (a PWNED_* file appeared), or failed the case's own
-expectation where it has one (refused in one line, a user's file intact, a warning given: the rows
-of issue 22, whose failures were quiet). The last line counts the rows, those that held and those
-that crashed.
+"""Every kind of bad input a user can give featurepipe, each through the real command line in a fresh
+process (so exit codes and tracebacks are what a user sees), on tiny generated data. A case fails if the
+command printed a Python traceback, died of something else than the signal the case sends, ran code
+planted in a run folder (a PWNED_* file appeared), or failed the case's own expectation where it has one
+(refused in one line, a user's file intact, a warning given: the cases of issue 22, whose failures were
+quiet). Minutes in all, so marked slow: pytest -m slow tests/test_bad_inputs.py
 """
 
 from __future__ import annotations
 
-import argparse
 import fcntl
 import hashlib
 import json
@@ -25,12 +18,12 @@ import signal
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 import zlib
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 CLASSES = ("a", "b", "c")
@@ -774,69 +767,55 @@ def ctrl_c_after(args, trigger: Path) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(args, proc.returncode, out, err)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--keep", type=Path, help="work in this folder and keep it (default: a temporary one)")
-    ap.add_argument("--only", help="comma-separated case names (methods of Cases) to run")
-    a = ap.parse_args()
-    tmp = a.keep or Path(tempfile.mkdtemp(prefix="featurepipe-bad-"))
-    tmp.mkdir(parents=True, exist_ok=True)
+NOT_CASES = ("d", "copy_run", "refuse", "says", "cached_run", "split_run")
+CASES = [m for m in vars(Cases) if not m.startswith("_") and m not in NOT_CASES]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory) -> Cases:
+    tmp = tmp_path_factory.mktemp("bad")
     run = tmp / "good_run"
     images(tmp / "good", n=30)
     for args in (["train-cnn", "--data", tmp / "good", "--out", run, "--epochs", "2"], ["extract", "--run", run],
                  ["fit-heads", "--run", run, "--heads", "logreg"]):
         featurepipe(args, check=True)
-
-    cases = Cases(tmp, run)
-    print("| bad input | command | what featurepipe did | exit code | crashed |")
-    print("|---|---|---|---|---|")
-    names = [m for m in vars(Cases) if not m.startswith("_") and m not in ("d", "copy_run", "refuse", "says",
-                                                                           "cached_run", "split_run")]
-    rows = held = crashed_rows = 0
-    for name in a.only.split(",") if a.only else names:
-        what, args = getattr(cases, name)()
-        if name == "killed_extract":
-            import h5py
-
-            r1 = subprocess.run([sys.executable, "-c", KILL_ON_THIRD_BATCH, *map(str, args)], capture_output=True,
-                                text=True)
-            final, partial = tmp / "killed_run" / "features.h5", tmp / "killed_run" / "features.h5.partial"
-            with h5py.File(partial, "r") as h5:
-                done = ", ".join(f"{s} {h5[s].attrs['done']}/{len(h5[s]['ids'])}" for s in ("train", "val", "test"))
-            left = f"features.h5 {'EXISTS' if final.exists() else 'absent'}, features.h5.partial done {done}"
-            r2 = featurepipe(args)
-            r = subprocess.CompletedProcess(args, r2.returncode, r2.stdout, r1.stderr + r2.stderr)
-            did = f"killed: exit {r1.returncode}, {left}; re-run: {said(r2)}"
-            crashed = "Traceback" in r1.stderr + r2.stderr or r1.returncode != -signal.SIGKILL
-        elif name == "ctrl_c_train":
-            r1 = ctrl_c_after(args, tmp / "r_ctrlc" / "cnn" / "last.pt")
-            r2 = featurepipe([*args, "--resume"])
-            r = r2
-            did = f"Ctrl-C: exit {r1.returncode}, {said(r1)}; --resume: exit {r2.returncode}, {said(r2)}"
-            crashed = "Traceback" in r1.stderr + r2.stderr or r1.returncode != 130
-        else:
-            limit, cases.limit = cases.limit, None
-            env, cases.env = cases.env, {}
-            r = featurepipe(args, preexec_fn=(lambda: _file_size_limit(limit)) if limit else None,
-                            env={**os.environ, **env})
-            did, crashed = said(r), "Traceback" in r.stderr + r.stdout or r.returncode < 0
-            expect, cases.expect = cases.expect, None
-            why = expect(r) if expect and not crashed else ""
-            if why:
-                did, crashed = f"NOT HELD ({why}); {did}", True
-            ran = [m.name for m in tmp.glob("PWNED_*")]
-            if ran:
-                did, crashed = f"CODE RAN ({', '.join(ran)}); {did}", True
-        rows += 1
-        held += not crashed
-        crashed_rows += crashed
-        shown = " ".join(str(x).replace(str(tmp) + "/", "") for x in args[:2])
-        print(f"| {what} | `featurepipe {shown} …` | {did.replace(str(tmp) + '/', '')} | {r.returncode} "
-              f"| {'YES' if crashed else 'no'} |", flush=True)
-    print(f"\n{rows} rows, {held} held, {crashed_rows} crashed", flush=True)
-    if a.keep is None:
-        shutil.rmtree(tmp)
+    return Cases(tmp, run)
 
 
-if __name__ == "__main__":
-    main()
+@pytest.mark.parametrize("name", CASES)
+def test_bad_input_is_held(cases, name):
+    tmp = cases.tmp
+    what, args = getattr(cases, name)()
+    if name == "killed_extract":
+        import h5py
+
+        r1 = subprocess.run([sys.executable, "-c", KILL_ON_THIRD_BATCH, *map(str, args)], capture_output=True,
+                            text=True)
+        final, partial = tmp / "killed_run" / "features.h5", tmp / "killed_run" / "features.h5.partial"
+        with h5py.File(partial, "r") as h5:
+            done = ", ".join(f"{s} {h5[s].attrs['done']}/{len(h5[s]['ids'])}" for s in ("train", "val", "test"))
+        left = f"features.h5 {'EXISTS' if final.exists() else 'absent'}, features.h5.partial done {done}"
+        r2 = featurepipe(args)
+        did = f"killed: exit {r1.returncode}, {left}; re-run: {said(r2)}"
+        crashed = "Traceback" in r1.stderr + r2.stderr or r1.returncode != -signal.SIGKILL
+    elif name == "ctrl_c_train":
+        r1 = ctrl_c_after(args, tmp / "r_ctrlc" / "cnn" / "last.pt")
+        r2 = featurepipe([*args, "--resume"])
+        did = f"Ctrl-C: exit {r1.returncode}, {said(r1)}; --resume: exit {r2.returncode}, {said(r2)}"
+        crashed = "Traceback" in r1.stderr + r2.stderr or r1.returncode != 130
+    else:
+        limit, cases.limit = cases.limit, None
+        env, cases.env = cases.env, {}
+        r = featurepipe(args, preexec_fn=(lambda: _file_size_limit(limit)) if limit else None,
+                        env={**os.environ, **env})
+        did, crashed = said(r), "Traceback" in r.stderr + r.stdout or r.returncode < 0
+        expect, cases.expect = cases.expect, None
+        why = expect(r) if expect and not crashed else ""
+        if why:
+            did, crashed = f"NOT HELD ({why}); {did}", True
+        ran = [m.name for m in tmp.glob("PWNED_*")]
+        if ran:
+            did, crashed = f"CODE RAN ({', '.join(ran)}); {did}", True
+    assert not crashed, f"{what}: {did.replace(str(tmp) + '/', '')}"

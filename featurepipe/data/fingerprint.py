@@ -3,7 +3,7 @@ with config.json's by every command that reads a run's images again (extract, co
 train-cnn --resume).
 
 Apart from featurepipe.train so that extract and compare need not import the training module, and
-scikit-learn with it, at start-up (docs/scaling.md: what that cost bench.py's extract ratio).
+scikit-learn with it, at start-up (docs/scaling.md: what that cost the extract ratio of scripts/bench/pipeline.py).
 """
 
 from __future__ import annotations

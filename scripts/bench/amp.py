@@ -4,7 +4,7 @@ optionally bf16 forced (`--amp`), on the issue's two fixed configurations:
   A  brain-mri4-small, --arch efficientnet_lite0 --weights imagenet --img-size 160 --epochs 4
   B  PneumoniaMNIST,   --arch sixblock --epochs 2
 
-    python scripts/bench_amp.py [--configs A,B] [--modes fp32,auto] [--seeds 0] [--work DIR]
+    python -m scripts.bench amp [--configs A,B] [--modes fp32,auto] [--seeds 0] [--work DIR]
 
 For each configuration, seed and mode it runs train-cnn as a user does (a fresh process; its wall
 time, start-up included) and extract (a fresh process; the seconds of the extract call alone, after
@@ -27,19 +27,16 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from featurepipe.features import read_split  # noqa: E402
-
-DATA = ROOT.parent / "shared" / "data"
+from featurepipe.features import read_split
+from featurepipe.runs import run_paths
+from scripts import common
+from scripts.common import DATA, fresh_python
 CONFIGS = {
     "A": (DATA / "brain-mri4-small", ["--arch", "efficientnet_lite0", "--weights", "imagenet", "--img-size", "160",
                                       "--epochs", "4"]),
@@ -53,7 +50,7 @@ SPLITS = ("train", "val", "test")
 def featurepipe(*args: str) -> float:
     """Wall seconds of a featurepipe command in a fresh process; its output goes to the terminal on failure."""
     t0 = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "featurepipe", *args], capture_output=True, text=True)
+    result = common.featurepipe(*args)
     if result.returncode:
         sys.exit(f"featurepipe {' '.join(args)} failed:\n{result.stderr[-3000:]}")
     return time.perf_counter() - t0
@@ -63,13 +60,9 @@ def extract_seconds(run: Path, mode: str, device: str) -> float:
     """The extract call alone, in a fresh process: the interpreter's, torch's and featurepipe's start-up
     are not the precision's doing."""
     amp = {"fp32": False, "auto": None, "bf16": True}[mode]
-    code = (f"import sys, time; sys.path.insert(0, {str(ROOT)!r})\nfrom featurepipe.extract import extract\n"
-            f"t0 = time.perf_counter(); extract({str(run)!r}, device={device!r}, amp={amp!r})\n"
-            "print(time.perf_counter() - t0)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    if result.returncode:
-        sys.exit(f"extract {run} ({mode}) failed:\n{result.stderr[-3000:]}")
-    return float(result.stdout.strip().splitlines()[-1])
+    return float(fresh_python(f"import time\nfrom featurepipe.extract import extract\n"
+                              f"t0 = time.perf_counter(); extract({str(run)!r}, device={device!r}, amp={amp!r})\n"
+                              "print(time.perf_counter() - t0)"))
 
 
 def h5py_precision(path: Path) -> str:
@@ -80,7 +73,7 @@ def h5py_precision(path: Path) -> str:
 
 
 def best_head(run: Path) -> tuple[str, float]:
-    accuracy = {h: json.loads((run / "heads" / f"{h}.json").read_text())["test"]["accuracy"] for h in HEADS.split(",")}
+    accuracy = {h: json.loads(run_paths(run).head_info(h).read_text())["test"]["accuracy"] for h in HEADS.split(",")}
     name = max(accuracy, key=accuracy.get)
     return name, accuracy[name]
 
@@ -92,7 +85,7 @@ def cnn_accuracy(run: Path, features: Path) -> float:
 
     from featurepipe.models import load_checkpoint
 
-    net, _ = load_checkpoint(run / "cnn" / "model.pt", "cpu")
+    net, _ = load_checkpoint(run_paths(run).checkpoint, "cpu")
     test = read_split(features, "test")
     with torch.inference_mode():
         predicted = net.eval().head(torch.from_numpy(test.features)).argmax(1).numpy()
@@ -111,7 +104,7 @@ def feature_agreement(a: Path, b: Path) -> dict[str, float]:
             "not_finite": int((~np.isfinite(x)).sum())}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", default="A,B", help="comma-separated: A, B")
     parser.add_argument("--modes", default="fp32,auto", help="comma-separated: fp32 (always run), auto, bf16")
@@ -122,7 +115,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (as the commands' --device)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/featurepipe-bench-amp"),
                         help="folder for the runs (emptied first)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     modes = ["fp32", *(m for m in args.modes.split(",") if m != "fp32")]
     feature_modes = [m for m in args.feature_modes.split(",") if m and m != "fp32"]
     unknown = (set(modes) | set(feature_modes)) - set(MODES) or set(args.configs.split(",")) - set(CONFIGS)
@@ -153,9 +146,10 @@ def main() -> None:
                                       "--device", args.device, *MODES[mode])
                 extract_s = extract_seconds(run, mode, args.device)
                 featurepipe("fit-heads", "--run", str(run), "--heads", HEADS, "--tune", "none")
-                cnn = json.loads((run / "cnn" / "metrics.json").read_text())["test"]["accuracy"]
+                paths = run_paths(run)
+                cnn = json.loads(paths.cnn_metrics.read_text())["test"]["accuracy"]
                 head, head_acc = best_head(run)
-                precision = json.loads((run / "config.json").read_text())["train"]["resolved"]["precision"]
+                precision = json.loads(paths.config.read_text())["train"]["resolved"]["precision"]
                 base = base or {"train": train_s, "extract": extract_s}
                 print(f"| {config} ({arch}) | {seed} | {mode} | {precision['forward']} / {precision['train_step']} | "
                       f"{train_s:.1f} | {base['train'] / train_s:.2f} | {extract_s:.2f} | "
@@ -163,17 +157,18 @@ def main() -> None:
             for mode in feature_modes:  # this mode's forward pass on the fp32-trained CNN, against fp32's features
                 twin = args.work / f"{config}-{seed}-fp32-as-{mode}"
                 shutil.copytree(fp32_run, twin)
-                (twin / "features.h5").unlink()
+                twin_h5, fp32_h5 = run_paths(twin).features, run_paths(fp32_run).features
+                twin_h5.unlink()
                 extract_s = extract_seconds(twin, mode, args.device)
                 featurepipe("fit-heads", "--run", str(twin), "--heads", HEADS, "--tune", "none")
-                a = feature_agreement(twin / "features.h5", fp32_run / "features.h5")
+                a = feature_agreement(twin_h5, fp32_h5)
                 head, head_acc = best_head(twin)
                 print(f"features of {config} seed {seed}'s fp32 CNN extracted as {mode} "
-                      f"({h5py_precision(twin / 'features.h5')}, {extract_s:.2f} s) against fp32's: cosine per image "
+                      f"({h5py_precision(twin_h5)}, {extract_s:.2f} s) against fp32's: cosine per image "
                       f"mean {a['cos_mean']:.6f}, lowest {a['cos_min']:.6f}; largest |difference| "
                       f"{a['max_abs_diff_rel']:.4f} of the largest value; {a['not_finite']} values not finite; "
-                      f"CNN test accuracy {cnn_accuracy(twin, twin / 'features.h5'):.4f} (fp32: "
-                      f"{cnn_accuracy(fp32_run, fp32_run / 'features.h5'):.4f}); heads fitted on them: best {head} "
+                      f"CNN test accuracy {cnn_accuracy(twin, twin_h5):.4f} (fp32: "
+                      f"{cnn_accuracy(fp32_run, fp32_h5):.4f}); heads fitted on them: best {head} "
                       f"test accuracy {head_acc:.4f} (on fp32's: {'%s %.4f' % best_head(fp32_run)})", flush=True)
     print(f"load average at the end {os.getloadavg()}; auto on this machine: "
           f"{choose_precision(device, None, 'sixblock').reason}")

@@ -1,8 +1,8 @@
 """The per-pass bf16 speed-ups behind `cpu_bf16_step` (models/registry.py) and `--amp` auto's choice.
 
-    python scripts/bench_bf16_steps.py [--threads 1,2] [--seconds 4]
+    python -m scripts.bench bf16_steps [--threads 1,2] [--seconds 4]
 
-For each architecture and size, on random uint8 batches of 32: bench.py's pure forward pass (as extract
+For each architecture and size, on random uint8 batches of 32: scripts/common.py's pure forward pass (as extract
 runs it) and pure training step (forward, cross-entropy, backward, AdamW), each under bf16 autocast and
 in fp32, in images per second over --seconds after a warm-up. It prints the rates and the bf16 / fp32
 ratio of each. Meaningful only on a CPU that computes bf16 natively (AVX512-BF16 or AMX; elsewhere bf16
@@ -12,26 +12,22 @@ is emulated and slower) and on a quiet machine.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
-
-from bench import pure_forward, pure_step  # noqa: E402
-from featurepipe.device import native_bf16  # noqa: E402
-from featurepipe.models import create_model  # noqa: E402
+from featurepipe.device import native_bf16
+from featurepipe.models import create_model
+from scripts.common import pure_forward, pure_step
 
 CASES = (("sixblock", 28, 1, None), ("sixblock", 128, 1, None), ("efficientnet_lite0", 160, 3, "imagenet"))
 BATCH = 32
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", default="1,2", help="comma-separated torch thread counts")
     parser.add_argument("--seconds", type=float, default=4.0, help="how long each rate is measured")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     print(f"torch {torch.__version__}, native bf16: {native_bf16() or 'none (emulated: the ratios mean nothing)'}")
     print("| threads | model | forward fp32 / bf16 img/s | ratio | training step fp32 / bf16 img/s | ratio |")
     print("|---|---|---|---:|---|---:|")

@@ -1,6 +1,6 @@
 """The disk cache (data/cache.py) on an archive forced above the memory cap, in one run:
 
-    python scripts/bench_cache.py --data /work/data16/mri20k [--size 128] [--rounds 3] [--work DIR]
+    python -m scripts.bench cache --data /work/data16/mri20k [--size 128] [--rounds 3] [--work DIR]
 
   decode     the one decode pass that fills the cache (images/s), and its size on disk;
   train-cnn  a real train-cnn (sixblock) on the cached archive: JPEG decodes counted in this process
@@ -18,20 +18,16 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from featurepipe import data as fdata  # noqa: E402
-from featurepipe.data import sources  # noqa: E402
-from featurepipe.models import create_model  # noqa: E402
+from featurepipe import data as fdata
+from featurepipe.data import sources
+from featurepipe.models import create_model
+from scripts.common import fresh_python, train_step
 
 
 class DecodeCounter:
@@ -60,17 +56,13 @@ def training_pass(ds: fdata.ImageDataset, net, augment, opt, batch: int, seed: i
     n, t0 = 0, time.perf_counter()
     for x, y, _, _ in loader:
         x = augment(x.contiguous(memory_format=torch.channels_last)) if augment else x
-        loss = loss_fn(net(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        train_step(net, loss_fn, opt, x, y)
         n += len(y)
     return n / (time.perf_counter() - t0)
 
 
 PASS = """
-import sys, numpy as np
-sys.path.insert(0, {root!r})
+import numpy as np
 from featurepipe import data as fdata
 from featurepipe.data import cache
 catalog = fdata.scan({data!r})
@@ -89,12 +81,10 @@ print(anon, status('VmHWM'), status('RssFile'))
 
 def pass_memory(data: Path, size: int, n: int) -> tuple[int, int, int]:
     """KiB: peak RssAnon, VmHWM, RssFile at the end, of one pass over n cached rows in a fresh process."""
-    code = PASS.format(root=str(ROOT), data=str(data), size=size, n=n)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=os.environ)
-    return tuple(int(v) for v in out.stdout.split()[-3:])
+    return tuple(int(v) for v in fresh_python(PASS.format(data=str(data), size=size, n=n), env=os.environ).split())
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path("/work/data16/mri20k"))
     parser.add_argument("--size", type=int, default=64)
@@ -103,7 +93,7 @@ def main() -> None:
     parser.add_argument("--pass-images", type=int, default=6000, help="train images per measured pass (2 cores)")
     parser.add_argument("--work", type=Path, default=Path("/work/data16/bench"))
     parser.add_argument("--epoch-only", action="store_true", help="the epoch and memory figures only")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not args.epoch_only:
         shutil.rmtree(args.work, ignore_errors=True)
     os.environ["FEATUREPIPE_CACHE_DIR"] = str(args.work / "cache")
@@ -128,7 +118,8 @@ def main() -> None:
 
 def train_and_extract(args) -> None:
     from featurepipe.extract import extract
-    from featurepipe.train import TrainConfig, train
+    from featurepipe.options import TrainConfig
+    from featurepipe.train import train
 
     run = args.work / "run"
     cfg = TrainConfig(arch="sixblock", img_size=args.size, epochs=args.epochs, batch_size=128, overwrite=True,

@@ -1,6 +1,6 @@
 """What the disk cache's checks cost (issue 22), for the code of two trees, alternating, in one run:
 
-    python scripts/bench_cache_checks.py --before DIR --after DIR --data FOLDER [--size 128] [--rounds 3]
+    python -m scripts.bench cache_checks --before DIR --after DIR --data FOLDER [--size 128] [--rounds 3]
 
   key    the cache's key: one stat per file (after: with its ctime and inode);
   fill   the one decode pass that writes the cache (workers decode, this process writes);
@@ -17,15 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
+from scripts.common import ROOT, fresh_python
+
 ONE = """
-import json, sys, time
+import json, time
 import numpy as np
-sys.path.insert(0, {root!r})
 from featurepipe import data as fdata
 from featurepipe.data import cache
 catalog = fdata.scan({data!r})
@@ -45,21 +44,20 @@ print(json.dumps({{"images": len(catalog), "key": key, "fill": fill, "open": ope
 
 
 def measure(tree: Path, data: Path, size: int) -> dict[str, float]:
+    """In a fresh process started in `tree`, so that it imports that tree's featurepipe."""
     with tempfile.TemporaryDirectory() as tmp:
-        env = {**os.environ, "FEATUREPIPE_CACHE_DIR": tmp, "FEATUREPIPE_CACHE_BYTES": "1", "PYTHONPATH": str(tree)}
-        out = subprocess.run([sys.executable, "-c", ONE.format(root=str(tree), data=str(data), size=size)],
-                             capture_output=True, text=True, env=env, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+        env = {**os.environ, "FEATUREPIPE_CACHE_DIR": tmp, "FEATUREPIPE_CACHE_BYTES": "1"}
+        return json.loads(fresh_python(ONE.format(data=str(data.resolve()), size=size), env=env, cwd=tree))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--before", type=Path, required=True, help="a tree holding the featurepipe package before")
-    ap.add_argument("--after", type=Path, default=Path(__file__).resolve().parents[1])
+    ap.add_argument("--after", type=Path, default=ROOT)
     ap.add_argument("--data", type=Path, required=True)
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     trees = {"before": a.before, "after": a.after}
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in trees}
     for r in range(a.rounds):

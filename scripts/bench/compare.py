@@ -1,7 +1,7 @@
 """Wall time of `featurepipe compare` on a finished run, as a user would see it (fresh process, imports
 included), without and with Grad-CAM. Writes into a temporary folder, so the run's own report is untouched.
 
-    python scripts/bench_compare.py artifacts/pneu [--repeat 3]
+    python -m scripts.bench compare artifacts/pneu [--repeat 3]
 """
 
 from __future__ import annotations
@@ -9,28 +9,27 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from featurepipe.runs import run_paths
+from scripts.common import featurepipe
+
 
 def timed_compare(run: str, out: Path, gradcam: bool) -> tuple[float, dict]:
-    cmd = [sys.executable, "-m", "featurepipe", "compare", "--run", run, "--out", str(out),
-           "--gradcam" if gradcam else "--no-gradcam"]
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, capture_output=True)
+    featurepipe("compare", "--run", run, "--out", out, "--gradcam" if gradcam else "--no-gradcam", check=True)
     wall = time.perf_counter() - t0
     return wall, json.loads((out / "summary.json").read_text())["timing"]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run")
     parser.add_argument("--repeat", type=int, default=3)
-    args = parser.parse_args()
-    summary = json.loads((Path(args.run) / "config.json").read_text())
+    args = parser.parse_args(argv)
+    summary = json.loads(run_paths(args.run).config.read_text())
     print(f"run {args.run}: {summary['model']['arch']} on {summary['data']['source']}")
     with tempfile.TemporaryDirectory() as tmp:
         for gradcam in (False, True):

@@ -1,6 +1,6 @@
 """Does torch.compile (inductor) pay for itself on a featurepipe run? Compile time against the time it saves.
 
-    python scripts/bench_compile.py [--arch sixblock] [--img-size 28] [--channels 1] [--steps 20]
+    python -m scripts.bench compile [--arch sixblock] [--img-size 28] [--channels 1] [--steps 20]
 
 In one process, on random uint8 images, for the training step (forward, loss, backward, AdamW; batch
 --train-batch) and the extraction forward pass (inference mode; batch --extract-batch): the eager time
@@ -16,15 +16,12 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from featurepipe.models import create_model  # noqa: E402
+from featurepipe.models import create_model
+from scripts.common import train_step
 
 
 def timed(fn, steps: int) -> tuple[float, float]:
@@ -43,17 +40,10 @@ def timed(fn, steps: int) -> tuple[float, float]:
 def step_fn(net, x, y):
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
     loss_fn = torch.nn.CrossEntropyLoss()
-
-    def step():
-        loss = loss_fn(net(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return step
+    return lambda: train_step(net, loss_fn, opt, x, y)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="sixblock")
     parser.add_argument("--img-size", type=int, default=28)
@@ -62,7 +52,7 @@ def main() -> None:
     parser.add_argument("--extract-batch", type=int, default=256)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--passes", default="step,extract", help="which to measure: step, extract or both")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()}")
     shape = (args.channels, args.img_size, args.img_size)
 

@@ -1,7 +1,7 @@
 """Throughput and memory of featurepipe's own data path against the model's compute limit.
 
-    python scripts/bench.py [--data ../shared/data/pneumoniamnist.npz] [--images 2000] [--quick]
-                            [--device auto|cpu|cuda]
+    python -m scripts.bench pipeline [--data ../shared/data/pneumoniamnist.npz] [--images 2000] [--quick]
+                                     [--device auto|cpu|cuda]
 
 For sixblock at 28 px (PneumoniaMNIST) and resnet18 at 224 px (a folder of 512x512 JPEGs made
 from the same arrays, upscaled), it prints one table:
@@ -12,7 +12,7 @@ from the same arrays, upscaled), it prints one table:
             forward+backward+step on in-memory tensors;
   memory    peak resident memory of `extract --data` on N and 8N images (separate processes);
   hdf5      write and full-read throughput of a features file (MB/s), per --compression;
-  --cache   the disk cache's (scripts/bench_cache.py): epoch from the cache / from memory, decodes after
+  --cache   the disk cache's (scripts/bench/cache.py): epoch from the cache / from memory, decodes after
             training, memory of N and 8N cached images.
 On a GPU, extract and training take data/gpu.py's paths: arrays sliced on the device, JPEGs by nvJPEG.
 
@@ -37,65 +37,12 @@ import h5py
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from featurepipe.device import autocast, choose_precision, images_per_pass, in_passes, resolve_device  # noqa: E402
-from featurepipe.features import CHUNK_BYTES, COMPRESSION, hdf5_filters, read_split  # noqa: E402
-from featurepipe.models import load_checkpoint  # noqa: E402
-from featurepipe.train import TrainConfig, train  # noqa: E402
-
-
-def pure_forward(net, shape, batch: int, seconds: float = 8.0, amp: bool | None = None) -> float:
-    """The model alone, run as extract runs it: on its device, with its precision (`amp` None: as extract's
-    default chooses), on the CPU in passes sized to glibc's heap blocks."""
-    device = net.mean.device
-    x = torch.randint(0, 256, (batch, *shape), dtype=torch.uint8, device=device)
-    x = x.contiguous(memory_format=torch.channels_last)
-    net.eval()
-    per_pass = images_per_pass(net, shape[-1])
-
-    def forward():
-        with autocast(device, amp):
-            return in_passes(net.forward_features, x, per_pass)
-
-    with torch.inference_mode():
-        return _rate(forward, batch, device, seconds)
-
-
-def pure_step(net, shape, batch: int, classes: int, seconds: float = 8.0, amp: bool | None = None) -> float:
-    """A training step alone (forward, loss, backward, AdamW); `amp` None: as train-cnn's default chooses."""
-    device = net.mean.device
-    x = torch.randint(0, 256, (batch, *shape), dtype=torch.uint8, device=device)
-    x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, classes, (batch,), device=device)
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
-    loss_fn = torch.nn.CrossEntropyLoss()
-    net.train()
-    if amp is None:
-        amp = choose_precision(device, None, net.arch).train_step
-
-    def step():
-        with autocast(device, amp):
-            loss = loss_fn(net(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return _rate(step, batch, device, seconds)
-
-
-def _rate(work, batch: int, device: torch.device, seconds: float) -> float:
-    """Images/s of `work` repeated for `seconds`, after one warm-up call; waits for the GPU to finish."""
-    work()
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        work()
-        n += batch
-    sync()
-    return n / (time.perf_counter() - t0)
+from featurepipe.device import resolve_device
+from featurepipe.features import CHUNK_BYTES, COMPRESSION, hdf5_filters, read_split
+from featurepipe.models import load_checkpoint
+from featurepipe.options import TrainConfig
+from featurepipe.train import train
+from scripts.common import DATA, fresh_python, pure_step
 
 
 def jpeg_folder(npz: Path, out: Path, n: int, size: int) -> Path:
@@ -116,18 +63,10 @@ def jpeg_folder(npz: Path, out: Path, n: int, size: int) -> Path:
     return out
 
 
-def in_fresh_process(code: str) -> str:
-    """The last line `code` prints, run in a new interpreter: as a user's command runs, and unable to
-    inherit this process's memory."""
-    script = f"import sys; sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'scripts')!r}]\n{code}"
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-    return result.stdout.strip().splitlines()[-1]
-
-
 def extract_rate(run: Path, batch: int, device: torch.device) -> float:
     # The CUDA context is made before the clock starts, as the interpreter and imports are.
     warm = "torch.zeros(1, device='cuda')\n" if device.type == "cuda" else ""
-    return float(in_fresh_process(
+    return float(fresh_python(
         f"import time, torch\nfrom featurepipe.extract import extract\nfrom featurepipe.features import read_split\n{warm}"
         f"t0 = time.perf_counter(); extract({str(run)!r}, batch_size={batch}, device={device.type!r})\n"
         "t = time.perf_counter() - t0\n"
@@ -135,8 +74,8 @@ def extract_rate(run: Path, batch: int, device: torch.device) -> float:
 
 
 def forward_rate(run: Path, shape: tuple[int, ...], batch: int, device: torch.device) -> float:
-    return float(in_fresh_process(
-        "import torch\nfrom bench import pure_forward\nfrom featurepipe.models import load_checkpoint\n"
+    return float(fresh_python(
+        "import torch\nfrom scripts.common import pure_forward\nfrom featurepipe.models import load_checkpoint\n"
         f"net, _ = load_checkpoint({str(run / 'cnn' / 'model.pt')!r}, {device.type!r})\n"
         f"print(pure_forward(net.to(memory_format=torch.channels_last), {shape!r}, {batch}))"))
 
@@ -144,7 +83,7 @@ def forward_rate(run: Path, shape: tuple[int, ...], batch: int, device: torch.de
 def peak_rss_of_extract(run: Path, data: Path, out: Path, batch: int, device: torch.device) -> float:
     """MiB. VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss across exec, so a child started
     from this (large) process would report this process's peak instead of its own."""
-    return int(in_fresh_process(
+    return int(fresh_python(
         "from featurepipe.extract import extract\n"
         f"extract({str(run)!r}, batch_size={batch}, data={str(data)!r}, out={str(out)!r}, device={device.type!r})\n"
         "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))")) / 1024
@@ -197,17 +136,17 @@ def bench(name: str, data: Path, arch: str, img_size: int, batch: int, work: Pat
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "pneumoniamnist.npz")
+    parser.add_argument("--data", type=Path, default=DATA / "pneumoniamnist.npz")
     parser.add_argument("--images", type=int, default=2000, help="JPEGs for the resnet18 folder")
     parser.add_argument("--mem-n", type=int, default=250, help="N for the memory measurement (and 8N)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per rate (training: epochs); the best is kept")
     parser.add_argument("--quick", action="store_true", help="sixblock only")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (as the commands' --device)")
     parser.add_argument("--cache", action="store_true",
-                        help="also the disk cache's figures (scripts/bench_cache.py) on the resnet18 JPEG folder")
-    args = parser.parse_args()
+                        help="also the disk cache's figures (scripts/bench/cache.py) on the resnet18 JPEG folder")
+    args = parser.parse_args(argv)
     device = resolve_device(args.device)
     gpu = f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores{gpu}")
@@ -223,7 +162,8 @@ def main() -> None:
             big = jpeg_folder(args.data, work / "mem512-8n", 8 * args.mem_n, 512)
             rows.append(bench("resnet18@224", folder, "resnet18", 224, 64, work, (small, big), args.rounds, device))
             if args.cache:
-                subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_cache.py"), "--data", str(folder),
+                # In its own process: it points the cache at its own folder through the environment.
+                subprocess.run([sys.executable, "-m", "scripts.bench", "cache", "--data", str(folder),
                                 "--work", str(work / "cache-bench"), "--rounds", str(args.rounds)], check=True)
         # The 512-d features of the last run when there is one (resnet18), else sixblock's 256-d.
         real = read_split(work / f"run-{rows[-1]['config']}" / "features.h5", "train").features

@@ -1,6 +1,6 @@
 """The four commands with default options on the real data sets in ../shared/data, timed, with issue 13 and 19's floors.
 
-    python scripts/real_check.py [--sets brain,dark,pneumonia,fundus] [--seeds 0,1,2] [--work DIR]
+    python -m scripts.checks.real_check [--sets brain,dark,pneumonia,fundus] [--seeds 0,1,2] [--work DIR]
 
 brain      ../shared/data/brain-mri4-small (4 classes, 224-px JPEGs, 240 / 80 / 400)
 fundus     ../shared/data/fundus4-small (4 classes, 224-px colour JPEGs, 240 / 80 / 240)
@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-FEATUREPIPE = [sys.executable, "-m", "featurepipe"]
+from featurepipe.runs import run_paths
+from scripts.common import DATA, featurepipe
 
 
 def dark_copy(src: Path, dst: Path) -> Path:
@@ -48,12 +48,13 @@ def pipeline(data: Path, run: Path, seed: int) -> dict:
                        ("extract", ["--run", run]), ("fit-heads", ["--run", run, "--heads", "svm,rf,logreg"]),
                        ("compare", ["--run", run, "--no-gradcam"])):
         t0 = time.perf_counter()
-        subprocess.run([*FEATUREPIPE, name, *map(str, args)], check=True, stdout=subprocess.DEVNULL)
+        featurepipe(name, *args, check=True, capture_output=False, stdout=subprocess.DEVNULL)
         seconds[name] = round(time.perf_counter() - t0)
-    summary = json.loads((run / "compare" / "summary.json").read_text())
-    resolved = json.loads((run / "config.json").read_text())["train"]["resolved"]
-    metrics = json.loads((run / "cnn" / "metrics.json").read_text())
-    history = (run / "cnn" / "history.csv").read_text().splitlines()
+    paths = run_paths(run)
+    summary = json.loads((paths.compare / "summary.json").read_text())
+    resolved = json.loads(paths.config.read_text())["train"]["resolved"]
+    metrics = json.loads(paths.cnn_metrics.read_text())
+    history = paths.history.read_text().splitlines()
     last = dict(zip(history[0].split(","), history[-1].split(",")))
     models = {k: (v["accuracy"], v["macro_f1"]) for k, v in summary["models"].items()}
     cnn = models.pop("cnn")
@@ -71,8 +72,8 @@ def main() -> int:
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "featurepipe-real-check")
     args = parser.parse_args()
-    sources = {"brain": SHARED / "brain-mri4-small", "pneumonia": SHARED / "pneumoniamnist.npz",
-               "fundus": SHARED / "fundus4-small"}
+    sources = {"brain": DATA / "brain-mri4-small", "pneumonia": DATA / "pneumoniamnist.npz",
+               "fundus": DATA / "fundus4-small"}
     missing = [str(p) for p in sources.values() if not p.exists()]
     if missing:
         print(f"real data not found: {', '.join(missing)}", file=sys.stderr)

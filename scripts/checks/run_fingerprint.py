@@ -2,11 +2,11 @@
 code (wall-clock times, dates, paths, library versions): the check a behaviour-preserving change
 must pass.
 
-    python scripts/run_fingerprint.py RUN            # one line per artifact: sha256  name
-    python scripts/run_fingerprint.py RUN_A RUN_B    # the same for both, then same/DIFFERENT per line
+    python -m scripts.checks.run_fingerprint RUN            # one line per artifact: sha256  name
+    python -m scripts.checks.run_fingerprint RUN_A RUN_B    # the same for both, then same/DIFFERENT per line
 
 A run made before a refactor and one made after, at the same seed on the same machine, must print
-the same fingerprints: CNN weights and buffers, features, every prediction file, the heads' fitted
+the same fingerprints: config.json (options and what they resolved to), CNN weights and buffers, features, every prediction file, the heads' fitted
 parameters and scores, and compare's numbers.
 """
 
@@ -15,14 +15,20 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+import zipfile
 from pathlib import Path
 
 import h5py
 import numpy as np
 import torch
 
-# Keys whose values are times, dates, places or versions: not what the run computed.
-VOLATILE = {"created", "run", "environment", "timing", "figures", "checkpoint", "features", "time", "git", "versions"}
+from featurepipe.runs import run_paths
+
+# Keys whose values are times, dates, places or versions: not what the run computed. A .skops file's
+# sha256 is one too: skops names its members after object ids and stamps them with the time, so two fits
+# of the same head differ in bytes (its fitted arrays are fingerprinted instead, see _skops).
+VOLATILE = {"created", "run", "environment", "timing", "figures", "checkpoint", "features", "time", "git", "versions",
+            "skops_sha256"}
 
 
 def _volatile(key: str) -> bool:
@@ -60,26 +66,37 @@ def _weights(path: Path) -> str:
     return _digest(*(k.encode() + state[k].contiguous().numpy().tobytes() for k in sorted(state)))
 
 
+def _skops(path: Path) -> str:
+    """A fitted head's arrays, whatever their member names and times."""
+    with zipfile.ZipFile(path) as z:
+        return _digest(*sorted(z.read(n) for n in z.namelist() if n.endswith(".npy")))
+
+
 def _features(path: Path) -> dict[str, str]:
     out = {}
     with h5py.File(path) as h5:
         for split in sorted(h5.keys()):
             for name in sorted(h5[split].keys()):
                 arr = h5[split][name][:]
-                out[f"features.h5:{split}/{name}"] = _digest(np.ascontiguousarray(arr).tobytes()
+                out[f"{path.name}:{split}/{name}"] = _digest(np.ascontiguousarray(arr).tobytes()
                                                              if arr.dtype.kind != "O" else "\n".join(map(str, arr)).encode())
     return out
 
 
 def fingerprint(run: Path) -> dict[str, str]:
-    out = {"cnn/model.pt (weights, buffers)": _weights(run / "cnn" / "model.pt")}
-    out["cnn/history.csv (without times)"] = _csv_without_times(run / "cnn" / "history.csv")
-    out.update(_features(run / "features.h5"))
+    paths = run_paths(run)
+    out = {"cnn/model.pt (weights, buffers)": _weights(paths.checkpoint)}
+    out["cnn/history.csv (without times)"] = _csv_without_times(paths.history)
+    out.update(_features(paths.features))
+    if paths.frozen_features.exists():  # the pretrained backbone's, where the CNN started from one
+        out.update(_features(paths.frozen_features))
     for path in sorted(run.glob("*/*predictions.csv")) + sorted(run.glob("*/*.classification_report.txt")):
         out[str(path.relative_to(run))] = _digest(path.read_bytes())
-    for path in sorted((run / "heads").glob("*.json")):
+    for path in sorted(paths.heads.glob("*.json")):
         out[str(path.relative_to(run)) + " (params, scores)"] = _json(path)
-    for name in ("cnn/metrics.json", "splits.json", "compare/summary.json", "compare/metrics.csv", "compare/per_class.csv"):
+    for path in sorted(paths.heads.glob("*.skops")):
+        out[str(path.relative_to(run)) + " (fitted arrays)"] = _skops(path)
+    for name in ("config.json", "cnn/metrics.json", "splits.json", "compare/summary.json", "compare/metrics.csv", "compare/per_class.csv"):
         path = run / name
         if path.exists():
             out[name] = _json(path) if name.endswith(".json") else _csv_without_times(path)

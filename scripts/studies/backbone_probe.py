@@ -1,7 +1,7 @@
 """How well frozen ImageNet features of several pretrained backbones, at several sizes, separate a run's
 classes: a cheap look before paying for a fine-tuning run.
 
-    PYTHONPATH=. python scripts/backbone_probe.py RUN [--archs efficientnet_lite0@160,efficientnet_lite2@260]
+    python -m scripts.studies.backbone_probe RUN [--archs efficientnet_lite0@160,efficientnet_lite2@260]
                                                       [--heads logreg,svm]
 
 RUN is any run that has done train-cnn (its images, splits and intensity window are used; its model is

@@ -1,7 +1,7 @@
 """Heads fitted on the clean training images' features (what fit-heads does) against heads fitted on
 features of augmented views of them too (what the CNN's last layer learned from), on a finished run.
 
-    PYTHONPATH=. python scripts/heads_on_views.py RUN [--views 2] [--heads svm,logreg,rf]
+    python -m scripts.studies.heads_on_views RUN [--views 2] [--heads svm,logreg,rf]
 
 RUN needs train-cnn and extract. Each head's grid is chosen on val, as fit-heads does; the views are
 drawn with the run's own augmentation preset (seed 0). Prints, for each head and training set, the
