@@ -15,6 +15,7 @@ from torch import nn
 
 from featurepipe import data as fdata
 from featurepipe import distributed
+from featurepipe.data.balance import balanced_class_weights
 from featurepipe.device import to_device
 from featurepipe.engine import Trainer
 from featurepipe.errors import FeaturepipeError
@@ -24,7 +25,7 @@ from featurepipe.options import TrainConfig
 from featurepipe.prepare import prepare, training_device
 from featurepipe.progress import log, progress_bar
 from featurepipe.runs import check_output, check_outside, environment
-from featurepipe.train import balanced_class_weights, drops_last
+from featurepipe.train import drops_last
 
 
 def lr_find(data: str, out: str | Path, cfg: TrainConfig, start: float = 1e-6, end: float = 1.0,

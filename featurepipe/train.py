@@ -23,6 +23,7 @@ from featurepipe import data as fdata
 from featurepipe import defaults, distributed, resume
 from featurepipe.callbacks import (DDP, EMA, EarlyStopping, Extend, FreezePhase, History, KeepBest, Progress,
                                    ResumeState, SeedEpochs)
+from featurepipe.data.balance import BalancedSampler, balanced_class_weights
 from featurepipe.data.fingerprint import check_same_data, data_fingerprint
 from featurepipe.device import autocast, to_device
 from featurepipe.engine import Callback, Trainer, diverged
@@ -319,33 +320,6 @@ def _macro_f1_se(p: Predictions, resamples: int = 200) -> float:
     conf = np.bincount(cells.ravel(), minlength=resamples * k * k).reshape(resamples, k, k)
     f1 = 2 * np.diagonal(conf, axis1=1, axis2=2) / np.maximum(conf.sum(axis=1) + conf.sum(axis=2), 1)
     return float(f1.mean(axis=1).std())
-
-
-def balanced_class_weights(labels: np.ndarray, n_classes: int) -> np.ndarray:
-    """n / (K * n_c): every class weighs as much in the loss as it would in a balanced set."""
-    return len(labels) / (n_classes * np.maximum(np.bincount(labels, minlength=n_classes), 1))
-
-
-class BalancedSampler(torch.utils.data.Sampler):
-    """Draws every class equally often (with replacement); an epoch keeps the data set's length.
-
-    Under torchrun every rank draws the same epoch (one seed, set per epoch through `generator`) and
-    keeps its own interleaved share of it, so the ranks' shares are disjoint and together balanced.
-    """
-
-    def __init__(self, labels: np.ndarray, n_classes: int, rank: int = 0, world: int = 1) -> None:
-        counts = np.bincount(labels, minlength=n_classes)
-        self.weights = torch.as_tensor(1.0 / np.maximum(counts, 1), dtype=torch.float64)[torch.as_tensor(labels)]
-        self.rank, self.world, self.num_samples = rank, world, len(labels) // world
-        self.generator = torch.Generator()
-
-    def __iter__(self):
-        drawn = torch.multinomial(self.weights, self.num_samples * self.world, replacement=True,
-                                  generator=self.generator)
-        return iter(drawn[self.rank::self.world].tolist())
-
-    def __len__(self) -> int:
-        return self.num_samples
 
 
 def evaluate(prep: Prepared, net: Net | None, idx: np.ndarray, proba: np.ndarray | None = None) -> Predictions:

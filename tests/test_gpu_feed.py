@@ -14,7 +14,7 @@ from PIL import Image
 from conftest import make_arrays, write_images
 from featurepipe import data as fdata
 from featurepipe.data import cache, gpu
-from featurepipe.train import BalancedSampler
+from featurepipe.data.balance import BalancedSampler
 
 CPU = torch.device("cpu")
 

@@ -8,13 +8,14 @@ import pytest
 import torch
 
 from featurepipe.data import AUGMENTATIONS, ArrayStore, ImageDataset, augmentation, make_loader, resolve_augmentation
+from featurepipe.data.balance import BalancedSampler
 from featurepipe.engine import Trainer
 from featurepipe.evaluate import load_predictions
 from featurepipe.models import create_model
 from featurepipe.defaults import auto_arch, auto_batch_size, auto_epochs, auto_img_size, still_learning
 from featurepipe.options import TrainConfig
 from featurepipe.prepare import Resolved
-from featurepipe.train import BalancedSampler, _optimizer, drops_last, train
+from featurepipe.train import _optimizer, drops_last, train
 
 from conftest import CtrlC, cli, copy_run, refused, train_args
 
