@@ -1,4 +1,5 @@
-"""Training the end-to-end CNN, read top to bottom: data → model → loop → best checkpoint → test.
+"""Training the end-to-end CNN, read top to bottom: model → loop → chosen checkpoint → test, on the data
+prepare.py read and with the options it resolved; k-fold (--folds) is a loop over `fit`.
 
 AMP, the GPU, frozen-backbone fine-tuning, balanced sampling and k-fold are options of the same
 loop (engine.Trainer), not forks of it; `fit` picks the callbacks (featurepipe/callbacks.py) a run's
@@ -36,6 +37,7 @@ from featurepipe.options import TrainConfig
 from featurepipe.prepare import Prepared, Resolved, prepare, training_device
 from featurepipe.progress import log
 from featurepipe.runs import RunPaths, environment, run_paths
+
 
 def drops_last(n: int, batch_size: int) -> bool:
     """Drop the last partial batch only when it is small (under a quarter of a batch): a batch of one
