@@ -19,7 +19,9 @@ from scripts.common import featurepipe
 
 def timed_compare(run: str, out: Path, gradcam: bool) -> tuple[float, dict]:
     t0 = time.perf_counter()
-    featurepipe("compare", "--run", run, "--out", out, "--gradcam" if gradcam else "--no-gradcam", check=True)
+    # --overwrite: every call after the first writes over the same folder's files.
+    featurepipe("compare", "--run", run, "--out", out, "--overwrite", "--gradcam" if gradcam else "--no-gradcam",
+                check=True)
     wall = time.perf_counter() - t0
     return wall, json.loads((out / "summary.json").read_text())["timing"]
 
