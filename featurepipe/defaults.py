@@ -50,25 +50,31 @@ def auto_batch_size(n_train: int) -> int:
     return int(min(64, max(8, 2 ** math.floor(math.log2(max(1, n_train // 6))))))
 
 
-# Fine-tuning a pretrained backbone: about 300 optimizer steps, and at least 15 epochs. Half that
-# scored lower on both 240-image sets (brain MRI CNN 0.8975 against 0.9075, fundus 0.7875 against
-# 0.8042), though their val loss was lowest after 90-150 steps. 300 steps alone gave sets of
-# thousands a few epochs each and they stopped while still learning: a 2 239-image dermoscopy set 11
-# epochs (training accuracy 0.72, val loss still falling 1.06 → 0.96 over the last four), a 4 800-image
-# brain MRI set 5 (0.91, val accuracy still rising); measured again on PneumoniaMNIST at 64 px
-# (docs/design.md). Where 15 is still too few, Extend adds cycles.
+# Fine-tuning a pretrained backbone: about 300 optimizer steps, and at least 15 epochs of grey images
+# or FINETUNE_MIN_EPOCHS_COLOUR of colour ones. Half the steps scored lower on both 240-image sets (brain
+# MRI CNN 0.8975 against 0.9075, fundus 0.7875 against 0.8042), though their val loss was lowest after
+# 90-150 steps. 300 steps alone gave grey sets of thousands a few epochs each and they stopped while
+# still learning: a 4 800-image brain MRI set 5 (0.91, val accuracy still rising; 0.932 with 15), and
+# PneumoniaMNIST at 64 px 5 (0.8830 against 0.9071 with 15). Colour sets of thousands learn sooner and
+# then only grow over-confident: on a 2 239-image dermoscopy set 300 steps (11 epochs) scored as 16 did
+# (0.610 against 0.602), its val loss lowest at epoch 9 of 16; on dermoscopy4 (1 741 images) at epoch
+# 10 of 16, the test accuracy of each epoch's weights flat from epoch 8 on (docs/design.md). Where the
+# schedule still ends learning, Extend adds cycles.
 FINETUNE_STEPS = 300
 FINETUNE_MIN_EPOCHS = 15
+FINETUNE_MIN_EPOCHS_COLOUR = 8
 FINETUNE_MAX_EPOCHS = 40
 
 
-def auto_epochs(n_train: int, batch_size: int, pretrained: bool) -> int:
+def auto_epochs(n_train: int, batch_size: int, pretrained: bool, grey: bool = True) -> int:
     """Sized in optimizer steps: from scratch about 1 250 (and at least 10 epochs, and 80 000 image
     presentations within 60 epochs: PneumoniaMNIST's 4 708 images get 17 epochs, as before), at most 200
-    epochs; fine-tuning a pretrained backbone FINETUNE_STEPS, FINETUNE_MIN_EPOCHS to FINETUNE_MAX_EPOCHS."""
+    epochs; fine-tuning a pretrained backbone FINETUNE_STEPS, at least FINETUNE_MIN_EPOCHS (grey) or
+    FINETUNE_MIN_EPOCHS_COLOUR (colour), at most FINETUNE_MAX_EPOCHS."""
     steps = math.ceil(n_train / batch_size)
     if pretrained:
-        return int(min(FINETUNE_MAX_EPOCHS, max(FINETUNE_MIN_EPOCHS, math.ceil(FINETUNE_STEPS / steps))))
+        fewest = FINETUNE_MIN_EPOCHS if grey else FINETUNE_MIN_EPOCHS_COLOUR
+        return int(min(FINETUNE_MAX_EPOCHS, max(fewest, math.ceil(FINETUNE_STEPS / steps))))
     return int(min(200, max(10, min(60, math.ceil(80_000 / n_train)), math.ceil(1_250 / steps))))
 
 

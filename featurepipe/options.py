@@ -93,9 +93,9 @@ class TrainConfig:
                                        "lite0, lite1, lite2 wheels.")
     epochs: int | None = option(None, "Default: sized in optimizer steps from the data: from scratch ~1 250 steps, "
                                       "at least 10 epochs and 80 000 image presentations (within 60 epochs), at "
-                                      "most 200 epochs; fine-tuning pretrained weights ~300 steps, 15–40 epochs. "
-                                      "A schedule left to the default that ends still learning gets up to two "
-                                      "more, shorter cycles.",
+                                      "most 200 epochs; fine-tuning pretrained weights ~300 steps, 15–40 epochs "
+                                      "(8–40 for colour images). A schedule left to the default that ends still "
+                                      "learning gets up to two more, shorter cycles.",
                                 AT_LEAST_1)
     freeze_epochs: int | None = option(None, "Epochs training only the new head on a frozen backbone. Default: 1 "
                                              "with --weights, else 0.", NOT_NEGATIVE)

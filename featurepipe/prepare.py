@@ -140,7 +140,7 @@ def resolve(cfg: TrainConfig, catalog: fdata.Catalog, splits: dict[str, np.ndarr
     if mean is None:
         mean, std = fdata.channel_stats(pixels, intensity.window)
     batch_size = cfg.batch_size or defaults.auto_batch_size(n_train)
-    epochs = cfg.epochs or defaults.auto_epochs(n_train, batch_size, weights is not None)
+    epochs = cfg.epochs or defaults.auto_epochs(n_train, batch_size, weights is not None, grey)
     return Resolved(
         arch=arch, weights=weights, arch_reason=why,
         img_size=img_size, in_channels=in_channels, median_short_side=short_side, grey=grey,

@@ -72,8 +72,12 @@ def test_schedule_in_steps():
         assert epochs * math.ceil(n / batch) >= 1_000 or epochs == 200
         tuned = auto_epochs(n, batch, pretrained=True)
         assert tuned * math.ceil(n / batch) >= 300 or tuned == 40
-    # Thousands of images fine-tuned: every image seen at least 15 times, not ~300 steps' worth (5 epochs).
+    # Thousands of grey images fine-tuned: every image seen at least 15 times, not ~300 steps' worth (5 epochs).
     assert auto_epochs(4800, 64, pretrained=True) == 15 and auto_epochs(2239, 64, pretrained=True) == 15
+    # Thousands of colour images: ~300 steps, at least 8 epochs (dermoscopy4's 1 741 images: 11, not 15).
+    assert [auto_epochs(n, 64, pretrained=True, grey=False) for n in (1741, 2239, 4800)] == [11, 9, 8]
+    # A few hundred colour images keep their ~300 steps (fundus4-small's 240 in batches of 32: 38 epochs).
+    assert auto_epochs(240, 32, pretrained=True, grey=False) == auto_epochs(240, 32, pretrained=True) == 38
     # No epoch silently drops a large share of the images: 178 with batch 64 used to lose 28 %.
     for n in range(17, 3000):
         batch = auto_batch_size(n)
