@@ -300,3 +300,16 @@ def test_an_unusable_cache_folder_is_a_warning_and_the_images_are_decoded(tmp_pa
     assert stores["train"][0] is catalog.store and sum(len(k) for k in kept.values()) == len(catalog)
     assert cache.reuse(catalog.store, 24, 1) is catalog.store
     assert not (tmp_path / "elsewhere").exists() or not any((tmp_path / "elsewhere").iterdir())
+
+
+def test_a_seed_trains_one_model_whether_the_cache_is_empty_full_or_off(tmp_path, cache_dir, monkeypatch):
+    """A full cache decodes nothing; that must not move the training's random stream (issue 35, case 1)."""
+    root = tmp_path / "data"
+    write_images(root, 12, size=32)
+    args = ["--data", root, "--epochs", "1", "--seed", "0"]
+    cli("train-cnn", *args, "--out", tmp_path / "empty")
+    cli("train-cnn", *args, "--out", tmp_path / "full")
+    monkeypatch.setenv("FEATUREPIPE_CACHE_DIR", "off")
+    cli("train-cnn", *args, "--out", tmp_path / "off")
+    weights = {run: (tmp_path / run / "cnn" / "model.pt").read_bytes() for run in ("empty", "full", "off")}
+    assert weights["full"] == weights["empty"] == weights["off"]

@@ -17,6 +17,7 @@ from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from featurepipe import distributed
 from featurepipe.data import cache, workers
@@ -62,6 +63,11 @@ def load_splits(catalog: Catalog, splits: dict[str, np.ndarray], size: int, chan
         if catalog.store.in_memory:  # arrays always decode
             stores[split], kept[split] = (catalog.store, idx), idx
             continue
+        # Decoding used to draw one number a split from torch's global generator (a DataLoader's base
+        # seed), and only where the disk cache lacked a row, so a full cache trained another model. It
+        # draws none now (workers.each_image); this draw, whatever the cache holds, keeps the stream,
+        # and so the model, of a run that decodes everything.
+        torch.empty((), dtype=torch.int64).random_()
         if disk is not None:
             images, failed = None, disk.fill(idx, stop_at_first=on_bad == "error",
                                              description=f"decode {split} to disk")

@@ -8,6 +8,7 @@ import os
 from typing import Any, Callable, Iterator
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, Dataset
 
 from featurepipe.data.images import UnreadableImage
@@ -36,7 +37,10 @@ def each_image(store: ArrayStore | FileStore, indices: np.ndarray, fn: Callable[
     Failures travel as data: an exception raised in a loader worker reaches the main process as a
     multi-line traceback instead of the one line a user should see.
     """
-    loader = DataLoader(_Each(store, indices, fn), batch_size=64, num_workers=num_workers(store), collate_fn=list)
+    # A generator of its own: a DataLoader draws its workers' base seed from torch's global one otherwise,
+    # and whether a pass runs at all depends on what the disk cache holds, so a seed would not mean one model.
+    loader = DataLoader(_Each(store, indices, fn), batch_size=64, num_workers=num_workers(store), collate_fn=list,
+                        generator=torch.Generator())
     failed = 0
     with progress_bar() as bar:
         task = bar.add_task(description, total=len(indices), info="")
