@@ -174,7 +174,8 @@ def _fold(data: str, run: RunPaths, cfg: TrainConfig, config: CrossvalConfig, sp
 
 def _features_current(cfg: RunConfig) -> bool:
     wanted = [cfg.paths.features] + ([cfg.paths.frozen_features] if cfg.weights is not None else [])
-    return all(p.exists() and read_attrs(p)["checkpoint"] == cfg.checkpoint for p in wanted)
+    return all(p.exists() and read_attrs(p)["checkpoint"] == cfg.checkpoint
+               and bool(read_attrs(p).get("frozen")) == (p == cfg.paths.frozen_features) for p in wanted)
 
 
 def _heads_current(cfg: RunConfig, heads: Sequence[str]) -> bool:

@@ -134,4 +134,11 @@ class RunConfig:
                 f"{paths.head_safe(name)}: fitted on features of an older checkpoint; "
                 f"re-run featurepipe extract and fit-heads --run {paths.root}"
             )
+        # The label says which arm; only the features' own attribute says which backbone embedded them.
+        if bool(info.get("features", {}).get("frozen")) != is_frozen(name):
+            raise FeaturepipeError(
+                f"{paths.head_safe(name)}: fitted on {'fine-tuned' if is_frozen(name) else 'frozen'} features, "
+                f"not the {'frozen' if is_frozen(name) else 'fine-tuned'} ones its name says; "
+                f"re-run featurepipe extract and fit-heads --run {paths.root}"
+            )
         return info

@@ -290,3 +290,34 @@ def test_stack_on_a_tiny_val_split_is_skipped_with_a_line(tmp_path):
     r = cli("fit-heads", "--run", run, "--heads", "logreg,stack", "--tune", "none")
     assert "stack: skipped: a class has fewer than 2 val images" in r.output and "--tune" not in r.output
     assert (run / "heads" / "logreg.json").exists() and not (run / "heads" / "stack.json").exists()
+
+
+def test_features_that_are_not_frozen_are_refused_as_the_frozen_arm(tmp_path):
+    """features.h5 copied over features.frozen.h5 (issue 35, case 4): fit-heads refuses the file, and
+    compare and predict refuse a frozen-labelled head fitted on such features."""
+    import shutil
+
+    import torch
+
+    from conftest import refused, write_npz
+    from featurepipe.models import create_model
+
+    data = write_npz(tmp_path / "tiny.npz")
+    weights = tmp_path / "weights.pt"
+    torch.manual_seed(0)
+    torch.save(create_model("sixblock", 3, 1, [0.5], [0.25]).state_dict(), weights)
+    run = tmp_path / "run"
+    cli("train-cnn", "--data", data, "--out", run, "--arch", "sixblock", "--weights", weights, "--epochs", 1,
+        "--freeze-epochs", 1, "--batch-size", 16)
+    cli("extract", "--run", run, "--device", "cpu")
+    shutil.copy(run / "features.h5", run / "features.frozen.h5")
+    refused(cli("fit-heads", "--run", run, "--heads", "logreg", ok=False),
+            str(run / "features.frozen.h5"), "not the frozen", "featurepipe extract --run")
+    cli("extract", "--run", run, "--device", "cpu")  # what the line says
+    cli("fit-heads", "--run", run, "--heads", "logreg")
+    # A head fitted by an earlier version on such a copy: its record says no frozen backbone.
+    record = run / "heads" / "logreg.frozen.json"
+    info = json.loads(record.read_text())
+    del info["features"]["frozen"]
+    record.write_text(json.dumps(info))
+    refused(cli("compare", "--run", run, ok=False), "logreg.frozen", "fine-tuned", "featurepipe extract")

@@ -52,9 +52,9 @@ def _physical_memory() -> int:
         return 8 << 30
 
 
-def check_features(cfg: RunConfig, path: Path | None = None) -> dict[str, Any]:
+def check_features(cfg: RunConfig, path: Path | None = None, frozen: bool = False) -> dict[str, Any]:
     """The attributes of features.h5 (or `path`), refused unless they belong to the run's current checkpoint
-    and classes."""
+    and classes, and come from the pretrained backbone exactly where `frozen` asks for its features."""
     paths = cfg.paths
     path = path or paths.features
     require(path, "features file", f"run featurepipe extract --run {paths.root} first")
@@ -66,6 +66,13 @@ def check_features(cfg: RunConfig, path: Path | None = None) -> dict[str, Any]:
         )
     if attrs["class_names"] != cfg.class_names:
         raise FeaturepipeError(f"{path}: its classes differ from the run's; re-run featurepipe extract")
+    # A file's name is no proof of what it holds: a features.h5 copied over features.frozen.h5 would be
+    # fitted and reported as the frozen arm. extract marks the frozen pass's file.
+    if bool(attrs.get("frozen")) != frozen:
+        raise FeaturepipeError(
+            f"{path}: holds {'the frozen backbone' if attrs.get('frozen') else 'the fine-tuned CNN'}'s features, "
+            f"not {'the frozen' if frozen else 'the fine-tuned'} ones; re-run featurepipe extract --run {paths.root}"
+        )
     return attrs
 
 
@@ -78,23 +85,23 @@ def fit_heads(run: str | Path, names: list[str], config: HeadsConfig | None = No
     paths = run_paths(run)
     cfg = RunConfig.load(paths)
     base = [n for n in names if n != STACK]
-    arms = [(paths.features, str)]
+    arms = [(paths.features, str, False)]
     if cfg.weights is not None and base:
         require(paths.frozen_features, "frozen features file",
                 f"the CNN started from {cfg.weights} weights; re-run featurepipe extract --run {paths.root}")
-        arms.append((paths.frozen_features, lambda name: frozen_label(name, cfg.weights)))
+        arms.append((paths.frozen_features, lambda name: frozen_label(name, cfg.weights), True))
     results = {}
-    for k, (path, label) in enumerate(arms):
+    for k, (path, label, frozen) in enumerate(arms):
         last = k == len(arms) - 1  # stack last: it combines the heads of both arms
-        results |= _fit_arm(cfg, path, base, label, config, [STACK] if last and STACK in names else [])
+        results |= _fit_arm(cfg, path, base, label, config, [STACK] if last and STACK in names else [], frozen)
     return results
 
 
 def _fit_arm(cfg: RunConfig, path: Path, base: list[str], label, config: HeadsConfig,
-             stack: list[str]) -> dict[str, dict[str, float]]:
+             stack: list[str], frozen: bool = False) -> dict[str, dict[str, float]]:
     """The heads `base` on the features in `path`, saved as `label(name)`; then stack if `stack` names it."""
     paths = cfg.paths
-    attrs = check_features(cfg, path)
+    attrs = check_features(cfg, path, frozen)
     class_names, seed, current = cfg.class_names, cfg.seed, cfg.checkpoint
     held_out = not base or cfg.val_held_out(label(base[0]))
     if config.tune == "val" and not held_out:
