@@ -20,6 +20,9 @@ from featurepipe.errors import FeaturepipeError
 def require(path: Path, what: str, fix: str) -> Path:
     if not path.exists():
         raise FeaturepipeError(f"{path}: no {what} found; {fix}")
+    if not path.is_file():  # every path required is a file featurepipe wrote; opening a folder is a traceback
+        raise FeaturepipeError(f"{path}: {'a folder' if path.is_dir() else 'not a regular file'}, not the {what} "
+                               f"featurepipe wrote; move it away, then {fix}")
     return path
 
 
@@ -77,9 +80,13 @@ def _umask() -> int:
 def file_sha256(path: Path) -> str:
     """The hex sha256 of a file's bytes, read in 1 MiB pieces."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError as e:  # a folder or an unreadable file where a file is named: callers vet, this is the backstop
+        raise FeaturepipeError(f"{path}: cannot read it ({e.strerror or e}); put back the file featurepipe wrote "
+                               "there, or re-run the command that writes it") from None
     return h.hexdigest()
 
 
@@ -97,6 +104,9 @@ def read_json(path: Path) -> Any:
         obj = json.loads(Path(path).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise FeaturepipeError(f"{path}: not valid JSON ({e}); delete it and re-run the command that writes it") from None
+    except (IsADirectoryError, PermissionError) as e:  # missing files are the caller's: its message says what to run
+        raise FeaturepipeError(f"{path}: cannot read it ({e.strerror}); put back the file featurepipe wrote there, "
+                               "or re-run the command that writes it") from None
     if not isinstance(obj, dict):  # every JSON file featurepipe writes holds one object
         raise FeaturepipeError(f"{path}: not the JSON object featurepipe writes; delete it and re-run the command "
                                "that writes it")

@@ -121,3 +121,16 @@ def test_predict_skips_an_empty_image_and_lists_it(hostile_run, tmp_path):
     rows = list(csv.DictReader(out.open()))
     assert len(rows) == 10 and "empty.png" in (tmp_path / "p.skipped.csv").read_text()
     refused(cli("predict", "--run", hostile_run, folder, "--on-bad-image", "error", ok=False), "empty.png")
+
+
+@pytest.mark.parametrize("target, words", [("heads/svm.skops", ("folder", "fit-heads")),
+                                           ("heads/svm.json", ("svm", "fitted head")),  # no json: not fitted
+                                           ("cnn/model.pt", ("folder", "train-cnn"))])
+def test_a_folder_where_a_run_file_was_is_one_line(tiny_run, test_images, tmp_path, target, words):
+    """heads/svm.skops replaced by a folder gave an IsADirectoryError traceback (issue 35, case 6)."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / target).unlink()
+    (run / target).mkdir()
+    r = cli("predict", "--run", run, "--model", "svm", test_images, "--out", tmp_path / "p.csv", ok=False)
+    refused(r, str(run / target) if "folder" in words else str(run), *words)
