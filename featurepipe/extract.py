@@ -157,8 +157,13 @@ def _extract(run: str | Path, batch_size: int, data: str | None, out: str | Path
     if rank == 0:
         with cannot_write(target):
             os.replace(partial, target)
-    if data is not None:
+    if data is not None and skipped:
         fdata.save_skipped(skipped_beside(target), skipped)
+    elif data is not None and rank == 0:
+        # Written only where an image was skipped, as predict does: a header alone beside every file made
+        # the same command, run again after deleting it, refuse over a list featurepipe wrote itself. An
+        # older list there is gone with it (--overwrite let it be replaced), so none outlives its file.
+        skipped_beside(target).unlink(missing_ok=True)
     distributed.barrier()
     n = sum(len(v) for v in splits.values()) - len(skipped)
     log(f"{'frozen pretrained ' if frozen else ''}features of {n} images ({dim}-d, {layer}, tta {tta}) → {target}; "

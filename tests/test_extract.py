@@ -74,3 +74,18 @@ def test_compressed_features_read_back_the_same(tiny_run, tmp_path, compression)
             np.testing.assert_array_equal(packed[split]["labels"][:], plain[split]["labels"][:])
     r = cli("extract", "--run", tiny_run, "--compression", "zip", ok=False)
     assert r.exit_code == 2 and "--compression zip: choose one of none, gzip, lzf" in r.output
+
+
+def test_the_same_extract_runs_again_after_its_file_is_deleted(tiny_run, npz_file, tmp_path):
+    """A header-only f.skipped.csv, written beside every f.h5, refused the re-run (issue 35, case 9)."""
+    out = tmp_path / "f.h5"
+    args = ["extract", "--run", tiny_run, "--data", npz_file, "--out", out, "--device", "cpu"]
+    cli(*args)
+    assert not out.with_name("f.skipped.csv").exists()  # nothing was skipped
+    out.unlink()
+    cli(*args)
+    assert out.is_file()
+    # A list of an earlier extract into the same name does not outlive what it described.
+    out.with_name("f.skipped.csv").write_text("id,split,label,reason\nx,,,gone\n")
+    cli(*args, "--overwrite")
+    assert not out.with_name("f.skipped.csv").exists()
