@@ -656,6 +656,23 @@ class Cases:
         return "predict --out X.csv beside a user's X.skipped.csv", [
             "predict", "--run", self.run, self.tmp / "good" / "a", "--out", self.d("pred.csv")]
 
+    # ---- issue 35 ----
+
+    def skops_is_a_folder(self):
+        run = self.copy_run("skops_dir_run")
+        (run / "heads" / "logreg.skops").unlink()
+        (run / "heads" / "logreg.skops").mkdir()
+        self.refuse("logreg.skops", "a folder", "fit-heads")
+        return ("heads/logreg.skops replaced by a folder",
+                ["predict", "--run", run, "--model", "logreg", self.tmp / "good" / "a"])
+
+    def extract_out_again(self):
+        args = ["extract", "--run", self.run, "--data", self.tmp / "good", "--out", self.d("again.h5")]
+        featurepipe(args, check=True)
+        self.d("again.h5").unlink()
+        self.says("again.h5")
+        return "the same extract --out again after deleting its file", args
+
     def lock_is_a_folder(self):
         run = self.copy_run("lockdir_run")
         (run / ".lock").unlink(missing_ok=True)
