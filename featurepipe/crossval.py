@@ -174,8 +174,11 @@ def _fold(data: str, run: RunPaths, cfg: TrainConfig, config: CrossvalConfig, sp
 
 def _features_current(cfg: RunConfig) -> bool:
     wanted = [cfg.paths.features] + ([cfg.paths.frozen_features] if cfg.weights is not None else [])
-    return all(p.exists() and read_attrs(p)["checkpoint"] == cfg.checkpoint
-               and bool(read_attrs(p).get("frozen")) == (p == cfg.paths.frozen_features) for p in wanted)
+    return all(p.exists() and _is_current(read_attrs(p), cfg, frozen=p == cfg.paths.frozen_features) for p in wanted)
+
+
+def _is_current(attrs: dict, cfg: RunConfig, frozen: bool) -> bool:
+    return attrs["checkpoint"] == cfg.checkpoint and bool(attrs.get("frozen")) == frozen
 
 
 def _heads_current(cfg: RunConfig, heads: Sequence[str]) -> bool:

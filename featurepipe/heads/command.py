@@ -52,11 +52,12 @@ def _physical_memory() -> int:
         return 8 << 30
 
 
-def check_features(cfg: RunConfig, path: Path | None = None, frozen: bool = False) -> dict[str, Any]:
+def check_features(cfg: RunConfig, path: Path | None = None) -> dict[str, Any]:
     """The attributes of features.h5 (or `path`), refused unless they belong to the run's current checkpoint
-    and classes, and come from the pretrained backbone exactly where `frozen` asks for its features."""
+    and classes, and come from the pretrained backbone exactly where `path` is the frozen arm's file."""
     paths = cfg.paths
     path = path or paths.features
+    frozen = path == paths.frozen_features
     require(path, "features file", f"run featurepipe extract --run {paths.root} first")
     attrs = read_attrs(path)
     if attrs["checkpoint"] != cfg.checkpoint:
@@ -85,23 +86,23 @@ def fit_heads(run: str | Path, names: list[str], config: HeadsConfig | None = No
     paths = run_paths(run)
     cfg = RunConfig.load(paths)
     base = [n for n in names if n != STACK]
-    arms = [(paths.features, str, False)]
+    arms = [(paths.features, str)]
     if cfg.weights is not None and base:
         require(paths.frozen_features, "frozen features file",
                 f"the CNN started from {cfg.weights} weights; re-run featurepipe extract --run {paths.root}")
-        arms.append((paths.frozen_features, lambda name: frozen_label(name, cfg.weights), True))
+        arms.append((paths.frozen_features, lambda name: frozen_label(name, cfg.weights)))
     results = {}
-    for k, (path, label, frozen) in enumerate(arms):
+    for k, (path, label) in enumerate(arms):
         last = k == len(arms) - 1  # stack last: it combines the heads of both arms
-        results |= _fit_arm(cfg, path, base, label, config, [STACK] if last and STACK in names else [], frozen)
+        results |= _fit_arm(cfg, path, base, label, config, [STACK] if last and STACK in names else [])
     return results
 
 
 def _fit_arm(cfg: RunConfig, path: Path, base: list[str], label, config: HeadsConfig,
-             stack: list[str], frozen: bool = False) -> dict[str, dict[str, float]]:
+             stack: list[str]) -> dict[str, dict[str, float]]:
     """The heads `base` on the features in `path`, saved as `label(name)`; then stack if `stack` names it."""
     paths = cfg.paths
-    attrs = check_features(cfg, path, frozen)
+    attrs = check_features(cfg, path)
     class_names, seed, current = cfg.class_names, cfg.seed, cfg.checkpoint
     held_out = not base or cfg.val_held_out(label(base[0]))
     if config.tune == "val" and not held_out:
