@@ -137,6 +137,33 @@ def test_a_cnn_that_learned_nothing_is_named_and_no_head_wins_over_it(tmp_path):
     assert summary["baseline"]["cnn_above"] is True and "did not learn" not in (ok / "compare" / "summary.md").read_text()
 
 
+def test_the_best_on_macro_f1_is_named_where_it_is_not_the_best_on_accuracy(tmp_path):
+    run = fake_run(tmp_path / "run", n_classes=3, n_test=300, heads=("svm",), seed=4)
+    names = ["class0", "class1", "class2"]
+    ids, y, _ = read_predictions(prediction_file(run, "cnn"), names)
+    rng = np.random.default_rng(0)
+
+    def write(model, pred):
+        save_predictions(prediction_file(run, model), Predictions(ids, y, np.eye(3)[pred] * 0.9 + 0.1 / 3, names))
+
+    # svm never predicts class2 (accuracy 0.667, macro F1 0.556); the CNN errs evenly (0.62 both).
+    write("svm", np.where(y == 2, 0, y))
+    wrong = rng.random(len(y)) >= 0.62
+    write("cnn", np.where(wrong, (y + rng.integers(1, 3, len(y))) % 3, y))
+    r = cli("compare", "--run", run, "--no-gradcam")
+    models = json.loads((run / "compare" / "summary.json").read_text())["models"]
+    assert models["svm"]["accuracy"] > models["cnn"]["accuracy"] and models["svm"]["macro_f1"] < models["cnn"]["macro_f1"]
+    assert "best on test accuracy: svm" in r.output and "best on macro F1: cnn" in " ".join(r.output.split())
+    md = (run / "compare" / "summary.md").read_text()
+    assert "Best test accuracy: svm" in md and "Best macro F1 (every class weighed alike): cnn" in md
+
+    # Where one model is best on both, one is named.
+    write("svm", y)
+    r = cli("compare", "--run", run, "--no-gradcam", "--overwrite")
+    assert "best on test accuracy: svm" in r.output and "macro F1:" not in r.output
+    assert "Best macro F1" not in (run / "compare" / "summary.md").read_text()
+
+
 def test_heads_scored_on_other_images_are_refused(tmp_path):
     run = fake_run(tmp_path / "run")
     path = run / "heads" / "svm.test_predictions.csv"

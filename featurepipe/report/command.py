@@ -21,7 +21,7 @@ from featurepipe.report.figures import RUN_FIGURES, run_figures, runs_figures
 from featurepipe.report.gallery import (GRADCAM_SIZE, failure_row, gallery_figure, gradcam_figure, images_or_note,
                                         top_losses)
 from featurepipe.report.inputs import features_of, load_all, load_val
-from featurepipe.report.scoring import score_run, val_to_test
+from featurepipe.report.scoring import best_words, score_run, val_to_test
 from featurepipe.run_config import RunConfig
 from featurepipe.runs import check_output, environment, is_crossval, is_run, run_paths
 
@@ -109,8 +109,7 @@ def compare(run: str | Path, out: str | Path | None = None, options: CompareOpti
     write_json(out / "summary.json", summary)
     if warning := shift_warning(summary["val_to_test"]):
         log(f"warning: {warning}")
-    best = max(summary["models"], key=lambda n: summary["models"][n]["accuracy"])
-    log(f"best on test accuracy: {best} ({summary['models'][best]['accuracy']:.4f}); "
+    log(f"best on test accuracy: {best_words(summary['models'])}; "
         f"{summary['timing']['compare_seconds_excluding_gradcam']:.1f} s"
         + (f" + Grad-CAM {cam_seconds:.1f} s" if options.gradcam else "") + f" → {out / 'report.html'}")
     return summary

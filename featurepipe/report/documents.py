@@ -9,7 +9,7 @@ from typing import Any
 
 from featurepipe import plots, stats
 from featurepipe.render import Doc, Table
-from featurepipe.report.scoring import ALPHA, DECIDERS, UNTRAINED_WIN
+from featurepipe.report.scoring import ALPHA, DECIDERS, UNTRAINED_WIN, best
 from featurepipe.run_config import RunConfig
 
 
@@ -37,16 +37,17 @@ def _duration(seconds: float | None) -> str:
 def takeaway(models: dict[str, dict[str, Any]], tests: dict[str, dict[str, Any]],
              base: dict[str, Any] | None = None, test_note: str | None = None) -> str:
     """The result in words: whether the CNN learned, the best model, and which heads differ from the CNN beyond chance."""
-    best = max(models, key=lambda n: models[n]["accuracy"])
+    top = best(models)
     parts = []
     if base is not None and not base["cnn_above"]:
         parts.append(f"The CNN did not learn this task: its test accuracy {models['cnn']['accuracy']:.4f} (95% CI "
                      f"{models['cnn']['accuracy_ci'][0]:.4f}–{models['cnn']['accuracy_ci'][1]:.4f}) is not above the "
                      f"majority-class baseline {base['accuracy']:.4f} (always '{base['class']}'). A head beating it "
                      "is no evidence that heads beat a trained CNN; its features are those of a failed model.")
-    parts.append(f"Best test accuracy: {best} ({models[best]['accuracy']:.4f}, 95% CI "
-                 f"{models[best]['accuracy_ci'][0]:.4f}–{models[best]['accuracy_ci'][1]:.4f})"
+    parts.append(f"Best test accuracy: {_with_ci(top['accuracy'], models, 'accuracy')}"
                  + (f"; majority-class baseline {base['accuracy']:.4f}." if base is not None else "."))
+    if top["macro_f1"] != top["accuracy"]:
+        parts.append(f"Best macro F1 (every class weighed alike): {_with_ci(top['macro_f1'], models, 'macro_f1')}.")
     groups = {v: [n for n, t in tests.items() if t["verdict"] == v]
               for v in ("head better", "CNN better", "no significant difference")}
     if groups["head better"]:
@@ -60,6 +61,11 @@ def takeaway(models: dict[str, dict[str, Any]], tests: dict[str, dict[str, Any]]
         parts.append(f"No significant difference from the CNN: {', '.join(groups['no significant difference'])}.")
     note = test_note or "Exact McNemar test"
     return " ".join(parts) + f" ({note}, Holm-adjusted over {len(tests)} heads, α = {ALPHA}.)"
+
+
+def _with_ci(name: str, models: dict[str, dict[str, Any]], metric: str) -> str:
+    m = models[name]
+    return f"{name} ({m[metric]:.4f}, 95% CI {m[metric + '_ci'][0]:.4f}–{m[metric + '_ci'][1]:.4f})"
 
 
 def headline_table(models: dict[str, dict[str, Any]], tests: dict[str, dict[str, Any]],

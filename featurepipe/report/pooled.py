@@ -32,7 +32,7 @@ from featurepipe.report.documents import (delong_note, features_table, headline_
                                           significance_table, takeaway)
 from featurepipe.report.figures import run_figures
 from featurepipe.report.inputs import features_of, load_all, model_cost
-from featurepipe.report.scoring import baseline, evaluate_models, verdict
+from featurepipe.report.scoring import baseline, best_words, evaluate_models, verdict
 from featurepipe.run_config import RunConfig
 from featurepipe.runs import CrossvalPaths, RunPaths, environment
 
@@ -154,9 +154,8 @@ def compare_crossval(root: str | Path, out: str | Path | None, options) -> dict[
     write_text(out / "report.html", doc.html())
     summary["timing"] = {"compare_seconds": round(time.perf_counter() - started, 2)}
     write_json(out / "summary.json", summary)
-    best = max(summary["models"], key=lambda n: summary["models"][n]["accuracy"])
-    log(f"pooled over {len(ref.ids)} images in {len(runs)} folds: best accuracy {best} "
-        f"({summary['models'][best]['accuracy']:.4f}) → {out / 'report.html'}")
+    log(f"pooled over {len(ref.ids)} images in {len(runs)} folds: best accuracy {best_words(summary['models'])} "
+        f"→ {out / 'report.html'}")
     return summary
 
 
