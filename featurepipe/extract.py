@@ -18,6 +18,7 @@ import torch
 from featurepipe import data as fdata
 from featurepipe import distributed, features
 from featurepipe.data.fingerprint import check_same_data
+from featurepipe.data.sources import numbered as numbered_classes
 from featurepipe.device import autocast, choose_precision, images_per_pass, in_passes, resolve_device, to_device
 from featurepipe.errors import FeaturepipeError
 from featurepipe.files import cannot_write, partial_path, read_json, require
@@ -91,7 +92,7 @@ def _extract(run: str | Path, batch_size: int, data: str | None, out: str | Path
         splits = fdata.assign_splits(catalog, cfg.seed, read_json(paths.splits))
         target, policy = paths.frozen_features if frozen else paths.features, "error"
     else:
-        catalog = _relabel(fdata.scan(data, allow_outside), class_names)
+        catalog = _relabel(fdata.scan(data, allow_outside), class_names, cfg.data.kind == "npz")
         splits = fdata.assign_splits(catalog, cfg.seed)
         target, policy = Path(out), on_bad_image
 
@@ -171,11 +172,23 @@ def _extract(run: str | Path, batch_size: int, data: str | None, out: str | Path
     return target
 
 
-def _relabel(catalog: fdata.Catalog, class_names: list[str]) -> fdata.Catalog:
+def _relabel(catalog: fdata.Catalog, class_names: list[str], run_on_npz: bool) -> fdata.Catalog:
+    """The source's labels as indices into the run's classes, matched by name. An .npz that does not name its
+    classes holds the class indices themselves, which for a run trained on an .npz are the run's: their names
+    (a class_names array or --class-names) carry over."""
+    numbered = catalog.kind == "npz" and numbered_classes(catalog.class_names)
+    if numbered and run_on_npz:
+        if len(catalog.class_names) > len(class_names):
+            raise FeaturepipeError(f"{catalog.source}: its labels go up to {len(catalog.class_names) - 1}, but the "
+                                   f"run has {len(class_names)} classes ({', '.join(class_names)}); give an .npz of "
+                                   "the run's classes")
+        catalog.class_names = list(class_names)
+        return catalog
     unknown = sorted(set(catalog.class_names) - set(class_names))
     if unknown:
         raise FeaturepipeError(
             f"{catalog.source}: class(es) {', '.join(unknown)} are not among the run's classes ({', '.join(class_names)})"
+            + ("; name them in a class_names array in the .npz" if numbered else "")
         )
     index = np.array([class_names.index(c) for c in catalog.class_names])
     catalog.labels, catalog.class_names = index[catalog.labels], list(class_names)

@@ -89,3 +89,19 @@ def test_the_same_extract_runs_again_after_its_file_is_deleted(tiny_run, npz_fil
     out.with_name("f.skipped.csv").write_text("id,split,label,reason\nx,,,gone\n")
     cli(*args, "--overwrite")
     assert not out.with_name("f.skipped.csv").exists()
+
+
+def test_an_npz_without_names_takes_the_names_the_run_gave_its_classes(tmp_path):
+    from conftest import refused, write_npz
+
+    data, run = write_npz(tmp_path / "tiny.npz"), tmp_path / "run"
+    cli("train-cnn", "--data", data, "--out", run, "--epochs", 1, "--batch-size", 16, "--class-names", "α,β,γ")
+    cli("extract", "--run", run, "--data", data, "--out", tmp_path / "same.h5", "--device", "cpu")
+    with h5py.File(tmp_path / "same.h5") as h5:
+        assert json.loads(h5.attrs["class_names"]) == ["α", "β", "γ"]
+        assert h5["test/labels"][:].tolist() == np.load(data)["test_labels"].reshape(-1).tolist()
+    arrays = dict(np.load(data))
+    arrays["test_labels"] = arrays["test_labels"] + 3
+    np.savez(tmp_path / "six.npz", **arrays)
+    refused(cli("extract", "--run", run, "--data", tmp_path / "six.npz", "--out", tmp_path / "six.h5", ok=False),
+            "six.npz", "labels go up to 5", "3 classes")

@@ -419,3 +419,8 @@ def name_classes(catalog: Catalog, names: str | None, option: str = "--class-nam
                                f"(labels 0..{len(catalog.class_names) - 1}); give one distinct name for each, in order")
     catalog.class_names = given
     return catalog
+
+
+def numbered(class_names: list[str]) -> bool:
+    """Are these only an .npz's label numbers 0, 1, ..., K-1 (no class_names array, nor --class-names)?"""
+    return class_names == [str(k) for k in range(len(class_names))]
