@@ -132,7 +132,8 @@ class TrainConfig:
     on_bad_image: str = option("skip", BAD_IMAGE_HELP, one_of(_bad_image_policies, joined="{}", sep=" or "))
     allow_outside: bool = option(False, ALLOW_OUTSIDE_HELP)  # CSV rows and folder links may lead out of the data
     class_names: str | None = option(None, "With an .npz: names for its labels 0, 1, ... (comma-separated), shown "
-                                           "instead of the numbers (a class_names array in the file does the same).")
+                                           "instead of the numbers; refused where a class_names array in the file "
+                                           "names them otherwise.")
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):

@@ -354,6 +354,14 @@ def test_npz_bad_arrays_are_refused(tmp_path, name, value, words):
     refused(cli("data", "inspect", "--data", path, ok=False), str(path), *words)
 
 
+def test_class_names_that_differ_from_the_npz_s_own_are_refused(tmp_path):
+    path = _npz(tmp_path / "named.npz", class_names=np.array(["x", "y", "z"]))
+    refused(cli("train-cnn", "--data", path, "--out", tmp_path / "r", "--class-names", "p,q,r", ok=False),
+            "--class-names p,q,r", str(path), "x, y, z")
+    assert not (tmp_path / "r" / "config.json").exists()
+    assert scan(str(path)).class_names == ["x", "y", "z"]
+
+
 def _forged_npz(path: Path, shape: tuple[int, ...], data: bytes) -> Path:
     """An .npz whose train_images header declares `shape` uint8 and holds `data` after it."""
     import io

@@ -414,6 +414,9 @@ def name_classes(catalog: Catalog, names: str | None, option: str = "--class-nam
     given = [n.strip() for n in names.split(",")]
     if catalog.kind != "npz":
         raise FeaturepipeError(f"{option} {names}: only for an .npz; {catalog.source} names its classes itself")
+    if not numbered(catalog.class_names) and given != catalog.class_names:
+        raise FeaturepipeError(f"{option} {names}: {catalog.source} names its classes itself in its class_names array "
+                               f"({', '.join(catalog.class_names)}); drop {option}, or change the array")
     if len(given) != len(catalog.class_names) or len(set(given)) < len(given) or not all(given):
         raise FeaturepipeError(f"{option} {names}: {catalog.source} has {len(catalog.class_names)} classes "
                                f"(labels 0..{len(catalog.class_names) - 1}); give one distinct name for each, in order")
