@@ -253,12 +253,14 @@ def test_a_link_inside_the_manifest_folder_that_leads_out_is_refused(tmp_path):
     m.write_text(m.read_text().replace("images/inner/bar,bar", "images/inner/" +
                                        next((tmp_path / "d" / "images" / "bar").iterdir()).name + ",bar"))
     m.write_text(m.read_text().replace("images/inner/", "images/inner/bar/"))
-    line = refused(cli("data", "inspect", "--data", m, ok=False), f"{m}:17", "images/esc/private.png",
+    first = next((tmp_path / "d" / "images" / "bar").iterdir()).name
+    m.write_text(m.read_text().replace(f"images/bar/{first},bar\n", ""))  # one row for the file, through the link
+    line = refused(cli("data", "inspect", "--data", m, ok=False), f"{m}:16", "images/esc/private.png",
                    "--allow-outside")
     assert str(outside / "private.png") in line and "link" in line
     cli("data", "inspect", "--data", m, "--allow-outside")
     m.write_text("".join(ln for ln in m.read_text().splitlines(True) if "esc/" not in ln))
-    assert len(scan(str(m))) == 16
+    assert len(scan(str(m))) == 15
 
 
 def test_csv_with_a_nul_byte_or_an_overlong_field_names_the_row(tmp_path):
@@ -296,9 +298,10 @@ def test_folder_links_out_of_the_data_are_refused_and_links_inside_work(tmp_path
     write_images(data, 5, size=28)
     write_images(elsewhere, 2, size=28, seed=1)
     bar = data / "bar"
-    # Inside: a link to another file of the folder, and a class folder that is a link to a folder inside.
-    (bar / "again.png").symlink_to(next((data / "column").iterdir()))
+    # Inside: a link to a file of the folder no class holds, and a class folder that is a link to a folder inside.
     (tmp_path / "data" / ".store").mkdir()
+    Image.fromarray(make_arrays(1, size=28)[0][0]).save(data / ".store" / "extra.png")
+    (bar / "again.png").symlink_to(data / ".store" / "extra.png")
     (data / "column").rename(data / ".store" / "column")
     (data / "column").symlink_to(data / ".store" / "column")
     assert len(scan(str(data))) == 16
@@ -312,6 +315,28 @@ def test_folder_links_out_of_the_data_are_refused_and_links_inside_work(tmp_path
         link.unlink()
     (data / "d").symlink_to(elsewhere / "dot")
     assert "d" in scan(str(data), allow_outside=True).class_names
+
+
+@pytest.mark.parametrize("link, target", [("d", "."), ("d", "bar"), ("column/twin.png", "bar/{first}"),
+                                          ("bar/twin.png", "bar/{first}")])
+def test_an_image_reached_twice_through_a_link_is_refused(tmp_path, link, target):
+    data = tmp_path / "data"
+    write_images(data, 5, size=28)
+    first = sorted((data / "bar").iterdir())[0].name
+    (data / link).symlink_to(data / target.format(first=first))
+    twice = f"bar/{first}" if target != "." else f"d/bar/{first}"
+    for allow in ([], ["--allow-outside"]):
+        line = refused(cli("data", "inspect", "--data", data, *allow, ok=False), str(data), "through a link",
+                       "remove the link")
+        assert twice in line
+
+
+def test_a_csv_row_reaching_another_row_s_file_through_a_link_is_refused(tmp_path):
+    m = _manifest(tmp_path, [])
+    first = sorted((tmp_path / "d" / "images" / "bar").iterdir())[0].name
+    (tmp_path / "d" / "images" / "alias").symlink_to(tmp_path / "d" / "images" / "bar")
+    m.write_text(m.read_text() + f"images/alias/{first},column\n")
+    refused(cli("data", "inspect", "--data", m, ok=False), f"{m}:17", f"images/alias/{first}", "through a link")
 
 
 # ---- .npz ------------------------------------------------------------------------------------------------------------

@@ -282,16 +282,17 @@ def _csv(path: Path, allow_outside: bool = False) -> Catalog:
             raise FeaturepipeError(f"{path}:{n}: empty path or label")
         if "\0" in p:
             raise FeaturepipeError(f"{path}:{n}: the path holds a NUL byte, which no file name can; fix the row")
-        # One spelling per file (a/1.png, ./a/1.png and a//1.png are the same image), checked lexically.
         full = os.path.normpath(os.path.join(folder, p))
         if not allow_outside and not inside(full):
             raise FeaturepipeError(f"{path}:{n}: '{p}' lies outside the manifest's folder {path.parent}"
                                    f"{inside.via(full)}; move the images below it, or pass --allow-outside if you "
                                    "trust this manifest")
-        if full in where:
-            raise FeaturepipeError(f"{path}:{n}: '{p}' is listed more than once (as row {where[full]}, "
-                                   "perhaps spelled otherwise); each image needs one row")
-        where[full] = n
+        # One row per file, however it is spelled or reached: a link to a listed file is that file again.
+        real = os.path.realpath(full)
+        if real in where:
+            raise FeaturepipeError(f"{path}:{n}: '{p}' is listed more than once (as row {where[real]}, spelled "
+                                   "otherwise or reached through a link); each image needs one row")
+        where[real] = n
         paths.append(p)
         labels.append(label)
         if "group" in cols:
@@ -382,6 +383,16 @@ def _folder(root: Path, allow_outside: bool = False) -> Catalog:
                 raise FeaturepipeError(f"{root}: '{p.relative_to(root).as_posix()}' lies outside the data folder"
                                        f"{inside.via(p)}; copy the images in, or pass --allow-outside if you trust "
                                        "this folder's links")
+    # One image per file, however links lead to it: a class folder linked to the data folder (or to another
+    # class) would make a class of other classes' images, an image linked to another a copy in two splits.
+    seen: dict[str, Path] = {}
+    for p in paths:
+        real = os.path.realpath(p)
+        if real in seen:
+            raise FeaturepipeError(f"{root}: '{p.relative_to(root).as_posix()}' is "
+                                   f"'{seen[real].relative_to(root).as_posix()}' again, reached through a link; "
+                                   "each image must be in the data once, so remove the link")
+        seen[real] = p
     counts = np.bincount(labels, minlength=len(names)) if labels else np.zeros(len(names), int)
     for c, n in zip(names, counts):
         if n == 0:
