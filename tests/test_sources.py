@@ -1,6 +1,7 @@
 """Data sources: class folders, split folders, CSV manifests, .npz, the demo; splits, groups, hidden files."""
 
 import csv
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -337,6 +338,21 @@ def test_a_csv_row_reaching_another_row_s_file_through_a_link_is_refused(tmp_pat
     (tmp_path / "d" / "images" / "alias").symlink_to(tmp_path / "d" / "images" / "bar")
     m.write_text(m.read_text() + f"images/alias/{first},column\n")
     refused(cli("data", "inspect", "--data", m, ok=False), f"{m}:17", f"images/alias/{first}", "through a link")
+
+
+def test_a_hidden_folder_beside_the_classes_is_named_where_its_images_are_left_out(tmp_path):
+    data = tmp_path / "data"
+    write_images(data, 4, size=28)
+    write_images(data / "...", 3, size=28, seed=1)
+    r = cli("data", "inspect", "--data", data)
+    assert len(scan(str(data))) == 12
+    said = " ".join(r.output.split())
+    assert "warning" in said and str(data / "...") in said and "9 image(s) that are left out" in said
+    shutil.rmtree(data / "...")
+    (data / ".store").mkdir()  # only the targets of a class link: used, so no warning
+    (data / "bar").rename(data / ".store" / "bar")
+    (data / "bar").symlink_to(data / ".store" / "bar")
+    assert "warning" not in cli("data", "inspect", "--data", data).output
 
 
 # ---- .npz ------------------------------------------------------------------------------------------------------------

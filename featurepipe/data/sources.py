@@ -19,7 +19,7 @@ from PIL import Image
 
 from featurepipe.data.images import IMAGE_EXTENSIONS, decode, is_gray, open_image, read_file
 from featurepipe.errors import FeaturepipeError
-from featurepipe.progress import gib
+from featurepipe.progress import gib, log
 
 SPLITS = ("train", "val", "test")
 PATH_ALIASES = ("filename", "file", "image", "image_path", "filepath")
@@ -350,6 +350,16 @@ def _images_under(folder: Path) -> list[Path]:
     )
 
 
+def _hidden_classes(folder: Path, used: dict[str, Path]) -> None:
+    """Warn of hidden folders beside the class folders that hold images nothing else uses: a class named
+    '...' or '.b' would otherwise vanish without a word (one holding the targets of class links does not)."""
+    for d in sorted(d for d in folder.iterdir() if d.name.startswith(".") and d.is_dir()):
+        left = [p for p in _images_under(d) if os.path.realpath(p) not in used]
+        if left:
+            log(f"warning: {d}: this hidden folder holds {len(left)} image(s) that are left out; a folder whose "
+                "name starts with '.' is never a class, so rename it if it is one")
+
+
 def _folder(root: Path, allow_outside: bool = False) -> Catalog:
     dirs = {_SPLIT_ALIASES.get(d.name.lower()): d for d in _subdirs(root)}
     dirs.pop(None, None)
@@ -393,6 +403,8 @@ def _folder(root: Path, allow_outside: bool = False) -> Catalog:
                                    f"'{seen[real].relative_to(root).as_posix()}' again, reached through a link; "
                                    "each image must be in the data once, so remove the link")
         seen[real] = p
+    for folder in layout.values():
+        _hidden_classes(folder, seen)
     counts = np.bincount(labels, minlength=len(names)) if labels else np.zeros(len(names), int)
     for c, n in zip(names, counts):
         if n == 0:
