@@ -116,16 +116,22 @@ def single(prep: Prepared, run: RunPaths, callbacks: Sequence[Callback] = ()) ->
 
 
 def check_learned(prep: Prepared, val: Predictions) -> dict[str, Any]:
-    """The final CNN against the majority-class baseline on val, with a warning where it is not clearly above."""
+    """The final CNN against the majority-class baseline on val, with a warning where it is not clearly above.
+    Where val is so small that even a perfect score would not be clearly above, the comparison cannot tell
+    either way, and says so instead of warning."""
     base = majority_baseline(np.bincount(prep.catalog.labels[prep.splits["train"]], minlength=len(val.class_names)), val)
-    acc = float((val.y_pred == val.y_true).mean())
-    learned = clearly_above(acc, base["accuracy"], len(val.y_true))
-    if not learned:
+    acc, n = float((val.y_pred == val.y_true).mean()), len(val.y_true)
+    learned = clearly_above(acc, base["accuracy"], n)
+    can_tell = clearly_above(1.0, base["accuracy"], n)
+    if not can_tell:
+        log(f"val's {n} images are too few to tell whether the CNN learned more than the majority class (always "
+            f"'{base['class']}', accuracy {base['accuracy']:.4f}): not even all {n} right would be clearly above it.")
+    elif not learned:
         log(f"[bold red]warning[/]: the CNN's val accuracy {acc:.4f} is not clearly above the majority-class baseline "
-            f"{base['accuracy']:.4f} (always '{base['class']}'): it has not learned the task. Check the images "
-            "(featurepipe data inspect) and the training curves (cnn/curves.png) before trusting any comparison "
-            "built on it.")
-    return {"accuracy": base["accuracy"], "class": base["class"], "cnn_clearly_above": learned}
+            f"{base['accuracy']:.4f} (always '{base['class']}'): no evidence that it learned the task. Check the "
+            "images (featurepipe data inspect) and the training curves (cnn/curves.png) before trusting any "
+            "comparison built on it.")
+    return {"accuracy": base["accuracy"], "class": base["class"], "cnn_clearly_above": learned, "can_tell": can_tell}
 
 
 def cross_validate(prep: Prepared, run: RunPaths, callbacks: Sequence[Callback] = ()) -> dict[str, Any] | None:

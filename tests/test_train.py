@@ -167,6 +167,20 @@ def test_train_cnn_warns_when_the_cnn_is_not_above_the_majority_class(tmp_path):
     assert baseline["class"] == "a" and baseline["cnn_clearly_above"] is False
 
 
+def test_a_val_split_too_small_to_tell_says_so_instead_of_warning(tmp_path):
+    from PIL import Image
+
+    for i in range(28):  # 2 classes of 14: val is 4 images, 2 a class; even 4 right is within noise of 0.5
+        path = tmp_path / "data" / "ab"[i % 2] / f"{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((28, 28), 40 + 160 * (i % 2), np.uint8)).save(path)
+    said = " ".join(cli("train-cnn", "--data", tmp_path / "data", "--out", tmp_path / "run", "--epochs", "1").output.split())
+    assert "val's 4 images are too few to tell" in said
+    assert "warning" not in said and "not clearly above" not in said
+    baseline = json.loads((tmp_path / "run" / "cnn" / "metrics.json").read_text())["val_baseline"]
+    assert baseline["can_tell"] is False
+
+
 def test_diverged_training_stops_in_one_line(tmp_path, class_folders):
     refused(cli("train-cnn", "--data", class_folders, "--out", tmp_path / "r", "--epochs", "2", "--lr", "1e30",
                 ok=False), "diverged", "--lr")
