@@ -166,18 +166,24 @@ class ValToTest:
 
     expected: the test accuracy it would have if it recognised each class of test as often as it did on
     val (val's per-class recall weighted by test's class shares, so a different class mix alone is no
-    drop); observed: its test accuracy. z and the one-sided p test expected - observed against the
-    binomial noise of both splits' per-class recalls.
+    drop); observed: its test accuracy. optimism: what choosing the model on val (the best of
+    `chosen_among` candidates) adds to its val score by chance, at most the val score's standard error
+    times sqrt(2 ln N) (the bound on the expected maximum of N noisy scores). z and the one-sided p test
+    expected - optimism - observed against the binomial noise of both splits' per-class recalls.
+    can_tell: whether any result could be significant at `alpha` (all of val right, all of test wrong);
+    where not, val and test are too small for the check.
     """
 
     expected: float
     observed: float
+    optimism: float
     z: float
     p_value: float
+    can_tell: bool
 
 
 def val_to_test(val_true: np.ndarray, val_pred: np.ndarray, test_true: np.ndarray, test_pred: np.ndarray,
-                n_classes: int) -> ValToTest | None:
+                n_classes: int, chosen_among: int = 1, alpha: float = 0.05) -> ValToTest | None:
     """None where a class of test has no val image: val says nothing of how it is recognised."""
     n_val = np.bincount(val_true, minlength=n_classes)
     n_test = np.bincount(test_true, minlength=n_classes)
@@ -185,18 +191,23 @@ def val_to_test(val_true: np.ndarray, val_pred: np.ndarray, test_true: np.ndarra
     if (n_val[present] == 0).any():
         return None
     share = n_test[present] / n_test.sum()
+    n_val, n_test = n_val[present], n_test[present]
     hits_val = np.bincount(val_true, weights=val_pred == val_true, minlength=n_classes)[present]
     hits_test = np.bincount(test_true, weights=test_pred == test_true, minlength=n_classes)[present]
-    recall_val, recall_test = hits_val / n_val[present], hits_test / n_test[present]
-    expected, observed = float(share @ recall_val), float(share @ recall_test)
 
     def variance(hits, n):  # of each recall, from (hits + 1/2) / (n + 1): a class recognised every time still has noise
         r = (hits + 0.5) / (n + 1)
         return r * (1 - r) / n
 
-    se = float(np.sqrt(share ** 2 @ (variance(hits_val, n_val[present]) + variance(hits_test, n_test[present]))))
-    z = (expected - observed) / se
-    return ValToTest(expected, observed, float(z), float(sps.norm.sf(z)))
+    def z(hits_val, hits_test):
+        optimism = float(np.sqrt(share ** 2 @ variance(hits_val, n_val)) * np.sqrt(2 * np.log(max(chosen_among, 1))))
+        se = float(np.sqrt(share ** 2 @ (variance(hits_val, n_val) + variance(hits_test, n_test))))
+        return optimism, (share @ (hits_val / n_val) - optimism - share @ (hits_test / n_test)) / se
+
+    optimism, z_seen = z(hits_val, hits_test)
+    can_tell = bool(sps.norm.sf(z(n_val, np.zeros_like(hits_test))[1]) < alpha)
+    return ValToTest(float(share @ (hits_val / n_val)), float(share @ (hits_test / n_test)), optimism, float(z_seen),
+                     float(sps.norm.sf(z_seen)), can_tell)
 
 
 @dataclass

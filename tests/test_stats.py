@@ -183,3 +183,21 @@ def test_val_to_test_holds_its_level_under_another_class_mix_and_finds_a_real_dr
     assert rejected([r - 0.08 for r in recall]) > 0.8
     # A class of test that val never shows: nothing to expect.
     assert stats.val_to_test(np.array([0, 0]), np.array([0, 0]), np.array([0, 1]), np.array([0, 1]), 2) is None
+
+
+def test_val_to_test_holds_its_level_for_a_model_chosen_on_val_and_knows_when_it_cannot_tell():
+    rng = np.random.default_rng(0)
+
+    def rejected(chosen_among, trials=400):
+        found = []
+        for _ in range(trials):  # 12 candidates of one skill, the best on a 30-image val; test from the same pool
+            best = max((_recognised(rng, [10] * 3, [0.8] * 3) for _ in range(12)), key=lambda c: np.mean(c[0] == c[1]))
+            found.append(stats.val_to_test(*best, *_recognised(rng, [30] * 3, [0.8] * 3), 3, chosen_among).p_value
+                         < 0.05)
+        return np.mean(found)
+
+    assert rejected(1) > 0.3  # its val score taken at face value: a drop found four times in ten
+    assert rejected(12) <= 0.05
+    right, wrong = np.array([0, 1]), np.array([1, 0])
+    assert stats.val_to_test(right, right, right, wrong, 2, alpha=0.05).can_tell  # 1 image a class: z 2.31
+    assert not stats.val_to_test(right, right, right, wrong, 2, alpha=0.05 / 6).can_tell

@@ -72,7 +72,7 @@ def compare(run: str | Path, out: str | Path | None = None, options: CompareOpti
         **score_run(cfg, inputs, options.resamples),
         "heads": {n: _head_choice(inputs.records[n]) for n in preds if n != "cnn"},
         "features": {n: features_of(n, cfg, inputs.records[n]) for n in preds},
-        "val_to_test": {**val_to_test(load_val(cfg, [n for n in preds if cfg.val_held_out(n)]), preds),
+        "val_to_test": {**val_to_test(load_val(cfg, [n for n in preds if cfg.val_held_out(n)]), preds, inputs.records),
                         "not_held_out": [n for n in preds if not cfg.val_held_out(n)]},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "run": {"path": str(paths.root), "arch": cfg.model.arch, "seed": cfg.seed, "data": cfg.data.source,

@@ -197,16 +197,23 @@ def shift_warning(val_to_test: dict[str, Any]) -> str | None:
 
 
 def val_to_test_section(doc: Doc, val_to_test: dict[str, Any], colors) -> None:
-    m = val_to_test["models"]
     doc.heading("Does test look like val?")
+    m = val_to_test["models"]
     warning = shift_warning(val_to_test)
-    doc.para(warning or f"No model scores significantly lower on test than val predicts (Holm-adjusted, α = {ALPHA}).")
-    doc.table(Table(["model", "val accuracy", "test accuracy expected from val", "test accuracy", "z, p (Holm)"],
-                    [[n, f"{_f(c['val_accuracy'])} ({c['val_size']} images)", _f(c["expected"]), _f(c["observed"]),
-                      f"{c['z']:+.2f}, {_p(c['p_holm'])}"] for n, c in m.items()], colors))
+    small = val_to_test.get("too_small", [])
+    doc.para((warning or f"No model scores significantly lower on test than val predicts (Holm-adjusted, "
+                         f"α = {ALPHA}).") + (f" For {', '.join(small)}, val and test are too small for any drop to be "
+                                             "significant." if small else ""))
+    doc.table(Table(["model", "val accuracy", "test accuracy expected from val", "less choosing on val",
+                     "test accuracy", "z, p (Holm)"],
+                    [[n, f"{_f(c['val_accuracy'])} ({c['val_size']} images)", _f(c["expected"]),
+                      _f(c.get("optimism", 0.0)), _f(c["observed"]), f"{c['z']:+.2f}, {_p(c['p_holm'])}"]
+                     for n, c in m.items()], colors))
     doc.para("Expected: the model's val recall of each class weighted by test's class shares, so a different class "
-             "mix alone is no drop; one-sided z-test against the binomial noise of both splits' recalls. The heads "
-             "chose their hyperparameters on val, so their val figures are a little optimistic."
+             "mix alone is no drop. Less choosing on val: a model chosen as the best of N candidates on val (a "
+             "head's grid points, the CNN's epochs with --monitor) scores higher there by chance, by at most the "
+             "val score's standard error times √(2 ln N); the drop is tested beyond that, one-sided z-test "
+             "against the binomial noise of both splits' recalls."
              + (f" Not shown: {', '.join(skipped)}, whose features come from a fold model that trained on most of "
                 "val's images (a --folds run)." if (skipped := val_to_test.get("not_held_out")) else ""), note=True)
 

@@ -96,22 +96,35 @@ def evaluate_models(preds: dict[str, Predictions], resamples: int, seed: int) ->
     }
 
 
-def val_to_test(val: dict[str, Predictions], test: dict[str, Predictions]) -> dict[str, Any]:
+def val_to_test(val: dict[str, Predictions], test: dict[str, Predictions],
+                records: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """For every model with val predictions: does it score lower on test than val predicts (stats.val_to_test),
-    Holm-adjusted over the models. `shifted` names those that do: their test images are unlike the val
-    images they were checked on (another site, scanner, period), and the heads, fitted to the clean
-    training images' features, can lose more to that than the CNN (docs/design.md, "A test set from
-    elsewhere")."""
+    less what choosing it on val adds by chance (chosen_on_val), Holm-adjusted over the models. `shifted` names
+    those that do: their test images are unlike the val images they were checked on (another site, scanner,
+    period), and the heads, fitted to the clean training images' features, can lose more to that than the
+    CNN (docs/design.md, "A test set from elsewhere"). `too_small` names those whose val and test could
+    show no drop at all: the check has no power there."""
     checks = {}
     for name, v in val.items():
         t = test[name]
-        c = stats.val_to_test(v.y_true, v.y_pred, t.y_true, t.y_pred, len(t.class_names))
+        c = stats.val_to_test(v.y_true, v.y_pred, t.y_true, t.y_pred, len(t.class_names),
+                              chosen_on_val(name, records.get(name, {})), ALPHA / len(val))  # Holm's first step
         if c is not None:
             checks[name] = {"val_accuracy": float(np.mean(v.y_pred == v.y_true)), "val_size": len(v.ids),
-                            "expected": c.expected, "observed": c.observed, "z": c.z, "p_value": c.p_value}
+                            "expected": c.expected, "optimism": c.optimism, "observed": c.observed, "z": c.z,
+                            "p_value": c.p_value, "can_tell": c.can_tell}
     for name, adjusted in zip(checks, stats.holm([c["p_value"] for c in checks.values()]) if checks else []):
         checks[name]["p_holm"] = adjusted
-    return {"models": checks, "shifted": [n for n, c in checks.items() if c["p_holm"] < ALPHA]}
+    return {"models": checks, "shifted": [n for n, c in checks.items() if c["p_holm"] < ALPHA],
+            "too_small": [n for n, c in checks.items() if not c["can_tell"]]}
+
+
+def chosen_on_val(name: str, record: dict[str, Any]) -> int:
+    """Among how many candidates a model was chosen by its val score: a head's grid points where it was tuned
+    on val; the CNN's epochs where --monitor kept the best (runs older than --monitor always did)."""
+    if name == "cnn":
+        return int(record.get("epochs_run", 1)) if record.get("monitor") != "none" else 1
+    return (len(record.get("candidates") or []) or 1) if record.get("tuned_on") == "val" else 1
 
 
 # A head's significant win over a CNN that is not above the majority-class baseline: no evidence about heads.
