@@ -28,6 +28,8 @@ class DataConfig:
     fingerprint: str | None = None  # of ids, labels and contents (data.fingerprint.data_fingerprint)
     index_fingerprint: str | None = None  # of ids, labels and classes only
     counts: dict[str, list[int]] = field(default_factory=dict)  # images per class, per split
+    # Is test the source's own split (else featurepipe drew it from the pool val came from)? None: unknown.
+    test_given: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,7 @@ class RunConfig:
         return cls(
             paths,
             DataConfig(data["class_names"], data.get("source"), data.get("kind"), data.get("fingerprint"),
-                       data.get("index_fingerprint"), data.get("counts", {})),
+                       data.get("index_fingerprint"), data.get("counts", {}), data.get("test_given")),
             TrainSettings(train.get("seed", 0), train.get("allow_outside", False), train.get("monitor"),
                           train.get("class_names"), train.get("folds", 1)),
             None if model is None else ModelConfig(model["arch"], model["img_size"], model["in_channels"]),

@@ -51,6 +51,7 @@ def train(data: str, out: str | Path, cfg: TrainConfig, callbacks: Sequence[Call
     `splits` (image ids per split) replaces the split featurepipe would make: a fold of `crossval`."""
     run = run_paths(out)
     cfg = resume.check_run_dir(run, data, cfg)
+    fold = splits is not None
     prep = prepare(data, cfg, training_device(cfg.device),
                    read_json(run.splits) if cfg.resume and run.splits.exists() else splits)
     cfg, catalog, splits = prep.cfg, prep.catalog, prep.splits
@@ -62,7 +63,10 @@ def train(data: str, out: str | Path, cfg: TrainConfig, callbacks: Sequence[Call
         resume.start_over(run)
         fdata.save_skipped(run.skipped, prep.skipped)
     if main:
-        _write_config(run, prep)
+        # A crossval fold's test, like a split featurepipe draws, comes from the pool its val comes from.
+        given = (read_json(run.config)["data"].get("test_given") if cfg.resume
+                 else not fold and catalog.given_split is not None)
+        _write_config(run, prep, given)
     r = prep.resolved
     if cfg.arch == "auto":
         log(f"--arch auto: {r.arch}" + (" (ImageNet weights)" if r.weights else "") + f": {r.arch_reason}")
@@ -80,7 +84,7 @@ def train(data: str, out: str | Path, cfg: TrainConfig, callbacks: Sequence[Call
     return result
 
 
-def _write_config(run: RunPaths, prep: Prepared) -> None:
+def _write_config(run: RunPaths, prep: Prepared, test_given: bool | None) -> None:
     cfg, catalog, splits = prep.cfg, prep.catalog, prep.splits
     write_json(run.splits, fdata.split_ids(catalog, splits))
     write_json(run.config, {
@@ -92,6 +96,7 @@ def _write_config(run: RunPaths, prep: Prepared) -> None:
             "index_fingerprint": data_fingerprint(catalog, contents=False),
             "counts": {s: np.bincount(catalog.labels[idx], minlength=len(catalog.class_names)).tolist()
                        for s, idx in splits.items()},
+            "test_given": test_given,
         },
         "train": {**asdict(cfg), "resolved": asdict(prep.resolved)},
         "model": prep.meta,

@@ -120,6 +120,25 @@ def test_a_model_that_scores_lower_on_test_than_val_predicts_is_named_and_a_new_
     assert "Test is unlike val: svm" in (run / "compare" / "summary.md").read_text()
 
 
+def test_a_test_split_drawn_from_val_s_own_pool_is_not_read_as_another_site(tmp_path):
+    run = fake_run(tmp_path / "run", n_classes=2, n_test=300, heads=("svm",), seed=3)
+    names = ["class0", "class1"]
+    for model in ("cnn", "svm"):  # svm right on every val image: far above its test score
+        ids, y, proba = read_predictions(prediction_file(run, model), names)
+        proba = np.eye(2)[y] if model == "svm" else proba
+        save_predictions(run_paths(run).predictions(model, "val"),
+                         Predictions([f"val/{k:06d}" for k in range(len(y))], y, proba, names))
+    config = json.loads((run / "config.json").read_text())
+    config["data"]["test_given"] = False  # featurepipe drew test and val from one pool, as in every crossval fold
+    (run / "config.json").write_text(json.dumps(config))
+    said = " ".join(cli("compare", "--run", run, "--no-gradcam").output.split())
+    assert "unlike val" not in said and "scanner" not in said
+    summary = (run / "compare" / "summary.md").read_text()
+    assert "Not checked: featurepipe drew this run's val and test images at random from one pool" in summary
+    assert "unlike val" not in summary
+    assert json.loads((run / "compare" / "summary.json").read_text())["val_to_test"]["one_pool"] is True
+
+
 def test_a_cnn_that_learned_nothing_is_named_and_no_head_wins_over_it(tmp_path):
     run = fake_run(tmp_path / "failed", n_classes=2, n_test=400, heads=("logreg",), seed=2, skill={"cnn": 0.0})
     cli("compare", "--run", run, "--no-gradcam")

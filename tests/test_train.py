@@ -181,6 +181,21 @@ def test_a_val_split_too_small_to_tell_says_so_instead_of_warning(tmp_path):
     assert baseline["can_tell"] is False
 
 
+def test_the_run_records_whether_its_test_split_is_the_source_s_own(tiny_run, class_folders, tmp_path):
+    from featurepipe.data import assign_splits, scan, split_ids
+    from featurepipe.options import TrainConfig
+    from featurepipe.train import train
+
+    assert json.loads((tiny_run / "config.json").read_text())["data"]["test_given"] is True  # the .npz's test split
+    cli("train-cnn", "--data", class_folders, "--out", tmp_path / "drawn", "--epochs", "1")
+    assert json.loads((tmp_path / "drawn" / "config.json").read_text())["data"]["test_given"] is False
+    source = json.loads((tiny_run / "config.json").read_text())["data"]["source"]
+    catalog = scan(source)
+    fold = split_ids(catalog, assign_splits(catalog, 0))  # ids handed in, as crossval hands each fold's
+    train(source, tmp_path / "fold", TrainConfig(epochs=1, batch_size=16), splits=fold)
+    assert json.loads((tmp_path / "fold" / "config.json").read_text())["data"]["test_given"] is False
+
+
 def test_diverged_training_stops_in_one_line(tmp_path, class_folders):
     refused(cli("train-cnn", "--data", class_folders, "--out", tmp_path / "r", "--epochs", "2", "--lr", "1e30",
                 ok=False), "diverged", "--lr")

@@ -20,7 +20,7 @@ from featurepipe.report.documents import run_document, runs_document, shift_warn
 from featurepipe.report.figures import RUN_FIGURES, run_figures, runs_figures
 from featurepipe.report.gallery import (GRADCAM_SIZE, failure_row, gallery_figure, gradcam_figure, images_or_note,
                                         top_losses)
-from featurepipe.report.inputs import features_of, load_all, load_val
+from featurepipe.report.inputs import Inputs, features_of, load_all, load_val
 from featurepipe.report.scoring import best_words, score_run, val_to_test
 from featurepipe.run_config import RunConfig
 from featurepipe.runs import check_output, environment, is_crossval, is_run, run_paths
@@ -72,8 +72,7 @@ def compare(run: str | Path, out: str | Path | None = None, options: CompareOpti
         **score_run(cfg, inputs, options.resamples),
         "heads": {n: _head_choice(inputs.records[n]) for n in preds if n != "cnn"},
         "features": {n: features_of(n, cfg, inputs.records[n]) for n in preds},
-        "val_to_test": {**val_to_test(load_val(cfg, [n for n in preds if cfg.val_held_out(n)]), preds, inputs.records),
-                        "not_held_out": [n for n in preds if not cfg.val_held_out(n)]},
+        "val_to_test": shift_check(cfg, inputs),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "run": {"path": str(paths.root), "arch": cfg.model.arch, "seed": cfg.seed, "data": cfg.data.source,
                 "img_size": cfg.model.img_size},
@@ -113,6 +112,16 @@ def compare(run: str | Path, out: str | Path | None = None, options: CompareOpti
         f"{summary['timing']['compare_seconds_excluding_gradcam']:.1f} s"
         + (f" + Grad-CAM {cam_seconds:.1f} s" if options.gradcam else "") + f" → {out / 'report.html'}")
     return summary
+
+
+def shift_check(cfg: RunConfig, inputs: Inputs) -> dict[str, Any]:
+    """scoring.val_to_test where test may come from elsewhere. Where featurepipe drew val and test from one pool
+    (its own split, a crossval fold), a drop between them is chance or choosing on val, never another site."""
+    if cfg.data.test_given is False:
+        return {"models": {}, "shifted": [], "one_pool": True}
+    preds = inputs.preds
+    return {**val_to_test(load_val(cfg, [n for n in preds if cfg.val_held_out(n)]), preds, inputs.records),
+            "not_held_out": [n for n in preds if not cfg.val_held_out(n)]}
 
 
 def _head_choice(info: dict[str, Any]) -> dict[str, Any]:

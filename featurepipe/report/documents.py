@@ -198,6 +198,12 @@ def shift_warning(val_to_test: dict[str, Any]) -> str | None:
 
 def val_to_test_section(doc: Doc, val_to_test: dict[str, Any], colors) -> None:
     doc.heading("Does test look like val?")
+    if val_to_test.get("one_pool"):
+        doc.para("Not checked: featurepipe drew this run's val and test images at random from one pool (its own "
+                 "split, or a cross-validation's fold), so they cannot come from another site, scanner or period; "
+                 "a model that scores lower on test than on val here shows chance, or the optimism of having "
+                 "been chosen on val.")
+        return
     m = val_to_test["models"]
     warning = shift_warning(val_to_test)
     small = val_to_test.get("too_small", [])
@@ -247,7 +253,7 @@ def run_document(summary: dict[str, Any], cfg: RunConfig, figures: dict[str, Pat
     doc.para("only CNN / only head right: the discordant images McNemar's test uses; Holm's adjustment in "
              "brackets. " + delong_note(names, tests), note=True)
 
-    if summary["val_to_test"]["models"]:
+    if summary["val_to_test"]["models"] or summary["val_to_test"].get("one_pool"):
         val_to_test_section(doc, summary["val_to_test"], colors)
 
     metric_sections(doc, summary, figures)
