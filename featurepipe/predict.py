@@ -102,6 +102,10 @@ def image_files(inputs: list[str]) -> list[Path]:
             if not found:
                 raise FeaturepipeError(f"{item}: no images in this folder ({', '.join(sorted(IMAGE_EXTENSIONS))})")
             files += found
+        elif path.is_file() and path.suffix.lower() in (".npz", ".csv"):
+            # A data source, not an image: decoding it would call a sound file unreadable ("fix or remove it").
+            raise FeaturepipeError(f"{item}: predict takes image files or folders of images, not an .npz or CSV "
+                                   "source; give its images, or embed it with featurepipe extract --data")
         elif path.is_file():
             files.append(path)
         else:

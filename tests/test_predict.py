@@ -90,6 +90,8 @@ def test_unknown_model_lists_the_fitted_ones(tiny_run, test_images):
     (lambda d: d / "missing.png", "no such file or folder"),
     (lambda d: d, "no images in this folder"),
     (lambda d: (d / "broken.png").write_bytes(b"not a png") and d / "broken.png", "cannot read image"),
+    (lambda d: np.savez(d / "x.npz", train_images=np.zeros((3, 8, 8), np.uint8)) or d / "x.npz",
+     "not an .npz or CSV source"),
 ])
 def test_bad_inputs_are_refused_in_one_line(tiny_run, tmp_path, make, message):
     r = cli("predict", "--run", tiny_run, make(tmp_path), ok=False)
