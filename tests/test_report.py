@@ -120,6 +120,16 @@ def test_a_model_that_scores_lower_on_test_than_val_predicts_is_named_and_a_new_
     assert "Test is unlike val: svm" in (run / "compare" / "summary.md").read_text()
 
 
+def test_the_takeaway_never_says_a_cnn_above_the_baseline_is_not_above_it():
+    from featurepipe.report.documents import takeaway
+
+    # 5 of 6 test images right against a baseline of 0.5: above it, but its interval reaches down to it.
+    text = takeaway({"cnn": {"accuracy": 5 / 6, "accuracy_ci": [0.5, 1.0]}}, {},
+                    {"cnn_above": False, "accuracy": 0.5, "class": "a"})
+    assert "not clearly above the majority-class baseline 0.5000" in text and "interval reaches down to it" in text
+    assert "did not learn" not in text and "is not above" not in text
+
+
 def test_a_test_split_drawn_from_val_s_own_pool_is_not_read_as_another_site(tmp_path):
     run = fake_run(tmp_path / "run", n_classes=2, n_test=300, heads=("svm",), seed=3)
     names = ["class0", "class1"]
@@ -147,7 +157,7 @@ def test_a_cnn_that_learned_nothing_is_named_and_no_head_wins_over_it(tmp_path):
     assert base["accuracy"] == 0.5 and base["cnn_above"] is False  # balanced test set, CNN guessing
     assert summary["tests"]["logreg"]["verdict"] == "head better than a CNN that did not learn"
     for text in ((run / "compare" / "summary.md").read_text(), (run / "compare" / "report.html").read_text()):
-        assert "did not learn" in text and "majority-class baseline" in text
+        assert "No evidence that the CNN learned this task" in text and "majority-class baseline" in text
         assert "Significantly better than the CNN:" not in text
     # A CNN that learned: above the baseline, and the usual verdicts.
     ok = fake_run(tmp_path / "ok", n_classes=2, n_test=400, heads=("logreg",), seed=2)

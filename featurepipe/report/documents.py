@@ -40,10 +40,11 @@ def takeaway(models: dict[str, dict[str, Any]], tests: dict[str, dict[str, Any]]
     top = best(models)
     parts = []
     if base is not None and not base["cnn_above"]:
-        parts.append(f"The CNN did not learn this task: its test accuracy {models['cnn']['accuracy']:.4f} (95% CI "
-                     f"{models['cnn']['accuracy_ci'][0]:.4f}–{models['cnn']['accuracy_ci'][1]:.4f}) is not above the "
-                     f"majority-class baseline {base['accuracy']:.4f} (always '{base['class']}'). A head beating it "
-                     "is no evidence that heads beat a trained CNN; its features are those of a failed model.")
+        parts.append(f"No evidence that the CNN learned this task: its test accuracy {models['cnn']['accuracy']:.4f} "
+                     f"(95% CI {models['cnn']['accuracy_ci'][0]:.4f}–{models['cnn']['accuracy_ci'][1]:.4f}) is not "
+                     f"clearly above the majority-class baseline {base['accuracy']:.4f} (always '{base['class']}'): its "
+                     "interval reaches down to it. A head beating it is no evidence that heads beat a trained CNN; "
+                     "its features may be those of a failed model.")
     parts.append(f"Best test accuracy: {_with_ci(top['accuracy'], models, 'accuracy')}"
                  + (f"; majority-class baseline {base['accuracy']:.4f}." if base is not None else "."))
     if top["macro_f1"] != top["accuracy"]:
@@ -307,8 +308,9 @@ def runs_document(summary: dict[str, Any], figures: dict[str, Path]) -> Doc:
                      "—", "—", "—", "—"])
     failed = [label for label, r in runs.items() if not r["baseline"]["cnn_above"]]
     if failed:
-        doc.para(f"The CNN did not learn in {', '.join(failed)}: its test accuracy is not above the majority-class "
-                 "baseline, so its heads' scores are no evidence that heads beat a trained CNN.")
+        doc.para(f"No evidence that the CNN learned in {', '.join(failed)}: its test accuracy's 95% interval reaches "
+                 "down to the majority-class baseline, so its heads' scores are no evidence that heads beat a trained "
+                 "CNN.")
     doc.table(Table(["run", "model", "accuracy [95% CI]", "macro F1 [95% CI]", "balanced accuracy", "ROC-AUC",
                      "ECE", "McNemar p vs its CNN (Holm)"], rows, colors, swatch_column=1, label_columns=2))
     doc.para("Intervals: stratified percentile bootstrap per run. McNemar compares each head with the CNN of "
