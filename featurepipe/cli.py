@@ -139,7 +139,9 @@ def extract(
     # --run-dir: torchrun's own parser takes --run for an abbreviation of its --run-path.
     run: Path = typer.Option(..., "--run", "--run-dir", help="Run directory made by train-cnn (--run-dir under torchrun)."),
     batch_size: int = typer.Option(256, help="Images per forward pass."),
-    data: Optional[str] = typer.Option(None, help="Embed another source instead of the run's own (needs --out)."),
+    data: Optional[str] = typer.Option(None, help="Embed another source instead of the run's own (needs --out); "
+                                                  "its classes are matched to the run's by name (an .npz without "
+                                                  "names, for a run trained on an .npz, by label number)."),
     out: Optional[Path] = typer.Option(None, help="HDF5 file for --data."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     amp: Optional[bool] = AMP,
