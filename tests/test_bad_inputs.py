@@ -733,6 +733,75 @@ class Cases:
         self.says("best on test accuracy")
         return "compare on 1 000 classes", ["compare", "--run", run, "--no-gradcam", "--bootstrap", "1000"]
 
+    def npz_named_by_option_extracted(self):
+        data, run = self.d("greek.npz"), self.d("greek_run")
+        x = np.random.default_rng(0).integers(0, 255, (12, 16, 16), dtype=np.uint8)
+        np.savez(data, train_images=x, train_labels=np.arange(12) % 3, val_images=x[:6], val_labels=np.arange(6) % 3,
+                 test_images=x[:6], test_labels=np.arange(6) % 3)
+        featurepipe(["train-cnn", "--data", data, "--out", run, "--epochs", "1", "--class-names", "α,β,γ"], check=True)
+        self.says("features of", "greek.h5")
+        return ("extract --data the same .npz, trained with --class-names α,β,γ",
+                ["extract", "--run", run, "--data", data, "--out", self.d("greek.h5")])
+
+    def npz_class_names_overridden(self):
+        x = np.zeros((9, 8, 8), np.uint8)
+        np.savez(self.d("xyz.npz"), train_images=x, train_labels=np.arange(9) % 3, test_images=x,
+                 test_labels=np.arange(9) % 3, class_names=np.array(["x", "y", "z"]))
+        self.refuse("--class-names p,q,r", "xyz.npz", "x, y, z")
+        return "--class-names p,q,r on an .npz whose class_names are x,y,z", [
+            "train-cnn", "--data", self.d("xyz.npz"), "--out", self.d("r"), "--class-names", "p,q,r"]
+
+    def class_folder_links_to_root(self):
+        root = self.d("rootlink")
+        images(root, n=4)
+        (root / "d").symlink_to(root)
+        self.refuse("rootlink", "d/a/0_000.png", "through a link", "remove the link")
+        return "class folder d -> the data folder itself", ["train-cnn", "--data", root, "--out", self.d("r")]
+
+    def csv_row_through_a_link(self):
+        root = self.d("csvtwice")
+        files = images(root / "img", n=4)
+        (root / "img" / "alias").symlink_to(root / "img" / "a")
+        rows = [(p.relative_to(root).as_posix(), p.parent.name) for p in files] + [("img/alias/0_000.png", "b")]
+        self.refuse("m.csv:14", "img/alias/0_000.png", "through a link")
+        return "CSV row img/alias/0_000.png, img/alias -> img/a, whose 0_000.png is row 2", [
+            "train-cnn", "--data", manifest(root / "m.csv", rows), "--out", self.d("r")]
+
+    def class_folder_named_dots(self):
+        root = self.d("dots")
+        images(root, n=10)
+        images(root / "...", n=3, classes=("d",))
+        self.says("warning", "...", "3 image(s) that are left out")
+        return "a class folder named '...'", ["train-cnn", "--data", root, "--out", self.d("dots_run"), "--epochs", "1"]
+
+    def val_too_small_to_tell(self):
+        root = self.d("two14")
+        images(root, n=14, classes=("a", "b"))
+        self.says("too few to tell", absent=("not clearly above", "has not learned"))
+        return "2 classes of 14 images (4 val images)", ["train-cnn", "--data", root, "--out", self.d("two14_run"),
+                                                         "--epochs", "2"]
+
+    def shift_on_one_pool(self):
+        root, run = self.d("pool"), self.d("pool_run")
+        images(root, n=20)
+        for args in (["train-cnn", "--data", root, "--out", run, "--epochs", "1"], ["extract", "--run", run],
+                     ["fit-heads", "--run", run, "--heads", "logreg"]):
+            featurepipe(args, check=True)
+
+        def expect(r):
+            text = (run / "compare" / "summary.md").read_text() if r.returncode == 0 else ""
+            if r.returncode or "unlike val" in r.stderr + text or "scanner" in r.stderr:
+                return f"exit {r.returncode} or a claim that test is unlike val"
+            return "" if "Not checked" in text else "summary.md does not say the check does not apply"
+        self.expect = expect
+        return "compare on a run whose val and test featurepipe drew from one pool", [
+            "compare", "--run", run, "--no-gradcam"]
+
+    def predict_an_npz(self):
+        np.savez(self.d("pred.npz"), train_images=np.zeros((3, 8, 8), np.uint8), train_labels=np.arange(3))
+        self.refuse("pred.npz", "not an .npz or CSV source")
+        return "predict given an .npz", ["predict", "--run", self.run, self.d("pred.npz")]
+
 
 def _file_size_limit(nbytes: int) -> None:
     """In the child: writes past `nbytes` fail with EFBIG, as on a full disk."""
