@@ -194,6 +194,23 @@ def test_features_of_another_class_list_are_refused(run):
     assert r.exit_code == 2 and "classes differ" in r.output
 
 
+def test_features_of_another_source_are_refused(run):
+    """extract --data other.npz --out x.h5, then x.h5 copied over features.h5: the same checkpoint and classes,
+    and an .npz's ids (test/000000, ...) are the run's own, but not its images."""
+    from conftest import refused
+
+    config = json.loads((run / "config.json").read_text())
+    config["data"]["source"] = "data/own.npz"
+    (run / "config.json").write_text(json.dumps(config))
+    with h5py.File(run / "features.h5", "r+") as h5:
+        h5.attrs["source"] = "data/other.npz"
+    refused(cli("fit-heads", "--run", run, "--heads", "logreg", ok=False), "features.h5", "data/other.npz",
+            "data/own.npz", "featurepipe extract --run")
+    with h5py.File(run / "features.h5", "r+") as h5:
+        h5.attrs["source"] = "data/own.npz"
+    cli("fit-heads", "--run", run, "--heads", "logreg")
+
+
 @pytest.mark.parametrize("option,value,message", [
     ("--tune", "test", "--tune test: choose one of none, val, cv"),
     ("--heads", "svm,xgboost", "xgboost"),

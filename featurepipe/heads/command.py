@@ -67,6 +67,11 @@ def check_features(cfg: RunConfig, path: Path | None = None) -> dict[str, Any]:
         )
     if attrs["class_names"] != cfg.class_names:
         raise FeaturepipeError(f"{path}: its classes differ from the run's; re-run featurepipe extract")
+    # The same checkpoint embeds any source (extract --data X --out F): a copy of F over features.h5 would fit
+    # the heads on X's images and score them on X's test split, whose ids an .npz's may share.
+    if cfg.data.source is not None and attrs.get("source", cfg.data.source) != cfg.data.source:
+        raise FeaturepipeError(f"{path}: holds features of {attrs['source']}, not of the run's data "
+                               f"{cfg.data.source}; re-run featurepipe extract --run {paths.root}")
     # A file's name is no proof of what it holds: a features.h5 copied over features.frozen.h5 would be
     # fitted and reported as the frozen arm. extract marks the frozen pass's file.
     if bool(attrs.get("frozen")) != frozen:
