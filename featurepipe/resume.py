@@ -3,6 +3,7 @@ a run trained again forgets first."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -51,9 +52,12 @@ def check_run_dir(run: RunPaths, data: str, cfg: TrainConfig) -> TrainConfig:
 
 
 def _resumed_options(cfg: TrainConfig, old: dict[str, Any]) -> TrainConfig:
-    """Options left automatic take the run's; one given otherwise than the run had is refused."""
-    # --arch's default is "auto", not None: left out (or auto), it means the run's own.
-    left_out = {k for k in RESUME_KEEPS if getattr(cfg, k) is None or (k == "arch" and cfg.arch == "auto")}
+    """Options left out take the run's; one given otherwise than the run had is refused."""
+    # An option at its default was left out as far as anyone can tell (--seed's is 0, --monitor's none,
+    # --arch's auto): read as given, the command an unfinished run's message gives (--data, --out, --resume)
+    # was refused for every run trained with another seed, --monitor or --ema.
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    left_out = {k for k in RESUME_KEEPS if getattr(cfg, k) in (None, defaults[k])}
     cfg = replace(cfg, **{k: old[k] for k in left_out if k in old})
     for k in RESUME_KEEPS:
         was = old.get(k) if old.get(k) is not None else old.get("resolved", {}).get(k)

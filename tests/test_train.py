@@ -245,6 +245,19 @@ def test_resume_refuses_other_options(tiny_run, tmp_path, option, value):
     refused(cli("train-cnn", *args, "--resume", ok=False), f"{option} {value} differs from the run's")
 
 
+def test_resume_as_the_unfinished_run_s_message_says_takes_the_run_s_own_seed_and_options(npz_file, tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(str(npz_file), run, TrainConfig(epochs=2, batch_size=16, seed=3, monitor="loss", ema=True),
+              callbacks=[CtrlC(epoch=2)])
+    said = " ".join(cli("fit-heads", "--run", run, ok=False).output.split())
+    advice = said[said.index("featurepipe train-cnn"):].split(";")[0].rstrip(".").split()[1:]
+    assert "--seed" not in advice  # the command it gives names no option but --data, --out and --resume
+    cli(*advice)
+    train_options = json.loads((run / "config.json").read_text())["train"]
+    assert (train_options["seed"], train_options["monitor"], train_options["ema"]) == (3, "loss", True)
+
+
 @pytest.mark.parametrize("arch", [[], ["--arch", "auto"], ["--arch", "sixblock"]])
 def test_resume_takes_what_arch_auto_chose(tiny_run, tmp_path, arch):
     # tiny_run left --arch to auto, which chose sixblock for its 28-px images: auto again, or the
