@@ -124,7 +124,7 @@ def test_the_takeaway_never_says_a_cnn_above_the_baseline_is_not_above_it():
     from featurepipe.report.documents import takeaway
 
     # 5 of 6 test images right against a baseline of 0.5: above it, but its interval reaches down to it.
-    text = takeaway({"cnn": {"accuracy": 5 / 6, "accuracy_ci": [0.5, 1.0]}}, {},
+    text = takeaway({"cnn": {"accuracy": 5 / 6, "accuracy_ci": [0.5, 1.0], "macro_f1": 0.8, "macro_f1_ci": [0.4, 1.0]}}, {},
                     {"cnn_above": False, "accuracy": 0.5, "class": "a"})
     assert "not clearly above the majority-class baseline 0.5000" in text and "interval reaches down to it" in text
     assert "did not learn" not in text and "is not above" not in text
