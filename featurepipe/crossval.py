@@ -36,9 +36,9 @@ from featurepipe.options import TrainConfig
 from featurepipe.progress import log, progress_bar
 from featurepipe.report import CompareOptions
 from featurepipe.report.command import compare
-from featurepipe.report.pooled import compare_crossval
+from featurepipe.report.pooled import check_fold, compare_crossval
 from featurepipe.run_config import RunConfig
-from featurepipe.runs import CrossvalPaths, RunPaths, environment, frozen_label, is_crossval, is_finished, run_lock
+from featurepipe.runs import CrossvalPaths, environment, frozen_label, is_crossval, is_finished, run_lock
 from featurepipe.train import train
 
 STAGES = ("train-cnn", "extract", "fit-heads", "compare")
@@ -103,7 +103,7 @@ def crossval(data: str, out: str | Path, cfg: TrainConfig, config: CrossvalConfi
     with progress_bar("stage") as bar:
         task = bar.add_task("crossval", total=config.folds * len(STAGES), info="")
         for k, fold_ids in enumerate(splits, start=1):
-            _fold(data, paths.fold(k), train_cfg, config, fold_ids, callbacks,
+            _fold(data, paths, k, plan, train_cfg, config, fold_ids, callbacks,
                   lambda stage: bar.update(task, info=f"fold {k}/{config.folds}: {stage}"),
                   lambda: bar.advance(task))
     return compare_crossval(paths.root, None, CompareOptions(resamples=config.bootstrap))
@@ -142,9 +142,12 @@ def _plan(paths: CrossvalPaths, catalog: fdata.Catalog, cfg: TrainConfig, config
     return plan
 
 
-def _fold(data: str, run: RunPaths, cfg: TrainConfig, config: CrossvalConfig, splits: dict[str, list[str]],
-          callbacks: Sequence[Callback], show, done) -> None:
+def _fold(data: str, paths: CrossvalPaths, k: int, plan: dict[str, Any], cfg: TrainConfig, config: CrossvalConfig,
+          splits: dict[str, list[str]], callbacks: Sequence[Callback], show, done) -> None:
     """The four stages on one fold, each skipped where its result is already there."""
+    run = paths.fold(k)
+    if run.config.exists():  # what is there must be this plan's fold before anything is kept or continued
+        check_fold(paths, k, plan)
     show("train-cnn")
     if not is_finished(run):
         resume = run.last_checkpoint.exists() and run.config.exists()

@@ -3,6 +3,7 @@ frozen-features arm, and class names for an .npz."""
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,13 @@ def options(weights: Path) -> TrainConfig:
 CV_CONFIG = CrossvalConfig(folds=FOLDS, heads=HEADS, tune="none", bootstrap=1000)
 
 
+def cv_args(cv: dict[str, Path], out: Path) -> list:
+    """The command line of the `cv` fixture's cross-validation, into `out`."""
+    return ["crossval", "--data", cv["data"], "--out", out, "--folds", FOLDS, "--heads", ",".join(HEADS),
+            "--tune", "none", "--bootstrap", 1000, "--arch", "sixblock", "--weights", cv["weights"], "--epochs", 1,
+            "--freeze-epochs", 1, "--batch-size", 16]
+
+
 @pytest.fixture(scope="module")
 def cv(tmp_path_factory) -> dict[str, Path]:
     """A finished two-fold cross-validation on the tiny .npz, from "pretrained" (random, local) weights."""
@@ -36,11 +44,16 @@ def cv(tmp_path_factory) -> dict[str, Path]:
     weights = tmp / "weights.pt"
     torch.manual_seed(0)
     torch.save(create_model("sixblock", 3, 1, [0.5], [0.25]).state_dict(), weights)
-    out = tmp / "cv"
-    cli("crossval", "--data", data, "--out", out, "--folds", FOLDS, "--heads", ",".join(HEADS), "--tune", "none",
-        "--bootstrap", 1000, "--arch", "sixblock", "--weights", weights, "--epochs", 1, "--freeze-epochs", 1,
-        "--batch-size", 16)
-    return {"data": data, "weights": weights, "out": out}
+    made = {"data": data, "weights": weights, "out": tmp / "cv"}
+    cli(*cv_args(made, made["out"]))
+    return made
+
+
+def copy_of(cv: dict[str, Path], tmp_path: Path) -> Path:
+    """A finished cross-validation of the user's own, to damage."""
+    out = tmp_path / "cv"
+    shutil.copytree(cv["out"], out)
+    return out
 
 
 def _ids(path: Path) -> list[str]:
@@ -146,6 +159,30 @@ def test_ctrl_c_in_a_crossval_says_to_run_the_same_command_again(cv, tmp_path, m
     r = cli("crossval", "--data", cv["data"], "--out", tmp_path / "cv", ok=False)
     assert r.exit_code == 130 and "Traceback" not in r.output
     assert "run the same crossval command again" in r.output and "--resume" not in r.output
+
+
+@pytest.mark.parametrize("other", ["data", "options", "test images"])
+def test_a_fold_that_is_not_the_plans_fold_is_refused_by_name(cv, tmp_path, class_folders, other):
+    """Issue 35, case 2: a run trained on other data (or with other options, or testing other images) where
+    fold 2 was was pooled as fold 2."""
+    out = copy_of(cv, tmp_path)
+    fold = out / "fold2"
+    if other == "data":
+        shutil.rmtree(fold)
+        cli("train-cnn", "--data", class_folders, "--out", fold, "--epochs", 1, "--batch-size", 16)
+    elif other == "options":
+        config = json.loads((fold / "config.json").read_text())
+        config["train"]["epochs"] = 3
+        (fold / "config.json").write_text(json.dumps(config))
+    else:
+        splits = json.loads((fold / "splits.json").read_text())
+        splits["test"], splits["train"] = splits["test"][5:] + splits["train"][:5], splits["train"][5:] + splits["test"][:5]
+        (fold / "splits.json").write_text(json.dumps(splits))
+    reason = {"data": "other data", "options": "other options", "test images": "other images"}[other]
+    for r in (cli(*cv_args(cv, out), ok=False),
+              cli("compare", "--run", out, "--out", tmp_path / "pooled", "--bootstrap", 1000, ok=False)):
+        refused(r, f"{fold}: not fold 2", reason, f"delete {fold}", "crossval command")
+    assert not (tmp_path / "pooled").exists()
 
 
 def test_crossval_refuses_other_options_in_the_same_folder(cv):

@@ -13,6 +13,7 @@ sets overlapping. It decides the verdict; McNemar stays in the table beside it.
 
 from __future__ import annotations
 
+import csv
 import json
 import time
 from datetime import datetime, timezone
@@ -24,7 +25,7 @@ import numpy as np
 from featurepipe import stats
 from featurepipe.errors import FeaturepipeError
 from featurepipe.evaluate import Predictions, report, scores
-from featurepipe.files import read_json, write_json, write_text
+from featurepipe.files import read_cell, read_json, require, write_json, write_text
 from featurepipe.progress import log
 from featurepipe.render import Doc, Table
 from featurepipe.report.csv_files import metrics_csv, per_class_csv
@@ -39,16 +40,45 @@ from featurepipe.runs import CrossvalPaths, RunPaths, environment
 T_TEST = "corrected resampled t-test over the folds (Nadeau and Bengio 2003)"
 
 
-def fold_runs(root: Path) -> list[RunPaths]:
-    """The folds' runs of the cross-validation in `root`, refused unless every one is finished."""
+def fold_runs(root: Path) -> tuple[list[RunPaths], list[set[str]]]:
+    """The folds' runs of the cross-validation in `root` and the ids each tested, refused unless every
+    one is finished and is the plan's fold."""
     paths = CrossvalPaths(Path(root))
     plan = read_json(paths.plan)
     runs = [paths.fold(k) for k in range(1, len(plan["test_ids"]) + 1)]
+    tested = [check_fold(paths, k, plan) for k, r in enumerate(runs, start=1) if r.config.exists()]
     unfinished = [r.root.name for r in runs if not (r.compare / "summary.json").exists()]
     if unfinished:
         raise FeaturepipeError(f"{paths.root}: {', '.join(unfinished)} not finished; continue with featurepipe "
                                f"crossval --data {plan['data']['source']} --out {paths.root} (and its options)")
-    return runs
+    return runs, tested
+
+
+def check_fold(paths: CrossvalPaths, k: int, plan: dict[str, Any]) -> set[str]:
+    """The ids fold k's run tested, refused unless the run is the plan's fold k: trained on the plan's data
+    with the plan's options, testing exactly the plan's images of fold k (less those it could not read).
+    Anything else in a fold's folder (a run trained there by hand, copied in, of other data) would be
+    pooled as if it were the plan's."""
+    run = paths.fold(k)
+    config = read_json(require(run.config, "run config", f"delete {run.root} and run the crossval command again"))
+    planned = set(plan["test_ids"][k - 1])
+    tested = set(read_json(run.splits).get("test", [])) if run.splits.is_file() else set()
+    unread = set()
+    if run.skipped.is_file():
+        with run.skipped.open(newline="", encoding="utf-8") as f:
+            unread = {read_cell(row["id"]) for row in csv.DictReader(f) if row.get("split") == "test"}
+    data, train = config.get("data", {}), config.get("train", {})
+    mine = {key: value for key, value in plan["data"].items() if key in ("index_fingerprint", "class_names")}
+    problem = (
+        "it is no run of featurepipe's" if config.get("command") != "train-cnn" else
+        "it was trained on other data" if any(data.get(key) != value for key, value in mine.items()) else
+        "it was trained with other options" if any(train.get(key) != value for key, value in plan["train"].items()
+                                                   if key != "folds") else
+        "it tests other images" if tested - planned or planned - tested - unread else None)
+    if problem is not None:
+        raise FeaturepipeError(f"{run.root}: not fold {k} of the cross-validation planned in {paths.plan} ({problem}); "
+                               f"delete {run.root} and run the crossval command again to train it")
+    return tested
 
 
 def pool(per_fold: list[dict[str, Predictions]], where: Path) -> dict[str, Predictions]:
@@ -105,10 +135,14 @@ def compare_crossval(root: str | Path, out: str | Path | None, options) -> dict[
     started = time.perf_counter()
     paths = CrossvalPaths(Path(root))
     plan = read_json(paths.plan)
-    runs = fold_runs(paths.root)
+    runs, tested = fold_runs(paths.root)
     cfgs = [RunConfig.load(r) for r in runs]
     inputs = [load_all(c) for c in cfgs]
     per_fold = [i.preds for i in inputs]
+    for run, p, ids in zip(runs, per_fold, tested):
+        if set(p["cnn"].ids) != ids:
+            raise FeaturepipeError(f"{run.predictions('cnn')}: not the predictions of the images the fold tested; "
+                                   f"delete {run.root} and run the crossval command again")
     preds = pool(per_fold, paths.root)
     out = Path(out) if out is not None else paths.compare
     ref = preds["cnn"]
