@@ -149,8 +149,9 @@ def _fold(data: str, paths: CrossvalPaths, k: int, plan: dict[str, Any], cfg: Tr
     if run.config.exists():  # what is there must be this plan's fold before anything is kept or continued
         check_fold(paths, k, plan)
     show("train-cnn")
-    if not is_finished(run):
-        resume = run.last_checkpoint.exists() and run.config.exists()
+    if not (is_finished(run) and run.checkpoint.is_file()):
+        # A fold that lost its checkpoint is trained again, from the start: the seed gives the same model.
+        resume = not is_finished(run) and run.last_checkpoint.exists() and run.config.exists()
         with run_lock(run.root, "--out", create=True):
             train(data, run.root, replace(cfg, resume=resume, overwrite=not resume), callbacks, splits=splits)
     done()

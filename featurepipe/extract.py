@@ -26,7 +26,7 @@ from featurepipe.models import LAYERS, TTA, create_model, fingerprint, load_chec
 from featurepipe.models.embedding import check_choice
 from featurepipe.progress import log, progress_bar
 from featurepipe.run_config import RunConfig
-from featurepipe.runs import check_output, run_paths, skipped_beside
+from featurepipe.runs import check_output, run_paths, skipped_beside, train_advice
 
 def extract(run: str | Path, batch_size: int = 256, data: str | None = None, out: str | Path | None = None,
             device: str = "auto", amp: bool | None = None, layer: str = "penultimate", tta: str = "none",
@@ -57,7 +57,7 @@ def _extract(run: str | Path, batch_size: int, data: str | None, out: str | Path
     """One pass of `extract`: the run's CNN, or with `frozen` its pretrained backbone untouched by training."""
     paths = run_paths(run)
     cfg = RunConfig.load(paths)
-    require(paths.checkpoint, "trained CNN", f"run featurepipe train-cnn --out {paths.root} first")
+    require(paths.checkpoint, "trained CNN", train_advice(paths.root, cfg.data.source))
     if (data is None) != (out is None):
         raise FeaturepipeError("--data and --out go together: embed another source into the file --out names")
     if batch_size < 1:

@@ -14,7 +14,7 @@ from featurepipe.errors import FeaturepipeError
 from featurepipe.files import read_json, require
 from featurepipe.options import TrainConfig
 from featurepipe.progress import log
-from featurepipe.runs import RunPaths, is_finished, is_run
+from featurepipe.runs import RunPaths, crossval_command, crossval_holding, is_finished, is_run
 
 # Options a resumed run must share with its first start (device, amp and --on-bad-image may change).
 RESUME_KEEPS = ("arch", "weights", "epochs", "freeze_epochs", "batch_size", "img_size", "lr", "lr_backbone_ratio",
@@ -26,8 +26,14 @@ def _resumable(run: RunPaths) -> bool:
     return run.last_checkpoint.exists() or any(run.root.glob("folds/*/cnn/last.pt"))
 
 
-def check_run_dir(run: RunPaths, data: str, cfg: TrainConfig) -> TrainConfig:
-    """The options to train with: as given, or on --resume the run's own where one is left out."""
+def check_run_dir(run: RunPaths, data: str, cfg: TrainConfig, fold: bool = False) -> TrainConfig:
+    """The options to train with: as given, or on --resume the run's own where one is left out. Only
+    crossval (`fold`) trains inside a cross-validation: a run of another split or other data there would
+    be pooled as a fold, or make the plan's folder no cross-validation."""
+    cv = crossval_holding(run.root)
+    if cv is not None and not fold:
+        raise FeaturepipeError(f"--out {run.root}: is inside the cross-validation {cv}, where train-cnn never writes "
+                               f"(its folds are trained by {crossval_command(cv)}); give another --out")
     if cfg.resume:
         if not _resumable(run):
             raise FeaturepipeError(f"--resume: {run.last_checkpoint} does not exist; start the run without --resume")

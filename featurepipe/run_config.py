@@ -15,7 +15,8 @@ from typing import Any
 from featurepipe.errors import FeaturepipeError
 from featurepipe.files import read_json, require
 from featurepipe.models import fingerprint
-from featurepipe.runs import FROZEN_STEM, RunPaths, frozen_label, is_finished, is_frozen
+from featurepipe.runs import (FROZEN_STEM, CrossvalPaths, RunPaths, fold_command, frozen_label, is_crossval, is_finished,
+                              is_frozen, train_advice)
 
 
 @dataclass(frozen=True)
@@ -69,12 +70,17 @@ class RunConfig:
     @classmethod
     def load(cls, paths: RunPaths) -> "RunConfig":
         """The config of a finished run: one whose training was interrupted is refused (see is_finished)."""
-        require(paths.config, "run config", f"train a CNN first: featurepipe train-cnn --data SRC --out {paths.root}")
+        if is_crossval(paths.root):
+            raise FeaturepipeError(f"--run {paths.root}: is a cross-validation, not a run; give one of its folds "
+                                   f"(--run {CrossvalPaths(paths.root).fold(1).root}, ...), or pool them with featurepipe compare "
+                                   f"--run {paths.root}")
+        require(paths.config, "run config", train_advice(paths.root))
         raw = read_json(paths.config)
         if not is_finished(paths):
             raise FeaturepipeError(
-                f"{paths.root}: its training did not finish (no {paths.cnn_metrics}); continue it with featurepipe "
-                f"train-cnn --data {raw.get('data', {}).get('source', 'SRC')} --out {paths.root} --resume")
+                f"{paths.root}: its training did not finish (no {paths.cnn_metrics}); continue it with "
+                + (fold_command(paths.root) or f"featurepipe train-cnn --data {raw.get('data', {}).get('source', 'SRC')} "
+                                               f"--out {paths.root} --resume"))
         return cls.parse(paths, raw)
 
     @classmethod
@@ -101,8 +107,7 @@ class RunConfig:
     @functools.cached_property
     def checkpoint(self) -> str:
         """The fingerprint of the run's checkpoint now: what everything derived from it records."""
-        return fingerprint(require(self.paths.checkpoint, "trained CNN",
-                                   f"run featurepipe train-cnn --out {self.paths.root} first"))
+        return fingerprint(require(self.paths.checkpoint, "trained CNN", train_advice(self.paths.root, self.data.source)))
 
     @property
     def weights(self) -> str | None:

@@ -9,6 +9,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,6 +162,41 @@ def is_crossval(root: str | os.PathLike) -> bool:
         return json.loads((Path(root) / "crossval.json").read_text(encoding="utf-8")).get("command") == "crossval"
     except (OSError, ValueError, AttributeError):
         return False
+
+
+def crossval_holding(path: str | os.PathLike) -> Path | None:
+    """The cross-validation `path` is, or lies inside, if any."""
+    path = Path(os.path.abspath(Path(path).expanduser()))
+    return next((p for p in (path, *path.parents) if is_crossval(p)), None)
+
+
+def crossval_command(root: Path) -> str:
+    """The command that continues the cross-validation in `root`, and repairs any of its folds, from its plan:
+    its data and every option that is not the default."""
+    from featurepipe.options import TrainConfig, declared, flag
+
+    plan = json.loads(CrossvalPaths(Path(root)).plan.read_text(encoding="utf-8"))
+    cv = plan["crossval"]
+    words = ["featurepipe", "crossval", "--data", plan["data"]["source"], "--out", str(root), "--folds", cv["folds"],
+             "--heads", ",".join(cv["heads"]), "--tune", cv["tune"], "--bootstrap", cv["bootstrap"]]
+    for f in declared(TrainConfig):
+        value = plan["train"].get(f.name, f.default)
+        if f.name != "folds" and value != f.default:
+            words += ([flag(f.name) if value else "--no-" + f.name.replace("_", "-")] if isinstance(value, bool)
+                      else [flag(f.name), value])
+    return shlex.join(str(w) for w in words)
+
+
+def fold_command(root: Path) -> str | None:
+    """For a fold of a cross-validation, the crossval command that (re)makes it: train-cnn never writes into one."""
+    cv = crossval_holding(root)
+    return crossval_command(cv) if cv is not None and cv == Path(os.path.abspath(root)).parent else None
+
+
+def train_advice(root: Path, source: str = "SRC") -> str:
+    """What trains the CNN of the run `root`."""
+    command = fold_command(root)
+    return f"run {command}" if command else f"train a CNN first: featurepipe train-cnn --data {source} --out {root}"
 
 
 def check_output(path: Path, option: str, *, folder: bool = False, overwrite: bool = False,

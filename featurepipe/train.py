@@ -50,8 +50,8 @@ def train(data: str, out: str | Path, cfg: TrainConfig, callbacks: Sequence[Call
     """train-cnn: the run's metrics (None on torchrun's ranks other than 0). `callbacks` join every fit's own.
     `splits` (image ids per split) replaces the split featurepipe would make: a fold of `crossval`."""
     run = run_paths(out)
-    cfg = resume.check_run_dir(run, data, cfg)
     fold = splits is not None
+    cfg = resume.check_run_dir(run, data, cfg, fold=fold)
     prep = prepare(data, cfg, training_device(cfg.device),
                    read_json(run.splits) if cfg.resume and run.splits.exists() else splits)
     cfg, catalog, splits = prep.cfg, prep.catalog, prep.splits

@@ -3,6 +3,7 @@ frozen-features arm, and class names for an .npz."""
 
 import csv
 import json
+import shlex
 import shutil
 from pathlib import Path
 
@@ -168,8 +169,9 @@ def test_a_fold_that_is_not_the_plans_fold_is_refused_by_name(cv, tmp_path, clas
     out = copy_of(cv, tmp_path)
     fold = out / "fold2"
     if other == "data":
-        shutil.rmtree(fold)
-        cli("train-cnn", "--data", class_folders, "--out", fold, "--epochs", 1, "--batch-size", 16)
+        shutil.rmtree(fold)  # train-cnn no longer writes into a cross-validation: trained elsewhere, moved in
+        cli("train-cnn", "--data", class_folders, "--out", tmp_path / "other", "--epochs", 1, "--batch-size", 16)
+        (tmp_path / "other").rename(fold)
     elif other == "options":
         config = json.loads((fold / "config.json").read_text())
         config["train"]["epochs"] = 3
@@ -181,8 +183,38 @@ def test_a_fold_that_is_not_the_plans_fold_is_refused_by_name(cv, tmp_path, clas
     reason = {"data": "other data", "options": "other options", "test images": "other images"}[other]
     for r in (cli(*cv_args(cv, out), ok=False),
               cli("compare", "--run", out, "--out", tmp_path / "pooled", "--bootstrap", 1000, ok=False)):
-        refused(r, f"{fold}: not fold 2", reason, f"delete {fold}", "crossval command")
+        refused(r, f"{fold}: not fold 2", reason, f"delete {fold}", "featurepipe crossval --data")
     assert not (tmp_path / "pooled").exists()
+
+
+def test_a_fold_that_lost_its_checkpoint_is_repaired_by_the_command_the_error_names(cv, tmp_path):
+    """Issue 35, case 3: the advice was train-cnn --out CV/fold1, which gives the fold a split of its own."""
+    out = copy_of(cv, tmp_path)
+    (out / "fold1" / "cnn" / "model.pt").unlink()
+    line = refused(cli("compare", "--run", out, "--bootstrap", 1000, ok=False), "model.pt", "featurepipe crossval")
+    assert "train-cnn" not in line
+    command = shlex.split(line.split("run ", 1)[1])
+    assert command[:2] == ["featurepipe", "crossval"]
+    cli(*command[1:])
+    for name in ("cnn/test_predictions.csv", "heads/logreg.test_predictions.csv"):  # the seed's model again
+        assert (out / "fold1" / name).read_text() == (cv["out"] / "fold1" / name).read_text()
+
+
+def test_train_cnn_never_writes_into_a_cross_validation(cv, tmp_path):
+    out = copy_of(cv, tmp_path)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    for target in (out, out / "fold2", out / "fold2" / "sub"):
+        for extra in ((), ("--overwrite",), ("--resume",)):
+            r = cli("train-cnn", "--data", cv["data"], "--out", target, "--epochs", 1, *extra, ok=False)
+            refused(r, f"--out {target}", f"cross-validation {out}", "featurepipe crossval --data")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("command", [("extract",), ("fit-heads",), ("predict", "x.png")])
+def test_commands_of_one_run_given_a_cross_validation_name_its_folds(cv, command):
+    r = cli(*command, "--run", cv["out"], ok=False)
+    line = refused(r, f"--run {cv['out']}", "cross-validation", f"--run {cv['out'] / 'fold1'}", "compare")
+    assert "train-cnn" not in line
 
 
 def test_crossval_refuses_other_options_in_the_same_folder(cv):

@@ -12,6 +12,7 @@ from featurepipe.errors import FeaturepipeError
 from featurepipe.evaluate import Predictions, load_predictions
 from featurepipe.files import read_json, require
 from featurepipe.run_config import RunConfig
+from featurepipe.runs import train_advice
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,7 @@ class Inputs:
 def load_all(cfg: RunConfig) -> Inputs:
     """The CNN's and every head's test predictions and records, refused unless all cover the same test images."""
     paths, class_names = cfg.paths, cfg.class_names
-    require(paths.predictions("cnn"), "CNN test predictions", f"run featurepipe train-cnn --out {paths.root} first")
+    require(paths.predictions("cnn"), "CNN test predictions", train_advice(paths.root, cfg.data.source))
     heads = cfg.fitted_heads()
     if not heads:
         raise FeaturepipeError(f"{paths.heads}: no fitted heads; run featurepipe fit-heads --run {paths.root} first")

@@ -35,7 +35,7 @@ from featurepipe.report.figures import run_figures
 from featurepipe.report.inputs import features_of, load_all, model_cost
 from featurepipe.report.scoring import baseline, best_words, evaluate_models, verdict
 from featurepipe.run_config import RunConfig
-from featurepipe.runs import CrossvalPaths, RunPaths, environment
+from featurepipe.runs import CrossvalPaths, RunPaths, crossval_command, environment
 
 T_TEST = "corrected resampled t-test over the folds (Nadeau and Bengio 2003)"
 
@@ -49,8 +49,8 @@ def fold_runs(root: Path) -> tuple[list[RunPaths], list[set[str]]]:
     tested = [check_fold(paths, k, plan) for k, r in enumerate(runs, start=1) if r.config.exists()]
     unfinished = [r.root.name for r in runs if not (r.compare / "summary.json").exists()]
     if unfinished:
-        raise FeaturepipeError(f"{paths.root}: {', '.join(unfinished)} not finished; continue with featurepipe "
-                               f"crossval --data {plan['data']['source']} --out {paths.root} (and its options)")
+        raise FeaturepipeError(f"{paths.root}: {', '.join(unfinished)} not finished; continue with "
+                               f"{crossval_command(paths.root)}")
     return runs, tested
 
 
@@ -77,7 +77,7 @@ def check_fold(paths: CrossvalPaths, k: int, plan: dict[str, Any]) -> set[str]:
         "it tests other images" if tested - planned or planned - tested - unread else None)
     if problem is not None:
         raise FeaturepipeError(f"{run.root}: not fold {k} of the cross-validation planned in {paths.plan} ({problem}); "
-                               f"delete {run.root} and run the crossval command again to train it")
+                               f"delete {run.root} and train it again with {crossval_command(paths.root)}")
     return tested
 
 
@@ -88,7 +88,7 @@ def pool(per_fold: list[dict[str, Predictions]], where: Path) -> dict[str, Predi
     for k, preds in enumerate(per_fold, start=1):
         if set(preds) != set(names):
             raise FeaturepipeError(f"{where}/fold{k}: its models ({', '.join(preds)}) differ from fold1's "
-                                   f"({', '.join(names)}); re-run featurepipe crossval to finish every fold")
+                                   f"({', '.join(names)}); finish every fold with {crossval_command(where)}")
     pooled = {}
     for name in names:
         parts = [preds[name] for preds in per_fold]
@@ -142,7 +142,7 @@ def compare_crossval(root: str | Path, out: str | Path | None, options) -> dict[
     for run, p, ids in zip(runs, per_fold, tested):
         if set(p["cnn"].ids) != ids:
             raise FeaturepipeError(f"{run.predictions('cnn')}: not the predictions of the images the fold tested; "
-                                   f"delete {run.root} and run the crossval command again")
+                                   f"delete {run.root} and train it again with {crossval_command(paths.root)}")
     preds = pool(per_fold, paths.root)
     out = Path(out) if out is not None else paths.compare
     ref = preds["cnn"]
