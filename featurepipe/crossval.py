@@ -24,7 +24,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from featurepipe import data as fdata
+from featurepipe.data.cache import memory_bytes
 from featurepipe.data.fingerprint import data_fingerprint
+from featurepipe.device import choose_precision, resolve_device
 from featurepipe.engine import Callback
 from featurepipe.errors import FeaturepipeError
 from featurepipe.extract import extract
@@ -42,8 +44,10 @@ from featurepipe.runs import CrossvalPaths, environment, frozen_label, is_crossv
 from featurepipe.train import train
 
 STAGES = ("train-cnn", "extract", "fit-heads", "compare")
-# Options that may change between a cross-validation's first start and its continuation.
+# Options that may change between a cross-validation's first start and its continuation: they change
+# how fast it runs, or what happens to an unreadable image, not what a fold computes.
 MAY_CHANGE = ("device", "amp", "on_bad_image", "resume", "overwrite")
+CROSSVAL_MAY_CHANGE = ("jobs",)
 
 
 @dataclass
@@ -91,6 +95,9 @@ def crossval(data: str, out: str | Path, cfg: TrainConfig, config: CrossvalConfi
     `callbacks` join every fold's training (tests interrupt it through them)."""
     cfg.validate()
     config.validate()
+    # What the first fold would refuse later (the device, FEATUREPIPE_* values) is refused before the plan.
+    choose_precision(resolve_device(cfg.device), cfg.amp)
+    memory_bytes()
     paths = CrossvalPaths(Path(out))
     catalog = fdata.name_classes(fdata.scan(data, cfg.allow_outside), cfg.class_names)
     splits = [{s: [catalog.ids[i] for i in idx] for s, idx in fold.items()}
@@ -111,13 +118,17 @@ def crossval(data: str, out: str | Path, cfg: TrainConfig, config: CrossvalConfi
 
 def _plan(paths: CrossvalPaths, catalog: fdata.Catalog, cfg: TrainConfig, config: CrossvalConfig,
           test_ids: list[list[str]]) -> dict[str, Any]:
-    """crossval.json: written before the first fold; a continuation must match it."""
+    """crossval.json: written before the first fold; a continuation must match it. Until a fold has
+    started (its folder exists) nothing has been computed under it, so a re-run with other options
+    replaces it: a run refused before its first fold (a bad environment value, a full disk) does not
+    bind the next."""
     plan = {
         "command": "crossval",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "data": {"source": catalog.source, "kind": catalog.kind, "class_names": catalog.class_names,
                  "index_fingerprint": data_fingerprint(catalog, contents=False), "images": len(catalog)},
-        "crossval": {**asdict(config), "heads": list(config.heads)},
+        "crossval": {k: v for k, v in {**asdict(config), "heads": list(config.heads)}.items()
+                     if k not in CROSSVAL_MAY_CHANGE},
         "train": {k: v for k, v in asdict(cfg).items() if k not in MAY_CHANGE},
         "seed": cfg.seed,
         "test_ids": test_ids,
@@ -125,21 +136,35 @@ def _plan(paths: CrossvalPaths, catalog: fdata.Catalog, cfg: TrainConfig, config
     }
     if is_crossval(paths.root):
         old = read_json(paths.plan)
-        for key, what in (("data", "data"), ("crossval", "cross-validation options"), ("train", "train-cnn options")):
-            mine = plan[key] if key != "data" else {k: v for k, v in plan[key].items() if k != "source"}
-            theirs = old.get(key, {}) if key != "data" else {k: v for k, v in old.get(key, {}).items() if k != "source"}
-            if mine != theirs:
-                diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
-                raise FeaturepipeError(f"--out {paths.root}: holds a cross-validation with other {what} "
-                                       f"({', '.join(diff)}); continue it with the same ones, or give a new --out")
-        log(f"continuing the cross-validation in {paths.root}")
-        return old
+        differ = _differences(old, plan)
+        if not differ:
+            log(f"continuing the cross-validation in {paths.root}")
+            return old
+        if any(paths.fold(k).root.exists() for k in range(1, len(old.get("test_ids", [])) + 1)):
+            what, diff = differ
+            raise FeaturepipeError(f"--out {paths.root}: holds a cross-validation with other {what} "
+                                   f"({', '.join(diff)}); continue it with the same ones, or give a new --out")
+        log(f"replacing the plan in {paths.root}: none of its folds had started")
+        write_json(paths.plan, plan)
+        return plan
     others = sorted(p.name for p in paths.root.iterdir() if p.name != ".lock") if paths.root.is_dir() else []
     if others:
         raise FeaturepipeError(f"--out {paths.root}: holds other files ({', '.join(others[:3])}) and is no "
                                "cross-validation; give a new or empty folder")
     write_json(paths.plan, plan)
     return plan
+
+
+def _differences(old: dict[str, Any], plan: dict[str, Any]) -> tuple[str, list[str]] | None:
+    """What differs between two plans, by section, where the folds they make would differ (None: nothing).
+    A plan written before an option could change keeps it; it is left out of the comparison."""
+    for key, what in (("data", "data"), ("crossval", "cross-validation options"), ("train", "train-cnn options")):
+        ignored = {"data": ("source",), "crossval": CROSSVAL_MAY_CHANGE}.get(key, ())
+        mine = {k: v for k, v in plan[key].items() if k not in ignored}
+        theirs = {k: v for k, v in old.get(key, {}).items() if k not in ignored}
+        if mine != theirs:
+            return what, sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+    return None
 
 
 def _fold(data: str, paths: CrossvalPaths, k: int, plan: dict[str, Any], cfg: TrainConfig, config: CrossvalConfig,

@@ -223,6 +223,36 @@ def test_crossval_refuses_other_options_in_the_same_folder(cv):
     refused(r, "--out", "other cross-validation options")
 
 
+def test_a_bad_environment_value_is_refused_before_the_plan(cv, tmp_path, monkeypatch):
+    """Issue 35, case 8: crossval.json was written, then the first fold refused the value."""
+    monkeypatch.setenv("FEATUREPIPE_CPU_BF16", "garbage")
+    refused(cli(*cv_args(cv, tmp_path / "cv"), ok=False), "FEATUREPIPE_CPU_BF16=garbage")
+    assert not (tmp_path / "cv").exists()
+
+
+def test_a_plan_whose_folds_never_started_does_not_bind_a_corrected_rerun(cv, tmp_path, monkeypatch):
+    import featurepipe.crossval as module
+    from featurepipe.errors import FeaturepipeError
+
+    def refuses(*args, **kwargs):  # whatever stops the first fold before it writes anything
+        raise FeaturepipeError("refused")
+
+    monkeypatch.setattr(module, "train", refuses)
+    out = tmp_path / "cv"
+    refused(cli(*cv_args(cv, out), ok=False), "refused")
+    assert {p.name for p in out.iterdir()} - {".lock"} == {"crossval.json"}  # no fold started
+    refused(cli(*cv_args(cv, out), "--folds", 3, ok=False), "refused")  # not "other options"
+    assert len(json.loads((out / "crossval.json").read_text())["test_ids"]) == 3
+
+
+def test_only_jobs_changed_continues_the_cross_validation(cv, tmp_path):
+    out = copy_of(cv, tmp_path)
+    done = (out / "fold1" / "cnn" / "model.pt").stat().st_mtime
+    r = cli(*cv_args(cv, out), "--jobs", 1)
+    assert "continuing" in r.output
+    assert (out / "fold1" / "cnn" / "model.pt").stat().st_mtime == done
+
+
 def test_crossval_refuses_folds_the_data_cannot_fill(tmp_path):
     data = write_npz(tmp_path / "tiny.npz")  # 62 images a class
     refused(cli("crossval", "--data", data, "--out", tmp_path / "x", "--folds", 1, ok=False), "--folds 1")
