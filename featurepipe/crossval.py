@@ -74,8 +74,12 @@ def fold_splits(catalog: fdata.Catalog, folds: int, seed: int) -> list[dict[str,
     labels = catalog.labels
     fewest = int(np.bincount(labels, minlength=len(catalog.class_names)).min())
     if fewest < folds + 2:  # every fold's test, val and train need an image of every class
+        if fewest < 4:
+            raise FeaturepipeError(f"--data {catalog.source}: its smallest class has {fewest} image(s); it cannot be "
+                                   "cross-validated: every class needs 4 (test images for 2 folds, a val and a "
+                                   "train image)")
         raise FeaturepipeError(f"--folds {folds}: the smallest class of {catalog.source} has {fewest} image(s); "
-                               f"use at most {max(1, fewest - 2)} folds")
+                               f"use at most {fewest - 2} folds")
     groups = None if catalog.groups is None else np.asarray(catalog.groups)
     everything = np.arange(len(catalog))
     parts = fdata.splits.kfold(labels, folds, seed, groups, f"{catalog.source} holds")

@@ -256,29 +256,44 @@ def run_lock(root: Path, option: str = "--run", create: bool = False) -> Iterato
         check_output(root, option, folder=True)
     lock = RunPaths(root).lock
     made = not root.exists()
-    try:
-        with cannot_write(lock):
-            root.mkdir(parents=True, exist_ok=True)
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
-    except IsADirectoryError:
-        raise FeaturepipeError(f"{lock}: is a folder, not featurepipe's lock file; remove it and re-run") from None
-    except FeaturepipeError:
-        if create:
-            raise
-        yield
-        return
-    try:
+    while True:
+        try:
+            with cannot_write(lock):
+                root.mkdir(parents=True, exist_ok=True)
+                before = set(os.listdir(root))
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        except IsADirectoryError:
+            raise FeaturepipeError(f"{lock}: is a folder, not featurepipe's lock file; remove it and re-run") from None
+        except FeaturepipeError:
+            if create:
+                raise
+            yield
+            return
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            os.close(fd)
             raise FeaturepipeError(f"{root}: another featurepipe command is writing this run (it holds {lock}); "
                                    "wait for it to finish") from None
+        if _same_file(fd, lock):
+            break
+        os.close(fd)  # its holder removed it (below) before we locked it: lock the file there now
+    try:
         yield
     finally:
-        os.close(fd)
-        if made and [p.name for p in root.iterdir()] == [lock.name]:  # refused before writing: leave no trace
+        # Refused before writing anything: leave no trace, neither the folder nor a lock in a user's folder.
+        if lock.name not in before and set(os.listdir(root)) == before | {lock.name}:
             lock.unlink(missing_ok=True)
-            root.rmdir()
+            if made:
+                root.rmdir()
+        os.close(fd)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
 
 
 def skipped_beside(path: Path) -> Path:

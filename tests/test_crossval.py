@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CtrlC, cli, prediction_file, refused, write_npz
+from conftest import CtrlC, cli, prediction_file, refused, write_images, write_npz
 from featurepipe.crossval import CrossvalConfig, crossval
 from featurepipe.models import create_model
 from featurepipe.options import TrainConfig
@@ -251,6 +251,24 @@ def test_only_jobs_changed_continues_the_cross_validation(cv, tmp_path):
     r = cli(*cv_args(cv, out), "--jobs", 1)
     assert "continuing" in r.output
     assert (out / "fold1" / "cnn" / "model.pt").stat().st_mtime == done
+
+
+def test_data_too_small_to_cross_validate_says_so(tmp_path):
+    """Issue 35, case 9: "use at most 1 folds", while --folds 1 is refused."""
+    write_images(tmp_path / "one", 1)
+    for folds in (2, 3):
+        line = refused(cli("crossval", "--data", tmp_path / "one", "--out", tmp_path / "x", "--folds", folds, ok=False),
+                       "cannot be cross-validated", "1 image(s)")
+        assert "at most" not in line
+
+
+@pytest.mark.parametrize("command", ["crossval", "train-cnn"])
+def test_a_refused_out_leaves_no_lock_in_a_users_folder(npz_file, tmp_path, command):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    refused(cli(command, "--data", npz_file, "--out", mine, ok=False), f"--out {mine}", "notes.txt")
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
 
 
 def test_crossval_refuses_folds_the_data_cannot_fill(tmp_path):
