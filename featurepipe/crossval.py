@@ -40,7 +40,8 @@ from featurepipe.report import CompareOptions
 from featurepipe.report.command import compare
 from featurepipe.report.pooled import check_fold, compare_crossval
 from featurepipe.run_config import RunConfig
-from featurepipe.runs import CrossvalPaths, environment, frozen_label, is_crossval, is_finished, run_lock
+from featurepipe.runs import (CrossvalPaths, environment, frozen_label, is_crossval, is_finished, read_plan,
+                              run_lock)
 from featurepipe.train import train
 
 STAGES = ("train-cnn", "extract", "fit-heads", "compare")
@@ -139,7 +140,7 @@ def _plan(paths: CrossvalPaths, catalog: fdata.Catalog, cfg: TrainConfig, config
         "environment": environment(),
     }
     if is_crossval(paths.root):
-        old = read_json(paths.plan)
+        old = read_plan(paths.root)
         differ = _differences(old, plan)
         if not differ:
             log(f"continuing the cross-validation in {paths.root}")

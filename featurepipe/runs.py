@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from featurepipe.errors import FeaturepipeError
-from featurepipe.files import cannot_write
+from featurepipe.files import cannot_write, read_json
 
 
 @dataclass(frozen=True)
@@ -164,6 +164,23 @@ def is_crossval(root: str | os.PathLike) -> bool:
         return False
 
 
+# What every reader of crossval.json takes from it; a plan without them is damaged, not a cross-validation's.
+PLAN_KEYS = {"data": dict, "crossval": dict, "train": dict, "seed": int, "test_ids": list}
+
+
+def read_plan(root: Path) -> dict[str, Any]:
+    """The plan of the cross-validation in `root`, refused (one line) where it is not the one crossval wrote."""
+    path = CrossvalPaths(Path(root)).plan
+    plan = read_json(path)
+    folds = plan.get("test_ids")
+    if (any(not isinstance(plan.get(k), t) for k, t in PLAN_KEYS.items()) or len(folds) < 2
+            or not all(isinstance(ids, list) and ids for ids in folds)
+            or not all(k in plan["data"] for k in ("source", "index_fingerprint", "class_names"))):
+        raise FeaturepipeError(f"{path}: not the plan featurepipe crossval writes (damaged or edited); put back "
+                               f"the original, or run the cross-validation again in a new folder")
+    return plan
+
+
 def crossval_holding(path: str | os.PathLike) -> Path | None:
     """The cross-validation `path` is, or lies inside, if any."""
     path = Path(os.path.abspath(Path(path).expanduser()))
@@ -175,7 +192,7 @@ def crossval_command(root: Path) -> str:
     its data and every option that is not the default."""
     from featurepipe.options import TrainConfig, declared, flag
 
-    plan = json.loads(CrossvalPaths(Path(root)).plan.read_text(encoding="utf-8"))
+    plan = read_plan(root)
     cv = plan["crossval"]
     words = ["featurepipe", "crossval", "--data", plan["data"]["source"], "--out", str(root), "--folds", cv["folds"],
              "--heads", ",".join(cv["heads"]), "--tune", cv["tune"], "--bootstrap", cv["bootstrap"]]

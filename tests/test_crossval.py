@@ -217,6 +217,16 @@ def test_commands_of_one_run_given_a_cross_validation_name_its_folds(cv, command
     assert "train-cnn" not in line
 
 
+@pytest.mark.parametrize("damage", ["test_ids", "data", "seed"])
+def test_a_damaged_plan_is_refused_in_one_line(cv, tmp_path, damage):
+    out = copy_of(cv, tmp_path)
+    plan = json.loads((out / "crossval.json").read_text())
+    plan[damage] = None
+    (out / "crossval.json").write_text(json.dumps(plan))
+    for r in (cli(*cv_args(cv, out), ok=False), cli("compare", "--run", out, "--bootstrap", 1000, ok=False)):
+        refused(r, "crossval.json", "not the plan")
+
+
 def test_crossval_refuses_other_options_in_the_same_folder(cv):
     r = cli("crossval", "--data", cv["data"], "--out", cv["out"], "--folds", 3, "--heads", ",".join(HEADS),
             "--tune", "none", "--bootstrap", 1000, ok=False)

@@ -35,7 +35,7 @@ from featurepipe.report.figures import run_figures
 from featurepipe.report.inputs import features_of, load_all, model_cost
 from featurepipe.report.scoring import baseline, best_words, evaluate_models, verdict
 from featurepipe.run_config import RunConfig
-from featurepipe.runs import CrossvalPaths, RunPaths, crossval_command, environment
+from featurepipe.runs import CrossvalPaths, RunPaths, crossval_command, environment, read_plan
 
 T_TEST = "corrected resampled t-test over the folds (Nadeau and Bengio 2003)"
 
@@ -44,7 +44,7 @@ def fold_runs(root: Path) -> tuple[list[RunPaths], list[set[str]]]:
     """The folds' runs of the cross-validation in `root` and the ids each tested, refused unless every
     one is finished and is the plan's fold."""
     paths = CrossvalPaths(Path(root))
-    plan = read_json(paths.plan)
+    plan = read_plan(paths.root)
     runs = [paths.fold(k) for k in range(1, len(plan["test_ids"]) + 1)]
     tested = [check_fold(paths, k, plan) for k, r in enumerate(runs, start=1) if r.config.exists()]
     unfinished = [r.root.name for r in runs if not (r.compare / "summary.json").exists()]
@@ -60,7 +60,7 @@ def check_fold(paths: CrossvalPaths, k: int, plan: dict[str, Any]) -> set[str]:
     Anything else in a fold's folder (a run trained there by hand, copied in, of other data) would be
     pooled as if it were the plan's."""
     run = paths.fold(k)
-    config = read_json(require(run.config, "run config", f"delete {run.root} and run the crossval command again"))
+    config = read_json(require(run.config, "run config", f"delete {run.root} and train it again with {crossval_command(paths.root)}"))
     planned = set(plan["test_ids"][k - 1])
     tested = set(read_json(run.splits).get("test", [])) if run.splits.is_file() else set()
     unread = set()
@@ -134,7 +134,7 @@ def compare_crossval(root: str | Path, out: str | Path | None, options) -> dict[
     options.validate()
     started = time.perf_counter()
     paths = CrossvalPaths(Path(root))
-    plan = read_json(paths.plan)
+    plan = read_plan(paths.root)
     runs, tested = fold_runs(paths.root)
     cfgs = [RunConfig.load(r) for r in runs]
     inputs = [load_all(c) for c in cfgs]
