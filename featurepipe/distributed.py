@@ -80,8 +80,14 @@ def setup(device: torch.device) -> torch.device:
     atexit.register(teardown)
     if device.type == "cpu":
         # N processes on one machine share its cores; without this each spins up all of them.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // started.local_world_size))
+        torch.set_num_threads(max(1, cores() // started.local_world_size))
     return device
+
+
+def cores() -> int:
+    """The cores this process may run on: its affinity (taskset's, a crossval fold worker's share), not
+    the machine's count."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def teardown() -> None:

@@ -4,7 +4,6 @@ all go through `each_image`."""
 
 from __future__ import annotations
 
-import os
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -13,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from featurepipe.data.images import UnreadableImage
 from featurepipe.data.sources import ArrayStore, FileStore
-from featurepipe.distributed import launch
+from featurepipe.distributed import cores, launch
 from featurepipe.progress import progress_bar
 
 
@@ -25,8 +24,8 @@ def num_workers(store: ArrayStore | FileStore) -> int:
     """
     if store.in_memory:
         return 0
-    cores = (os.cpu_count() or 2) // launch().local_world_size
-    return max(1, min(16, cores - 1))
+    share = cores() // launch().local_world_size
+    return max(1, min(16, share - 1))
 
 
 def each_image(store: ArrayStore | FileStore, indices: np.ndarray, fn: Callable[[Any, int], Any],
