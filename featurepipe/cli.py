@@ -86,6 +86,10 @@ def crossval(
     out: Path = typer.Option(..., "--out", help="Folder for the cross-validation: fold1/ … foldK/ (each a run) and "
                                                 "compare/. Run the same command again to continue it."),
     folds: int = typer.Option(5, "--folds", help="Folds: every image is tested once, by the fold that holds it out."),
+    fold: Optional[str] = typer.Option(None, "--fold", help="Run only these folds (e.g. 3, or 2,4): one job of a job "
+                                                            "array. The job that finishes the last fold pools them."),
+    fold_workers: int = typer.Option(1, "--fold-workers", help="Folds run at once, each in its own process on its "
+                                                               "own GPU or its share of the CPU cores."),
     heads: str = HEADS,
     tune: str = TUNE,
     jobs: int = JOBS,
@@ -94,15 +98,14 @@ def crossval(
 ) -> None:
     """The whole comparison cross-validated: train-cnn, extract, fit-heads and compare on each fold, then one
     report of the out-of-fold predictions of every image (DIR/compare/report.html)."""
-    from featurepipe.crossval import CrossvalConfig, crossval as run_crossval
+    from featurepipe.crossval import CrossvalConfig, crossval as run_crossval, parse_folds
     from featurepipe.heads import parse_heads
-    from featurepipe.runs import check_outside, run_lock
+    from featurepipe.runs import check_outside
 
     cfg.validate()
     check_outside(out, data)
     config = CrossvalConfig(folds=folds, heads=tuple(parse_heads(heads)), tune=tune, jobs=jobs, bootstrap=bootstrap)
-    with run_lock(out, "--out", create=True):
-        run_crossval(data, out, cfg, config)
+    run_crossval(data, out, cfg, config, only=parse_folds(fold), workers=fold_workers)
 
 
 @app.command("lr-find")

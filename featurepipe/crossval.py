@@ -16,12 +16,16 @@ the stage in progress.
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import sys
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
+import torch
 
 from featurepipe import data as fdata
 from featurepipe.data.cache import memory_bytes
@@ -31,16 +35,16 @@ from featurepipe.engine import Callback
 from featurepipe.errors import FeaturepipeError
 from featurepipe.extract import extract
 from featurepipe.features import read_attrs
-from featurepipe.files import read_json, write_json
+from featurepipe.files import create_json, read_json, write_json
 from featurepipe.heads import HeadsConfig, fit_heads
 from featurepipe.heads.registry import STACK
 from featurepipe.options import TrainConfig
 from featurepipe.progress import log, progress_bar
 from featurepipe.report import CompareOptions
 from featurepipe.report.command import compare
-from featurepipe.report.pooled import check_fold, compare_crossval
+from featurepipe.report.pooled import check_fold, compare_crossval, fold_done
 from featurepipe.run_config import RunConfig
-from featurepipe.runs import (CrossvalPaths, environment, frozen_label, is_crossval, is_finished, read_plan,
+from featurepipe.runs import (Busy, CrossvalPaths, environment, frozen_label, is_crossval, is_finished, read_plan,
                               run_lock)
 from featurepipe.train import train
 
@@ -66,6 +70,16 @@ class CrossvalConfig:
             raise FeaturepipeError(f"--folds {self.folds}: a cross-validation needs at least 2 folds")
         HeadsConfig(tune=self.tune, jobs=self.jobs).validate()
         CompareOptions(resamples=self.bootstrap).validate()
+
+
+def parse_folds(text: str | None) -> list[int]:
+    """--fold 3 or --fold 2,4."""
+    if text is None:
+        return []
+    try:
+        return [int(k) for k in text.split(",")]
+    except ValueError:
+        raise FeaturepipeError(f"--fold {text}: give fold numbers, e.g. 3 or 2,4") from None
 
 
 def fold_splits(catalog: fdata.Catalog, folds: int, seed: int) -> list[dict[str, np.ndarray]]:
@@ -95,11 +109,20 @@ def fold_splits(catalog: fdata.Catalog, folds: int, seed: int) -> list[dict[str,
 
 
 def crossval(data: str, out: str | Path, cfg: TrainConfig, config: CrossvalConfig,
-             callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
-    """Run (or continue) the cross-validation in `out`; returns the pooled comparison's summary.
-    `callbacks` join every fold's training (tests interrupt it through them)."""
+             callbacks: Sequence[Callback] = (), only: Sequence[int] = (), workers: int = 1,
+             pool: bool = True, strict: bool = True) -> dict[str, Any] | None:
+    """Run (or continue) the cross-validation in `out`: the folds in `only` (default all) that no other
+    job holds, in this process or in `workers` processes; then, where every fold is finished, the pooled
+    comparison, whose summary it returns (None where folds are left to other jobs, or `pool` is off).
+    A fold named in `only` that another job holds is refused, unless not `strict` (fold workers share
+    their list). `callbacks` join every fold's training (tests interrupt it through them)."""
     cfg.validate()
     config.validate()
+    if workers < 1:
+        raise FeaturepipeError(f"--fold-workers {workers}: must be at least 1")
+    bad = [k for k in only if not 1 <= k <= config.folds]
+    if bad:
+        raise FeaturepipeError(f"--fold {bad[0]}: choose folds among 1..{config.folds} (--folds {config.folds})")
     # What the first fold would refuse later (the device, FEATUREPIPE_* values) is refused before the plan.
     choose_precision(resolve_device(cfg.device), cfg.amp)
     memory_bytes()
@@ -107,18 +130,112 @@ def crossval(data: str, out: str | Path, cfg: TrainConfig, config: CrossvalConfi
     catalog = fdata.name_classes(fdata.scan(data, cfg.allow_outside), cfg.class_names)
     splits = [{s: [catalog.ids[i] for i in idx] for s, idx in fold.items()}
               for fold in fold_splits(catalog, config.folds, cfg.seed)]
-    plan = _plan(paths, catalog, cfg, config, [fold["test"] for fold in splits])
-    if [fold["test"] for fold in splits] != plan["test_ids"]:
-        raise FeaturepipeError(f"--out {paths.root}: its folds ({paths.plan}) differ from the ones {data} gives now; "
-                               "the data changed, so give a new --out")
-    train_cfg = replace(cfg, folds=1, resume=False, overwrite=False)
-    with progress_bar("stage") as bar:
-        task = bar.add_task("crossval", total=config.folds * len(STAGES), info="")
-        for k, fold_ids in enumerate(splits, start=1):
-            _fold(data, paths, k, plan, train_cfg, config, fold_ids, callbacks,
-                  lambda stage: bar.update(task, info=f"fold {k}/{config.folds}: {stage}"),
-                  lambda: bar.advance(task))
-    return compare_crossval(paths.root, None, CompareOptions(resamples=config.bootstrap))
+    wanted = iter(dict.fromkeys(only) or range(1, config.folds + 1))
+    busy: list[int] = []
+    # The plan is read or written, and this job's first fold taken, by one job at a time: once any fold
+    # has started, the plan binds every other job.
+    with run_lock(paths.root, "--out", create=True, wait=True):
+        plan = _plan(paths, catalog, cfg, config, [fold["test"] for fold in splits])
+        if [fold["test"] for fold in splits] != plan["test_ids"]:
+            raise FeaturepipeError(f"--out {paths.root}: its folds ({paths.plan}) differ from the ones {data} gives "
+                                   "now; the data changed, so give a new --out")
+        held = _take(paths, wanted, busy, strict=strict and bool(only)) if workers == 1 else None
+    if workers > 1:
+        run_workers(workers, data, paths.root, cfg, config, list(dict.fromkeys(only)))
+    else:
+        train_cfg = replace(cfg, folds=1, resume=False, overwrite=False)
+        with progress_bar("stage") as bar:
+            task = bar.add_task("crossval", total=config.folds * len(STAGES), info="")
+            while held is not None:
+                k, lock = held
+                try:
+                    _fold(data, paths, k, plan, train_cfg, config, splits[k - 1], callbacks,
+                          lambda stage: bar.update(task, info=f"fold {k}/{config.folds}: {stage}"),
+                          lambda: bar.advance(task))
+                finally:
+                    lock.__exit__(None, None, None)
+                held = _take(paths, wanted, busy, strict=strict and bool(only))
+    return pool_when_done(paths, config) if pool else None
+
+
+def _take(paths: CrossvalPaths, wanted: Iterator[int], busy: list[int], strict: bool):
+    """The next fold of `wanted` that no other job holds, and its lock, held (None: none left). A fold
+    another job holds is its to finish: noted in `busy`, or refused where the job was asked for it by name."""
+    for k in wanted:
+        lock = run_lock(paths.fold(k).root, "--out", create=True)
+        try:
+            lock.__enter__()
+        except Busy:
+            if strict:
+                raise FeaturepipeError(f"--fold {k}: another job is running it ({paths.fold(k).root} is locked); "
+                                       "each fold is one job's") from None
+            busy.append(k)
+            continue
+        return k, lock
+    return None
+
+
+def run_workers(n: int, data: str, root: Path, cfg: TrainConfig, config: CrossvalConfig, only: list[int]) -> None:
+    """`n` processes taking the plan's folds one by one (crossval's own queue: a fold one holds, the others
+    skip), each pinned to its own GPU or its share of this process's cores; returns once all have ended.
+    Each fold is computed as in one process: the same seed, the same data, one model."""
+    ctx = multiprocessing.get_context("spawn")  # nothing of this process's CUDA or thread pools inherited
+    procs = [ctx.Process(target=_worker, args=(pin, data, str(root), cfg, config, only), name=f"fold worker {i}")
+             for i, pin in enumerate(worker_pins(n, cfg.device), start=1)]
+    for p in procs:
+        p.start()
+    for p in procs:  # Ctrl-C reaches the workers too (one process group): each stops as crossval does
+        p.join()
+    failed = [p.name for p in procs if p.exitcode != 0]
+    if failed:
+        raise FeaturepipeError(f"--fold-workers {n}: {', '.join(failed)} stopped (its error is above); finished "
+                               "stages are kept: run the same command again to continue")
+
+
+def worker_pins(n: int, device: str) -> list[dict[str, Any]]:
+    """Worker i's GPU (CUDA_VISIBLE_DEVICES, round robin over the visible ones) and its share of the cores
+    this process may use (its threads and its data-loading processes stay there)."""
+    cores = sorted(os.sched_getaffinity(0))
+    share = max(1, len(cores) // n)
+    pins = [{"cores": [cores[(i * share + j) % len(cores)] for j in range(share)], "env": {}} for i in range(n)]
+    if resolve_device(device).type == "cuda":
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        gpus = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+        if n > len(gpus):
+            log(f"warning: --fold-workers {n} on {len(gpus)} GPU(s): some workers share a GPU")
+        for i, pin in enumerate(pins):
+            pin["env"]["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
+    return pins
+
+
+def _worker(pin: dict[str, Any], data: str, root: str, cfg: TrainConfig, config: CrossvalConfig,
+            only: list[int]) -> None:
+    os.environ.update(pin["env"], OMP_NUM_THREADS=str(len(pin["cores"])))  # before anything starts CUDA
+    os.sched_setaffinity(0, pin["cores"])
+    torch.set_num_threads(len(pin["cores"]))
+    try:
+        crossval(data, root, cfg, config, only=only, pool=False, strict=False)
+    except FeaturepipeError as e:
+        print(f"featurepipe: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def pool_when_done(paths: CrossvalPaths, config: CrossvalConfig) -> dict[str, Any] | None:
+    """The pooled comparison, written where every fold is finished and no other job is writing it; else
+    what is left and who pools, in the log."""
+    left = [paths.fold(k).root.name for k in range(1, config.folds + 1) if not fold_done(paths.fold(k))]
+    if left:
+        log(f"{', '.join(left)} of {paths.root} not finished yet (other jobs', or still to run): the job that "
+            f"finishes the last fold pools them, or featurepipe compare --run {paths.root} once all are done")
+        return None
+    try:
+        with run_lock(paths.root, "--out"):
+            return compare_crossval(paths.root, None, CompareOptions(resamples=config.bootstrap))
+    except Busy:
+        log(f"another job is pooling the folds of {paths.root}")
+        return None
 
 
 def _plan(paths: CrossvalPaths, catalog: fdata.Catalog, cfg: TrainConfig, config: CrossvalConfig,
@@ -156,7 +273,8 @@ def _plan(paths: CrossvalPaths, catalog: fdata.Catalog, cfg: TrainConfig, config
     if others:
         raise FeaturepipeError(f"--out {paths.root}: holds other files ({', '.join(others[:3])}) and is no "
                                "cross-validation; give a new or empty folder")
-    write_json(paths.plan, plan)
+    if not create_json(paths.plan, plan):  # another job's, written since: where the lock does not hold (NFS)
+        return _plan(paths, catalog, cfg, config, test_ids)
     return plan
 
 
@@ -174,7 +292,8 @@ def _differences(old: dict[str, Any], plan: dict[str, Any]) -> tuple[str, list[s
 
 def _fold(data: str, paths: CrossvalPaths, k: int, plan: dict[str, Any], cfg: TrainConfig, config: CrossvalConfig,
           splits: dict[str, list[str]], callbacks: Sequence[Callback], show, done) -> None:
-    """The four stages on one fold, each skipped where its result is already there."""
+    """The four stages on one fold, each skipped where its result is already there; the caller holds the
+    fold's lock."""
     run = paths.fold(k)
     if run.config.exists():  # what is there must be this plan's fold before anything is kept or continued
         check_fold(paths, k, plan)
@@ -182,27 +301,23 @@ def _fold(data: str, paths: CrossvalPaths, k: int, plan: dict[str, Any], cfg: Tr
     if not (is_finished(run) and run.checkpoint.is_file()):
         # A fold that lost its checkpoint is trained again, from the start: the seed gives the same model.
         resume = not is_finished(run) and run.last_checkpoint.exists() and run.config.exists()
-        with run_lock(run.root, "--out", create=True):
-            train(data, run.root, replace(cfg, resume=resume, overwrite=not resume), callbacks, splits=splits)
+        train(data, run.root, replace(cfg, resume=resume, overwrite=not resume), callbacks, splits=splits)
     done()
     show("extract")
     run_cfg = RunConfig.load(run)
     if not _features_current(run_cfg):
-        with run_lock(run.root):
-            extract(run.root, device=cfg.device, amp=cfg.amp)
+        extract(run.root, device=cfg.device, amp=cfg.amp)
     done()
     show("fit-heads")
     if not _heads_current(run_cfg, config.heads):
-        with run_lock(run.root):
-            fit_heads(run.root, list(config.heads), HeadsConfig(tune=config.tune, jobs=config.jobs))
+        fit_heads(run.root, list(config.heads), HeadsConfig(tune=config.tune, jobs=config.jobs))
     done()
     show("compare")
     summary = run.compare / "summary.json"
     heads = [run.head_info(h) for h in run_cfg.fitted_heads()]
     if not summary.exists() or any(h.stat().st_mtime > summary.stat().st_mtime for h in heads):
-        with run_lock(run.root):
-            # Grad-CAM is left to the user (compare --run DIR/foldK): minutes on a CPU, for each fold.
-            compare(run.root, options=CompareOptions(resamples=config.bootstrap, gradcam=False))
+        # Grad-CAM is left to the user (compare --run DIR/foldK): minutes on a CPU, for each fold.
+        compare(run.root, options=CompareOptions(resamples=config.bootstrap, gradcam=False))
     done()
 
 

@@ -99,6 +99,25 @@ def write_json(path: Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, default=_jsonable) + "\n")
 
 
+def create_json(path: Path, obj: Any) -> bool:
+    """Write `path` whole, unless it exists: False, and the file there is left as it is. Of jobs racing to
+    create one file (on a shared filesystem too: a hard link is atomic there as well), exactly one wins."""
+    path = Path(path)
+    with cannot_write(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(json.dumps(obj, indent=2, default=_jsonable) + "\n")
+            os.chmod(tmp, 0o666 & ~_umask())
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+
+
 def read_json(path: Path) -> Any:
     try:
         obj = json.loads(Path(path).read_text(encoding="utf-8"))

@@ -256,13 +256,18 @@ def check_outside(path: Path, data: str | os.PathLike, option: str = "--out") ->
                                "write it elsewhere")
 
 
+class Busy(FeaturepipeError):
+    """Another command holds the run's lock."""
+
+
 @contextlib.contextmanager
-def run_lock(root: Path, option: str = "--run", create: bool = False) -> Iterator[None]:
+def run_lock(root: Path, option: str = "--run", create: bool = False, wait: bool = False) -> Iterator[None]:
     """Hold RUN/.lock exclusively while a command writes into the run; a second one is refused at once.
 
     The lock is the kernel's (flock): it goes with the process, however it ends, so no stale lock is
     ever left. Under torchrun, rank 0 holds it for all ranks. Without `create`, a missing run is left
-    for the command to report, and a read-only one (nothing can be written there) is not locked."""
+    for the command to report, and a read-only one (nothing can be written there) is not locked. With
+    `wait`, a held lock is waited for (crossval's jobs hold their cross-validation's for moments)."""
     root = Path(root).expanduser()
     from featurepipe.distributed import launch
 
@@ -287,11 +292,11 @@ def run_lock(root: Path, option: str = "--run", create: bool = False) -> Iterato
             yield
             return
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             os.close(fd)
-            raise FeaturepipeError(f"{root}: another featurepipe command is writing this run (it holds {lock}); "
-                                   "wait for it to finish") from None
+            raise Busy(f"{root}: another featurepipe command is writing this run (it holds {lock}); "
+                       "wait for it to finish") from None
         if _same_file(fd, lock):
             break
         os.close(fd)  # its holder removed it (below) before we locked it: lock the file there now

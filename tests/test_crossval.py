@@ -3,6 +3,7 @@ frozen-features arm, and class names for an .npz."""
 
 import csv
 import json
+import os
 import shlex
 import shutil
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 
 from conftest import CtrlC, cli, prediction_file, refused, write_images, write_npz
 from featurepipe.crossval import CrossvalConfig, crossval
+from featurepipe.errors import FeaturepipeError
 from featurepipe.models import create_model
 from featurepipe.options import TrainConfig
 from featurepipe.stats import corrected_resampled_ttest
@@ -28,6 +30,16 @@ def options(weights: Path) -> TrainConfig:
 
 
 CV_CONFIG = CrossvalConfig(folds=FOLDS, heads=HEADS, tune="none", bootstrap=1000)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """A fold's arithmetic on a CPU depends on its thread count (the order of a parallel sum): every fold
+    here runs on one, as each of two fold workers pinned to two cores does (test_fold_workers_...)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def cv_args(cv: dict[str, Path], out: Path) -> list:
@@ -148,6 +160,63 @@ def test_interrupted_crossval_resumes_to_the_same_result(cv, tmp_path):
     pooled = json.loads((out / "compare" / "summary.json").read_text())
     reference = json.loads((cv["out"] / "compare" / "summary.json").read_text())
     assert pooled["models"]["cnn"]["accuracy"] == reference["models"]["cnn"]["accuracy"]
+
+
+MODEL_FILES = ("cnn/test_predictions.csv", "cnn/val_predictions.csv", "heads/logreg.test_predictions.csv",
+               "heads/svm.test_predictions.csv", "heads/svm.frozen.test_predictions.csv")
+
+
+def same_results(out: Path, reference: Path) -> None:
+    """Byte-identical fold predictions, and the same pooled summary but for when, where and how long
+    (timings included)."""
+    for k in range(1, FOLDS + 1):
+        for name in MODEL_FILES:
+            assert (out / f"fold{k}" / name).read_bytes() == (reference / f"fold{k}" / name).read_bytes(), (k, name)
+    mine, theirs = (json.loads((d / "compare" / "summary.json").read_text()) for d in (out, reference))
+    for s in (mine, theirs):
+        for key in ("created", "timing", "environment", "run"):
+            s.pop(key)
+        for m in s["models"].values():
+            m.pop("fit_seconds"), m.pop("predict_seconds_per_image")
+    assert mine == theirs
+
+
+def test_folds_as_separate_jobs_in_any_order_pool_as_in_sequence(cv, tmp_path):
+    """Issue 33: fold 2's job first; while another job holds fold 1, a second job for it is refused and a job
+    without --fold leaves it to its holder; fold 1's job killed mid-fold and run again pools the folds."""
+    from featurepipe.runs import run_lock
+
+    out = tmp_path / "cv"
+    assert crossval(str(cv["data"]), out, options(cv["weights"]), CV_CONFIG, only=[2]) is None
+    assert (out / "fold2" / "compare" / "summary.json").exists() and not (out / "fold1").exists()
+    with run_lock(out / "fold1", "--out", create=True):  # another job holds fold 1
+        with pytest.raises(FeaturepipeError, match="--fold 1: another job is running it"):
+            crossval(str(cv["data"]), out, options(cv["weights"]), CV_CONFIG, only=[1])
+        assert crossval(str(cv["data"]), out, options(cv["weights"]), CV_CONFIG) is None
+        assert not (out / "compare").exists()
+    refused(cli("compare", "--run", out, "--bootstrap", 1000, ok=False), "fold1 not finished", "featurepipe crossval")
+    with pytest.raises(KeyboardInterrupt):
+        crossval(str(cv["data"]), out, options(cv["weights"]), CV_CONFIG, only=[1], callbacks=[CtrlC(epoch=2)])
+    assert crossval(str(cv["data"]), out, options(cv["weights"]), CV_CONFIG, only=[1]) is not None
+    same_results(out, cv["out"])
+
+
+def test_fold_workers_give_the_sequential_result(cv, tmp_path):
+    out = tmp_path / "cv"
+    allowed = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, sorted(allowed)[:FOLDS])  # a core, so a thread, for each worker
+    try:
+        cli(*cv_args(cv, out), "--fold-workers", FOLDS)
+    finally:
+        os.sched_setaffinity(0, allowed)
+    same_results(out, cv["out"])
+
+
+def test_fold_options_are_checked(cv, tmp_path):
+    refused(cli(*cv_args(cv, tmp_path / "a"), "--fold", 3, ok=False), "--fold 3", "1..2")
+    refused(cli(*cv_args(cv, tmp_path / "b"), "--fold", "x", ok=False), "--fold x")
+    refused(cli(*cv_args(cv, tmp_path / "c"), "--fold-workers", 0, ok=False), "--fold-workers 0")
+    assert not any((tmp_path / d).exists() for d in "abc")
 
 
 def test_ctrl_c_in_a_crossval_says_to_run_the_same_command_again(cv, tmp_path, monkeypatch):

@@ -47,11 +47,16 @@ def fold_runs(root: Path) -> tuple[list[RunPaths], list[set[str]]]:
     plan = read_plan(paths.root)
     runs = [paths.fold(k) for k in range(1, len(plan["test_ids"]) + 1)]
     tested = [check_fold(paths, k, plan) for k, r in enumerate(runs, start=1) if r.config.exists()]
-    unfinished = [r.root.name for r in runs if not (r.compare / "summary.json").exists()]
+    unfinished = [r.root.name for r in runs if not fold_done(r)]
     if unfinished:
         raise FeaturepipeError(f"{paths.root}: {', '.join(unfinished)} not finished; continue with "
                                f"{crossval_command(paths.root)}")
     return runs, tested
+
+
+def fold_done(run: RunPaths) -> bool:
+    """A fold's last stage, its own report, is written."""
+    return (run.compare / "summary.json").exists()
 
 
 def check_fold(paths: CrossvalPaths, k: int, plan: dict[str, Any]) -> set[str]:
