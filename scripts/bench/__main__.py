@@ -8,6 +8,8 @@
   compare       wall time of `featurepipe compare` on a finished run
   compile       whether torch.compile repays its compile time
   heads         fit time of heads on synthetic embeddings
+  torchrun_memory  peak memory of extract under torchrun on N and 8N images, every rank
+  crossval_jobs    a cross-validation in sequence against fold workers: wall time, identical results
 
 The passes they time and the fresh-process helpers are scripts/common.py's.
 """
@@ -17,7 +19,8 @@ from __future__ import annotations
 import importlib
 import sys
 
-NAMES = ("pipeline", "amp", "bf16_steps", "cache", "cache_checks", "compare", "compile", "heads")
+NAMES = ("pipeline", "amp", "bf16_steps", "cache", "cache_checks", "compare", "compile", "heads", "torchrun_memory",
+         "crossval_jobs")
 
 
 def main() -> None:
