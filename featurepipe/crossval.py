@@ -130,8 +130,8 @@ def crossval(data: str, out: str | Path, cfg: TrainConfig, config: CrossvalConfi
     catalog = fdata.name_classes(fdata.scan(data, cfg.allow_outside), cfg.class_names)
     splits = [{s: [catalog.ids[i] for i in idx] for s, idx in fold.items()}
               for fold in fold_splits(catalog, config.folds, cfg.seed)]
-    wanted = iter(dict.fromkeys(only) or range(1, config.folds + 1))
-    busy: list[int] = []
+    folds = list(dict.fromkeys(only)) or list(range(1, config.folds + 1))
+    wanted = iter(folds)
     # The plan is read or written, and this job's first fold taken, by one job at a time: once any fold
     # has started, the plan binds every other job.
     with run_lock(paths.root, "--out", create=True, wait=True):
@@ -139,13 +139,13 @@ def crossval(data: str, out: str | Path, cfg: TrainConfig, config: CrossvalConfi
         if [fold["test"] for fold in splits] != plan["test_ids"]:
             raise FeaturepipeError(f"--out {paths.root}: its folds ({paths.plan}) differ from the ones {data} gives "
                                    "now; the data changed, so give a new --out")
-        held = _take(paths, wanted, busy, strict=strict and bool(only)) if workers == 1 else None
+        held = _take(paths, wanted, strict=strict and bool(only)) if workers == 1 else None
     if workers > 1:
-        run_workers(workers, data, paths.root, cfg, config, list(dict.fromkeys(only)))
+        run_workers(workers, data, paths.root, cfg, config, folds if only else [])
     else:
         train_cfg = replace(cfg, folds=1, resume=False, overwrite=False)
         with progress_bar("stage") as bar:
-            task = bar.add_task("crossval", total=config.folds * len(STAGES), info="")
+            task = bar.add_task("crossval", total=len(folds) * len(STAGES), info="")
             while held is not None:
                 k, lock = held
                 try:
@@ -154,13 +154,13 @@ def crossval(data: str, out: str | Path, cfg: TrainConfig, config: CrossvalConfi
                           lambda: bar.advance(task))
                 finally:
                     lock.__exit__(None, None, None)
-                held = _take(paths, wanted, busy, strict=strict and bool(only))
+                held = _take(paths, wanted, strict=strict and bool(only))
     return pool_when_done(paths, config) if pool else None
 
 
-def _take(paths: CrossvalPaths, wanted: Iterator[int], busy: list[int], strict: bool):
+def _take(paths: CrossvalPaths, wanted: Iterator[int], strict: bool):
     """The next fold of `wanted` that no other job holds, and its lock, held (None: none left). A fold
-    another job holds is its to finish: noted in `busy`, or refused where the job was asked for it by name."""
+    another job holds is its to finish: skipped, or refused where the job was asked for it by name."""
     for k in wanted:
         lock = run_lock(paths.fold(k).root, "--out", create=True)
         try:
@@ -169,7 +169,6 @@ def _take(paths: CrossvalPaths, wanted: Iterator[int], busy: list[int], strict: 
             if strict:
                 raise FeaturepipeError(f"--fold {k}: another job is running it ({paths.fold(k).root} is locked); "
                                        "each fold is one job's") from None
-            busy.append(k)
             continue
         return k, lock
     return None
@@ -195,7 +194,7 @@ def run_workers(n: int, data: str, root: Path, cfg: TrainConfig, config: Crossva
 def worker_pins(n: int, device: str) -> list[dict[str, Any]]:
     """Worker i's GPU (CUDA_VISIBLE_DEVICES, round robin over the visible ones) and its share of the cores
     this process may use (its threads and its data-loading processes stay there)."""
-    cores = sorted(os.sched_getaffinity(0))
+    cores = sorted(os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1))
     share = max(1, len(cores) // n)
     pins = [{"cores": [cores[(i * share + j) % len(cores)] for j in range(share)], "env": {}} for i in range(n)]
     if resolve_device(device).type == "cuda":
@@ -211,7 +210,8 @@ def worker_pins(n: int, device: str) -> list[dict[str, Any]]:
 def _worker(pin: dict[str, Any], data: str, root: str, cfg: TrainConfig, config: CrossvalConfig,
             only: list[int]) -> None:
     os.environ.update(pin["env"], OMP_NUM_THREADS=str(len(pin["cores"])))  # before anything starts CUDA
-    os.sched_setaffinity(0, pin["cores"])
+    if hasattr(os, "sched_setaffinity"):  # Linux; elsewhere the thread count alone shares the cores
+        os.sched_setaffinity(0, pin["cores"])
     torch.set_num_threads(len(pin["cores"]))
     try:
         crossval(data, root, cfg, config, only=only, pool=False, strict=False)
