@@ -481,3 +481,17 @@ def test_one_macro_f1_for_every_caller():
     # Over the run's classes, a class missing from both counts as 0; over the labels seen, it does not count.
     assert macro_f1(np.array([0, 1]), np.array([0, 1]), 3) == pytest.approx(2 / 3)
     assert macro_f1(np.array([0, 1]), np.array([0, 1])) == 1.0
+
+
+def test_create_json_lets_exactly_one_of_racing_writers_create_the_file(tmp_path):
+    """crossval.json: the first job to arrive writes the plan, the others read it (issue 33)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from featurepipe.files import create_json
+
+    path = tmp_path / "plan.json"
+    with ThreadPoolExecutor(8) as pool:
+        won = list(pool.map(lambda i: create_json(path, {"writer": i}), range(32)))
+    assert won.count(True) == 1
+    assert json.loads(path.read_text()) == {"writer": won.index(True)}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json"]  # no temporary file left
