@@ -12,6 +12,10 @@ Resuming is re-running the command: a stage whose result is already there (metri
 the current checkpoint, heads fitted on them, the fold's report) is not done again, and a fold whose
 training was interrupted continues from its last epoch (train-cnn --resume), so Ctrl-C loses at most
 the stage in progress.
+
+Folds are jobs: any number of crossval commands (a job array's, --fold K; or the --fold-workers
+processes of one) share the folder through its locks, each taking the folds no other holds, and the
+one that finishes the last fold pools them. The plan binds them all; nothing depends on the order.
 """
 
 from __future__ import annotations
