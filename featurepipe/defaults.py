@@ -83,6 +83,25 @@ def auto_lr(pretrained: bool) -> float:
     return 1e-3 if pretrained else 2e-3
 
 
+# Fine-tuning: the earliest third of a pretrained backbone trains at lr x this ratio, the later thirds
+# at ratio^(2/3) and ratio^(1/3) (train._optimizer). 0.1 keeps ImageNet's first layers close to what they
+# were, which is what every grey set and colour sets of a few hundred were measured with. A colour set of
+# thousands gains from moving the whole backbone at the head's rate: dermoscopy4 (1 741 images) CNN
+# 0.7078 / 0.7009 against 0.6783 / 0.6713 (seeds 0 / 1), best head 0.7235 / 0.7235 against 0.6887 /
+# 0.6957, in the same time; fundus4-small (240) does not (CNN 0.8042 / 0.7583 against 0.8042 / 0.8000),
+# its few images overfit a backbone that moves freely. The threshold lies between the two sets and is
+# unmeasured in between (docs/design.md, "Colour sets of thousands").
+LR_BACKBONE_RATIO = 0.1
+LR_BACKBONE_RATIO_COLOUR_THOUSANDS = 1.0
+COLOUR_THOUSANDS_MIN_TRAIN = 1_000
+
+
+def auto_lr_backbone_ratio(grey: bool, n_train: int) -> float:
+    if not grey and n_train >= COLOUR_THOUSANDS_MIN_TRAIN:
+        return LR_BACKBONE_RATIO_COLOUR_THOUSANDS
+    return LR_BACKBONE_RATIO
+
+
 def auto_freeze_epochs(pretrained: bool) -> int:
     """One epoch training only the new head on a frozen pretrained backbone, so that a random head's
     first gradients do not wreck its features; nothing to freeze from scratch."""

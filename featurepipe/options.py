@@ -106,8 +106,10 @@ class TrainConfig:
                                         "for other backbones).", AT_LEAST_1)
     lr: float | None = option(None, "Peak learning rate (head). Default: 2e-3 from scratch, 1e-3 from weights.",
                               POSITIVE)
-    lr_backbone_ratio: float = option(0.1, "With --weights: the earliest backbone layers train at lr × this ratio.",
-                                      Check(lambda v: 0 < v <= 1, "must be in (0, 1]"))
+    lr_backbone_ratio: float | None = option(None, "With --weights: the earliest backbone layers train at lr × this "
+                                                   "ratio. Default: 1.0 for colour images with at least 1 000 "
+                                                   "training images, else 0.1.",
+                                             Check(lambda v: 0 < v <= 1, "must be in (0, 1]"))
     weight_decay: float = option(0.05, "AdamW weight decay.", ZERO_OR_POSITIVE)
     label_smoothing: float = option(0.0, "Label smoothing of the cross-entropy.",
                                     Check(lambda v: 0 <= v < 1, "must be in [0, 1)"))

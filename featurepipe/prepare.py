@@ -37,6 +37,7 @@ class Resolved:
     epochs: int
     freeze_epochs: int
     lr: float
+    lr_backbone_ratio: float
     patience: int
     extend_max: int  # cycles callbacks.Extend may add; 0 where --epochs was given
     augment: str
@@ -148,6 +149,7 @@ def resolve(cfg: TrainConfig, catalog: fdata.Catalog, splits: dict[str, np.ndarr
         freeze_epochs=(cfg.freeze_epochs if cfg.freeze_epochs is not None
                        else defaults.auto_freeze_epochs(bool(weights))),
         lr=cfg.lr or defaults.auto_lr(bool(weights)),
+        lr_backbone_ratio=cfg.lr_backbone_ratio or defaults.auto_lr_backbone_ratio(grey, n_train),
         patience=cfg.patience or defaults.auto_patience(epochs),
         extend_max=defaults.auto_extend_max(cfg.epochs),
         augment=fdata.resolve_augmentation(cfg.augment, grey),

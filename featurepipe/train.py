@@ -362,7 +362,7 @@ def _optimizer(net: Net, cfg: TrainConfig, r: Resolved, phase: str, steps_per_ep
             # Discriminative rates: early layers (generic edges, textures) move least. Three groups,
             # from lr * ratio for the first third to lr * ratio^(1/3) for the last.
             chunks = np.array_split(np.arange(len(backbone)), 3)
-            groups += [{"params": [backbone[i] for i in chunk], "lr": lr * cfg.lr_backbone_ratio ** ((3 - k) / 3)}
+            groups += [{"params": [backbone[i] for i in chunk], "lr": lr * r.lr_backbone_ratio ** ((3 - k) / 3)}
                        for k, chunk in enumerate(chunks) if len(chunk)]
         else:
             groups += [{"params": backbone, "lr": lr}]

@@ -1,5 +1,6 @@
 """train-cnn and lr-find: automatic options, schedule, fine-tuning phases, samplers, augmentation, k-fold, resume."""
 
+from dataclasses import replace
 import json
 import math
 
@@ -45,6 +46,7 @@ def test_options_adapt_to_the_data(train_test_folders, tmp_path):
     resolved = json.loads((run / "config.json").read_text())["train"]["resolved"]
     # 40-px grey scans stored as RGB JPEGs: native size, one channel, the X-ray preset (no flips).
     assert resolved["img_size"] == 40 and resolved["in_channels"] == 1 and resolved["augment"] == "xray"
+    assert resolved["lr_backbone_ratio"] == 0.1  # grey: ImageNet's early layers move least
 
 
 def test_auto_defaults():
@@ -298,11 +300,24 @@ def test_one_standard_error_rule():
 
 # ---- fine-tuning phases ----------------------------------------------------------------------------------------------
 
-FINE_TUNING = TrainConfig(weights="x", lr_backbone_ratio=0.1)
+FINE_TUNING = TrainConfig(weights="x")
 RESOLVED = Resolved(arch="resnet18", weights="x", arch_reason="as given", img_size=32, in_channels=3,
-                    median_short_side=32, grey=False, batch_size=8, epochs=2, freeze_epochs=1, lr=1e-3, patience=8,
+                    median_short_side=32, grey=False, batch_size=8, epochs=2, freeze_epochs=1, lr=1e-3,
+                    lr_backbone_ratio=0.1, patience=8,
                     extend_max=0, augment="none", intensity={}, window=[0.0, 255.0], mean=[0.5] * 3,
                     std=[0.25] * 3, data_fingerprint="")
+
+
+def test_colour_sets_of_thousands_fine_tune_the_whole_backbone_at_the_heads_rate():
+    from featurepipe.defaults import auto_lr_backbone_ratio
+
+    # Colour sets of thousands (dermoscopy4's 1 741) move the whole backbone; grey sets and a few hundred
+    # colour images (fundus4-small's 240) keep their early layers close to ImageNet's.
+    assert auto_lr_backbone_ratio(grey=False, n_train=1741) == 1.0
+    assert auto_lr_backbone_ratio(grey=False, n_train=240) == auto_lr_backbone_ratio(grey=True, n_train=4708) == 0.1
+    net = create_model("resnet18", 3, 3, [0.5] * 3, [0.25] * 3)
+    optimizer, _ = _optimizer(net, FINE_TUNING, replace(RESOLVED, lr_backbone_ratio=1.0), "all", steps_per_epoch=2)
+    assert [g["max_lr"] for g in optimizer.param_groups] == pytest.approx([1e-3] * len(optimizer.param_groups))
 
 
 def test_frozen_phase_trains_only_the_head():
