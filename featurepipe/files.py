@@ -27,11 +27,13 @@ def require(path: Path, what: str, fix: str) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
+def atomic_path(path: Path, exclusive: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside `path`; it replaces `path` only if the block succeeds.
 
     A killed process therefore never leaves a half-written file under the real name. Every process
     that calls it writes: under torchrun, commands write from rank 0 alone (train-cnn, extract).
+    `exclusive`: `path` is created, never replaced (FileExistsError where it exists): of jobs racing to
+    create one file, on a shared filesystem too (a hard link is atomic there as well), exactly one wins.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -44,7 +46,10 @@ def atomic_path(path: Path) -> Iterator[Path]:
     try:
         with cannot_write(path):
             yield tmp
-            os.replace(tmp, path)
+            if exclusive:
+                os.link(tmp, path)
+            else:
+                os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -96,26 +101,21 @@ def write_text(path: Path, text: str) -> None:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, default=_jsonable) + "\n")
+    write_text(path, _json_text(obj))
+
+
+def _json_text(obj: Any) -> str:
+    return json.dumps(obj, indent=2, default=_jsonable) + "\n"
 
 
 def create_json(path: Path, obj: Any) -> bool:
-    """Write `path` whole, unless it exists: False, and the file there is left as it is. Of jobs racing to
-    create one file (on a shared filesystem too: a hard link is atomic there as well), exactly one wins."""
-    path = Path(path)
-    with cannot_write(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(json.dumps(obj, indent=2, default=_jsonable) + "\n")
-            os.chmod(tmp, 0o666 & ~_umask())
-            os.link(tmp, path)
-            return True
-        except FileExistsError:
-            return False
-        finally:
-            os.unlink(tmp)
+    """Write `path` whole, unless it exists: False, and the file there is left as it is."""
+    try:
+        with atomic_path(path, exclusive=True) as tmp:
+            tmp.write_text(_json_text(obj), encoding="utf-8")
+    except FileExistsError:
+        return False
+    return True
 
 
 def read_json(path: Path) -> Any:
