@@ -149,7 +149,7 @@ def extract(
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     amp: Optional[bool] = AMP,
     layer: str = typer.Option("penultimate", help="penultimate, or last2 (the last two blocks' pooled outputs)."),
-    tta: str = typer.Option("none", help="Average the embedding over views: none, flip, crops, flip+crops."),
+    tta: str = typer.Option("none", help="Average the embedding over views: none, flip, flips, crops, flip+crops."),
     on_bad_image: str = typer.Option("skip", help=BAD_IMAGE_HELP + " Applies to --data."),
     compression: str = typer.Option("none", help="HDF5 compression of the features: none, gzip (smaller) or lzf "
                                                  "(faster)."),

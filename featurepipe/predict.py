@@ -78,8 +78,9 @@ class Predictor:
 
         def proba(name: str) -> np.ndarray:
             if name == "cnn":
+                tta = self.meta.get("tta", "none")  # checkpoints from before test-time flips: none
                 with autocast(self.device, self.precision.forward):
-                    logits = in_passes(self.net, x, self.per_pass)
+                    logits = in_passes(lambda part: self.net.logits(part, tta), x, self.per_pass)
                 return torch.softmax(logits.float(), dim=1).cpu().numpy().astype(np.float64)
             info, head = self.infos[name], self.heads[name]
             if name == STACK:

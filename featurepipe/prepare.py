@@ -41,6 +41,7 @@ class Resolved:
     patience: int
     extend_max: int  # cycles callbacks.Extend may add; 0 where --epochs was given
     augment: str
+    tta: str  # the views the CNN's predictions average (data.augment.test_views)
     intensity: dict[str, Any]
     window: list[float]
     mean: Any
@@ -105,7 +106,7 @@ def prepare(data: str, cfg: TrainConfig, device: torch.device,
     meta = {
         "arch": r.arch, "num_classes": len(catalog.class_names), "in_channels": r.in_channels,
         "mean": r.mean, "std": r.std, "window": r.window, "img_size": r.img_size,
-        "class_names": catalog.class_names,
+        "class_names": catalog.class_names, "tta": r.tta,
     }
     store, position = catalog.store, np.arange(len(catalog))
     if isinstance(stores["train"][0], fdata.DiskCache):  # every split's images, at catalog positions
@@ -142,6 +143,7 @@ def resolve(cfg: TrainConfig, catalog: fdata.Catalog, splits: dict[str, np.ndarr
         mean, std = fdata.channel_stats(pixels, intensity.window)
     batch_size = cfg.batch_size or defaults.auto_batch_size(n_train)
     epochs = cfg.epochs or defaults.auto_epochs(n_train, batch_size, weights is not None, grey)
+    augment = fdata.resolve_augmentation(cfg.augment, grey)
     return Resolved(
         arch=arch, weights=weights, arch_reason=why,
         img_size=img_size, in_channels=in_channels, median_short_side=short_side, grey=grey,
@@ -152,7 +154,8 @@ def resolve(cfg: TrainConfig, catalog: fdata.Catalog, splits: dict[str, np.ndarr
         lr_backbone_ratio=cfg.lr_backbone_ratio or defaults.auto_lr_backbone_ratio(grey, n_train),
         patience=cfg.patience or defaults.auto_patience(epochs),
         extend_max=defaults.auto_extend_max(cfg.epochs),
-        augment=fdata.resolve_augmentation(cfg.augment, grey),
+        augment=augment,
+        tta=defaults.auto_tta(augment, grey, n_train),
         intensity={"high": intensity.high, "levels": intensity.levels, "low_range": intensity.low_range,
                    "description": intensity.describe()},
         window=list(intensity.window),

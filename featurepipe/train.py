@@ -74,7 +74,8 @@ def train(data: str, out: str | Path, cfg: TrainConfig, callbacks: Sequence[Call
         log(f"intensity: {r.intensity['description']}")
     log(f"training {r.arch} on {prep.device.type}: {len(splits['train'])} train / {len(splits['val'])} val "
         f"images, {r.img_size} px, {r.in_channels} channel(s), {r.epochs} epochs of batches of "
-        f"{r.batch_size}, augment={r.augment}" + (f", {cfg.folds} folds" if cfg.folds > 1 else ""))
+        f"{r.batch_size}, augment={r.augment}" + (f", test-time views {r.tta}" if r.tta != "none" else "")
+        + (f", {cfg.folds} folds" if cfg.folds > 1 else ""))
     log(prep.precision.describe(prep.device))
     result = cross_validate(prep, run, callbacks) if cfg.folds > 1 else single(prep, run, callbacks)
     if main:
@@ -340,7 +341,8 @@ def evaluate(prep: Prepared, net: Net | None, idx: np.ndarray, proba: np.ndarray
     names = prep.catalog.class_names
     if proba is None:
         loader = fdata.make_loader(prep.dataset(idx), 256, pin_memory=prep.device.type == "cuda")
-        return predict_loader(net, loader, prep.device, prep.precision.forward, ids=prep.ids(idx), class_names=names)
+        return predict_loader(net, loader, prep.device, prep.precision.forward, ids=prep.ids(idx), class_names=names,
+                              tta=prep.resolved.tta)
     return Predictions(prep.ids(idx), prep.catalog.labels[idx], proba, names)
 
 
@@ -374,14 +376,14 @@ def _optimizer(net: Net, cfg: TrainConfig, r: Resolved, phase: str, steps_per_ep
 
 @torch.inference_mode()
 def predict_loader(net: Net, loader, device: torch.device, amp: bool | None, ids: list[str] | None,
-                   class_names: list[str]) -> Predictions:
-    """Softmax probabilities for every image of a loader, in loader order."""
+                   class_names: list[str], tta: str = "none") -> Predictions:
+    """Softmax probabilities for every image of a loader, in loader order, its logits averaged over `tta` views."""
     net.eval()
     probs, labels = [], []
     for x, y, k, why in loader:
         loader.dataset.check(k, why)
         with autocast(device, amp):
-            logits = net(to_device(x, device))
+            logits = net.logits(to_device(x, device), tta)
         probs.append(torch.softmax(logits.float(), dim=1).cpu())
         labels.append(y)
     proba = torch.cat(probs).numpy().astype(np.float64)

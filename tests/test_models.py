@@ -119,7 +119,16 @@ def test_flip_tta_is_the_mean_of_the_image_and_its_mirror():
         torch.testing.assert_close(net.embed(x, tta="flip"), expected)
 
 
-@pytest.mark.parametrize("tta,views", [("none", 1), ("flip", 2), ("crops", 5), ("flip+crops", 10)])
+def test_the_cnns_logits_over_flips_are_the_mean_of_the_four_mirrors_logits():
+    net = create_model("sixblock", 2, 3, [0.5] * 3, [0.25] * 3).eval()
+    x = torch.randint(0, 256, (3, 3, 28, 28), dtype=torch.uint8)
+    with torch.no_grad():
+        expected = sum(net(v) for v in (x, x.flip(-1), x.flip(-2), x.flip(-1).flip(-2))) / 4
+        torch.testing.assert_close(net.logits(x, "flips"), expected)
+        torch.testing.assert_close(net.logits(x), net(x))
+
+
+@pytest.mark.parametrize("tta,views", [("none", 1), ("flip", 2), ("flips", 4), ("crops", 5), ("flip+crops", 10)])
 def test_tta_views_keep_the_image_size(tta, views):
     x = torch.rand(2, 3, 28, 28)
     out = tta_views(x, tta)

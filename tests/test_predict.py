@@ -12,7 +12,7 @@ from PIL import Image
 
 from featurepipe.evaluate import load_predictions
 
-from conftest import cli, prediction_file, refused
+from conftest import CLASSES as SHAPES, cli, make_arrays, prediction_file, refused
 
 CLASSES = ["0", "1", "2"]
 
@@ -62,6 +62,46 @@ def test_predict_with_the_stack_and_a_head_on_other_features(tiny_run, test_imag
         out = tmp_path / f"{model}.csv"
         cli("predict", "--run", run, "--model", model, test_images, "--out", out)
         assert_matches_saved(out, prediction_file(run, model))
+
+
+def test_colour_cnn_predictions_average_the_flips_it_trained_with(tmp_path, monkeypatch):
+    import torch
+
+    from featurepipe import defaults
+
+    from featurepipe.device import autocast, choose_precision
+    from featurepipe.models import load_checkpoint
+
+    data = tmp_path / "colour"
+    for seed, split, n in [(0, "train", 12), (1, "val", 4), (2, "test", 4)]:
+        images, labels = make_arrays(n, 40, seed)
+        for i, (img, y) in enumerate(zip(images, labels)):
+            path = data / split / SHAPES[y] / f"{split}_{i:03d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # Colour, not grey saved as RGB: each channel its own function of the pattern.
+            Image.fromarray(np.stack([img, img // 2, 255 - img], axis=2)).save(path)
+    monkeypatch.setattr(defaults, "COLOUR_THOUSANDS_MIN_TRAIN", 36)  # these 36 training images stand in for thousands
+    run = tmp_path / "run"
+    cli("train-cnn", "--data", data, "--out", run, "--epochs", "2", "--batch-size", "8", "--seed", "0")
+    resolved = json.loads((run / "config.json").read_text())["train"]["resolved"]
+    assert (resolved["augment"], resolved["tta"]) == ("rgb", "flips")
+    saved = load_predictions(prediction_file(run, "cnn"), list(SHAPES))
+    files = [data / i for i in saved.ids]
+    x = torch.from_numpy(np.stack([np.asarray(Image.open(f)) for f in files])).permute(0, 3, 1, 2).contiguous()
+    net, meta = load_checkpoint(run / "cnn" / "model.pt")
+    net.eval()
+    precision = choose_precision(torch.device("cpu"), None)
+    with torch.no_grad(), autocast(torch.device("cpu"), precision.forward):
+        flips = [x, x.flip(-1), x.flip(-2), x.flip(-1).flip(-2)]
+        mean = torch.softmax(torch.stack([net(v).float() for v in flips]).mean(0), 1).numpy()
+        alone = torch.softmax(net(x).float(), 1).numpy()
+    np.testing.assert_allclose(saved.proba, mean, atol=2e-3)
+    assert np.abs(saved.proba - alone).max() > 1e-3
+    # predict computes them the same way from the checkpoint alone.
+    out = tmp_path / "pred.csv"
+    cli("predict", "--run", run, "--model", "cnn", *files, "--out", out)
+    got = np.array([[float(r[f"p_{c}"]) for c in SHAPES] for r in rows(out.read_text())])
+    np.testing.assert_allclose(got, saved.proba, atol=2e-4)
 
 
 def test_predict_writes_csv_to_stdout_for_files_and_folders(tiny_run, test_images):

@@ -304,7 +304,7 @@ FINE_TUNING = TrainConfig(weights="x")
 RESOLVED = Resolved(arch="resnet18", weights="x", arch_reason="as given", img_size=32, in_channels=3,
                     median_short_side=32, grey=False, batch_size=8, epochs=2, freeze_epochs=1, lr=1e-3,
                     lr_backbone_ratio=0.1, patience=8,
-                    extend_max=0, augment="none", intensity={}, window=[0.0, 255.0], mean=[0.5] * 3,
+                    extend_max=0, augment="none", tta="none", intensity={}, window=[0.0, 255.0], mean=[0.5] * 3,
                     std=[0.25] * 3, data_fingerprint="")
 
 
@@ -385,6 +385,16 @@ def test_augmentation_presets_vary_each_image_of_a_batch(preset, channels):
     flat = y.flatten(1)
     assert not torch.allclose(flat[0], flat[1])  # copies of one image come out different
     assert resolve_augmentation("auto", grey=True) == "xray" and resolve_augmentation("auto", grey=False) == "rgb"
+
+
+def test_colour_sets_of_thousands_average_the_mirrors_training_made():
+    from featurepipe.defaults import auto_tta
+
+    # Colour images train with both mirrors, so the CNN's predictions on dermoscopy4's 1 741 average all four;
+    # fundus4-small's 240 predict from the image alone, and so do X-rays, which have a side.
+    assert auto_tta("rgb", grey=False, n_train=1741) == "flips"
+    assert auto_tta("rgb", grey=False, n_train=240) == auto_tta("xray", grey=True, n_train=4708) == "none"
+    assert {auto_tta(p, grey=False, n_train=1741) for p in ("xray", "light", "none")} == {"none"}
 
 
 def test_augmentation_keeps_the_picture_recognisable():

@@ -56,6 +56,15 @@ def resolve_augmentation(preset: str, grey: bool) -> str:
     return preset
 
 
+def test_views(preset: str) -> str:
+    """The views (models.embedding.TTA) a model trained with `preset` has learned to be indifferent to: the
+    flips the preset makes. defaults.auto_tta decides where the CNN's predictions average them."""
+    spec = PRESETS.get(preset)
+    if spec is None or not spec.hflip:
+        return "none"
+    return "flips" if spec.vflip else "flip"
+
+
 def augmentation(preset: str) -> "BatchAugment | None":
     """The batch transform for a resolved preset; None for 'none'."""
     if preset == "none":

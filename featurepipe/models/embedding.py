@@ -9,6 +9,8 @@ identically. Layers:
 TTA views, whose embeddings are averaged:
   none         the image as it is
   flip         the image and its horizontal mirror
+  flips        the image and its horizontal, vertical and double mirror: the `rgb` augmentation's flips,
+               which the CNN's own predictions average for colour images (data.augment.test_views)
   crops        the image and its four corner crops (90 % of the side, resized back)
   flip+crops   the ten views above and their mirrors
 """
@@ -22,7 +24,7 @@ from torch import nn
 from featurepipe.errors import FeaturepipeError
 
 LAYERS = ("penultimate", "last2")
-TTA = ("none", "flip", "crops", "flip+crops")
+TTA = ("none", "flip", "flips", "crops", "flip+crops")
 CROP_FRACTION = 0.9
 _PADDING = (nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d)  # ZeroPad2d is a ConstantPad2d
 
@@ -44,6 +46,8 @@ def tta_views(x: torch.Tensor, tta: str) -> list[torch.Tensor]:
             views.append(F.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False))
     if tta in ("flip", "flip+crops"):
         views += [v.flip(-1) for v in views]
+    if tta == "flips":
+        views += [x.flip(-1), x.flip(-2), x.flip(-1).flip(-2)]
     return views
 
 

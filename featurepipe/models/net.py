@@ -41,6 +41,11 @@ class Net(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.forward_features(x))
 
+    def logits(self, x: torch.Tensor, tta: str = "none") -> torch.Tensor:
+        """The CNN's logits, averaged over `tta` views (models.embedding): the head is linear, so the head
+        of the mean embedding is the mean of the views' logits."""
+        return self(x) if tta == "none" else self.head(self.embed(x, tta=tta))
+
     def embed(self, x: torch.Tensor, layer: str = "penultimate", tta: str = "none") -> torch.Tensor:
         """The features heads are fitted on (see models.embedding): `layer`, averaged over `tta` views.
 
