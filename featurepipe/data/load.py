@@ -25,7 +25,7 @@ from featurepipe.data.images import UnreadableImage
 from featurepipe.data.sources import SPLITS, ArrayStore, Catalog, FileStore
 from featurepipe.data.splits import check_splits
 from featurepipe.errors import FeaturepipeError
-from featurepipe.files import csv_cell, write_text
+from featurepipe.files import csv_cell, read_cell, write_text
 from featurepipe.progress import log
 
 BAD_IMAGE_POLICIES = ("skip", "error")
@@ -119,6 +119,14 @@ def decode_all(store: ArrayStore | FileStore, indices: np.ndarray, size: int, ch
 def _read(store: ArrayStore | FileStore, i: int, size: int, channels: int, keep: bool) -> np.ndarray | None:
     arr = store.read(i, size, channels)
     return arr if keep else None  # a check only: no need to ship the pixels back from the worker
+
+
+def skipped_ids(path: Path, split: str) -> set[str]:
+    """The ids of `split` that save_skipped listed in `path`; none where there is no list."""
+    if not path.is_file():
+        return set()
+    with path.open(newline="", encoding="utf-8") as f:
+        return {read_cell(row["id"]) for row in csv.DictReader(f) if row.get("split") == split}
 
 
 def save_skipped(path: Path, skipped: list[Skipped]) -> None:

@@ -13,7 +13,6 @@ sets overlapping. It decides the verdict; McNemar stays in the table beside it.
 
 from __future__ import annotations
 
-import csv
 import json
 import time
 from datetime import datetime, timezone
@@ -23,9 +22,10 @@ from typing import Any
 import numpy as np
 
 from featurepipe import stats
+from featurepipe.data.load import skipped_ids
 from featurepipe.errors import FeaturepipeError
 from featurepipe.evaluate import Predictions, report, scores
-from featurepipe.files import read_cell, read_json, require, write_json, write_text
+from featurepipe.files import read_json, require, write_json, write_text
 from featurepipe.progress import log
 from featurepipe.render import Doc, Table
 from featurepipe.report.csv_files import metrics_csv, per_class_csv
@@ -68,10 +68,7 @@ def check_fold(paths: CrossvalPaths, k: int, plan: dict[str, Any]) -> set[str]:
     config = read_json(require(run.config, "run config", f"delete {run.root} and train it again with {crossval_command(paths.root)}"))
     planned = set(plan["test_ids"][k - 1])
     tested = set(read_json(run.splits).get("test", [])) if run.splits.is_file() else set()
-    unread = set()
-    if run.skipped.is_file():
-        with run.skipped.open(newline="", encoding="utf-8") as f:
-            unread = {read_cell(row["id"]) for row in csv.DictReader(f) if row.get("split") == "test"}
+    unread = skipped_ids(run.skipped, "test")
     data, train = config.get("data", {}), config.get("train", {})
     mine = {key: value for key, value in plan["data"].items() if key in ("index_fingerprint", "class_names")}
     problem = (
