@@ -106,9 +106,9 @@ def auto_lr_backbone_ratio(grey: bool, n_train: int) -> float:
 
 
 # The CNN's predictions on a colour set of thousands average its logits over the flips its augmentation
-# made (data.augment.test_views: the image and its three mirrors for `rgb`). dermoscopy4, six trained models
-# (the defaults' two seeds and four variants): test accuracy +1.05 points on average (-0.35 to +2.26),
-# macro F1 higher in all six, val +1.45; the defaults' seeds 0 / 1 0.7078 / 0.7009 -> 0.7183 / 0.7235.
+# made (data.augment.test_views: the image and its three mirrors for `rgb`). dermoscopy4, eight trained models
+# (the defaults' two seeds and six variants): test accuracy +1.0 points on average (-0.35 to +2.26),
+# macro F1 higher in all eight, val +1.4; the defaults' seeds 0 / 1 0.7078 / 0.7009 -> 0.7183 / 0.7235.
 # fundus4-small (240 images, the defaults' two seeds) test -0.8 / +0.4 and val -2.5 / -5.0 points: sets of
 # a few hundred predict from the image alone (docs/design.md, "Test-time flips").
 def auto_tta(augment: str, grey: bool, n_train: int) -> str:
