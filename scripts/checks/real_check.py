@@ -9,6 +9,9 @@ dark       the same images with every pixel integer-divided by 100 (grey levels 
 pneumonia  ../shared/data/pneumoniamnist.npz (28 px, 4 708 / 524 / 624)
 derm       ../shared/data/dermoscopy4 (4 classes, 200x150 colour JPEGs, 1 741 / 581 / 575, imbalanced 12 : 1);
            not in the default --sets: about 30 minutes a seed on 2 CPU cores
+derm14     a share of dermoscopy4's train and val, whole lesions of each class drawn at random (seed 0),
+derm35     the whole test split: 14 % (249 / 83 / 575) and 35 % (613 / 207 / 575), copied under --work;
+           where the colour rules' threshold (defaults.COLOUR_THOUSANDS_MIN_TRAIN) was measured
 
 Prints one row per data set and seed: the architecture --arch auto chose, the epochs run (+ those
 added because training ended still learning) and the training accuracy of the last, the CNN's and
@@ -21,11 +24,15 @@ Takes about 45 minutes on 2 CPU cores; time it on a quiet machine.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import random
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +49,39 @@ def dark_copy(src: Path, dst: Path) -> Path:
             out.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(np.asarray(Image.open(path).convert("L")) // 100).save(out)
     return dst
+
+
+def share_copy(src: Path, dst: Path, share: float) -> Path:
+    """`share` of each class's images of train and val, whole groups drawn at random, and all of test,
+    with their manifest.csv."""
+    manifest = dst / "manifest.csv"
+    if not manifest.exists():
+        with open(src / "manifest.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        rng = random.Random(0)
+        keep = [r for r in rows if r["split"] == "test"]
+        for split in ("train", "val"):
+            groups: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+            for r in rows:
+                if r["split"] == split:
+                    groups[r["label"]][r["group"]].append(r)
+            for label in sorted(groups):
+                names = sorted(groups[label])
+                rng.shuffle(names)
+                total, taken = sum(map(len, groups[label].values())), 0
+                for name in names:
+                    if taken >= share * total:
+                        break
+                    keep += groups[label][name]
+                    taken += len(groups[label][name])
+        for r in keep:
+            (dst / r["path"]).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src / r["path"], dst / r["path"])
+        with open(manifest, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(keep)
+    return manifest
 
 
 def pipeline(data: Path, run: Path, seed: int) -> dict:
@@ -76,15 +116,19 @@ def main() -> int:
     args = parser.parse_args()
     sources = {"brain": DATA / "brain-mri4-small", "pneumonia": DATA / "pneumoniamnist.npz",
                "fundus": DATA / "fundus4-small", "derm": DATA / "dermoscopy4"}
+    derived = {"dark": "brain", "derm14": "derm", "derm35": "derm"}
     wanted = args.sets.split(",")
-    if unknown := set(wanted) - {*sources, "dark"}:
-        parser.error(f"--sets: unknown {', '.join(sorted(unknown))}; choose from {', '.join([*sources, 'dark'])}")
-    # The dark set is made from the brain set's images.
-    missing = [str(sources[n]) for n in sorted({"brain", *wanted} - {"dark"}) if not sources[n].exists()]
+    if unknown := set(wanted) - {*sources, *derived}:
+        parser.error(f"--sets: unknown {', '.join(sorted(unknown))}; choose from {', '.join([*sources, *derived])}")
+    needed = {derived.get(n, n) for n in wanted} | {"brain"}
+    missing = [str(sources[n]) for n in sorted(needed) if not sources[n].exists()]
     if missing:
         print(f"real data not found: {', '.join(missing)}", file=sys.stderr)
         return 2
     sources["dark"] = dark_copy(sources["brain"], args.work / "brain-dark")
+    for name in ("derm14", "derm35"):
+        if name in wanted:
+            sources[name] = share_copy(sources["derm"], args.work / name, int(name[4:]) / 100)
     rows, failures = {}, []
     print("| data set | seed | arch | epochs | last train acc | CNN (F1) | best head (F1) | baseline | train-cnn s | "
           "extract s | fit-heads s | compare s |")
