@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from featurepipe.files import atomic_path
 from featurepipe.runs import run_paths
 from scripts.common import DATA, featurepipe
 
@@ -77,7 +78,8 @@ def share_copy(src: Path, dst: Path, share: float) -> Path:
         for r in keep:
             (dst / r["path"]).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src / r["path"], dst / r["path"])
-        with open(manifest, "w", newline="") as f:
+        # The manifest marks the copy complete, so it is written last and whole.
+        with atomic_path(manifest) as tmp, open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(keep)
@@ -116,19 +118,21 @@ def main() -> int:
     args = parser.parse_args()
     sources = {"brain": DATA / "brain-mri4-small", "pneumonia": DATA / "pneumoniamnist.npz",
                "fundus": DATA / "fundus4-small", "derm": DATA / "dermoscopy4"}
-    derived = {"dark": "brain", "derm14": "derm", "derm35": "derm"}
+    shares = {"derm14": 0.14, "derm35": 0.35}
+    derived = {"dark": "brain", **dict.fromkeys(shares, "derm")}
     wanted = args.sets.split(",")
     if unknown := set(wanted) - {*sources, *derived}:
         parser.error(f"--sets: unknown {', '.join(sorted(unknown))}; choose from {', '.join([*sources, *derived])}")
+    # The dark set is made from the brain set's images, whichever sets are wanted.
     needed = {derived.get(n, n) for n in wanted} | {"brain"}
     missing = [str(sources[n]) for n in sorted(needed) if not sources[n].exists()]
     if missing:
         print(f"real data not found: {', '.join(missing)}", file=sys.stderr)
         return 2
     sources["dark"] = dark_copy(sources["brain"], args.work / "brain-dark")
-    for name in ("derm14", "derm35"):
+    for name, share in shares.items():
         if name in wanted:
-            sources[name] = share_copy(sources["derm"], args.work / name, int(name[4:]) / 100)
+            sources[name] = share_copy(sources["derm"], args.work / name, share)
     rows, failures = {}, []
     print("| data set | seed | arch | epochs | last train acc | CNN (F1) | best head (F1) | baseline | train-cnn s | "
           "extract s | fit-heads s | compare s |")
